@@ -1,0 +1,74 @@
+"""The one settings object, read from `NEURONOVA_*` environment variables at start-up.
+
+Nested fields use a double underscore: `NEURONOVA_AUTH__ENABLED=false`, `NEURONOVA_CT__MODEL_TAG=neuronova-ct:abc`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AuthSettings(BaseModel):
+    """JWT verification for tokens issued by the Django backend."""
+
+    enabled: bool = True
+    secret: str = ""
+    algorithms: list[str] = ["HS256"]
+    public_key: str = ""
+    audience: str | None = None
+    issuer: str | None = None
+    role_claim: str = "role"
+    admin_role: str = "admin"
+    leeway_seconds: int = 10
+
+
+class RateLimitSettings(BaseModel):
+    """Requests per minute per client (token subject, else address); 0 disables a limit."""
+
+    enabled: bool = True
+    default_per_minute: int = 100
+    per_route_per_minute: dict[str, int] = {"/predict/ct_classification": 600}
+
+
+class LimitSettings(BaseModel):
+    """Upload and decoding limits; every one is checked before the expensive work it guards."""
+
+    ct_max_bytes: int = 50 * 2**20
+    mri_max_bytes: int = 100 * 2**20
+    json_max_bytes: int = 1 * 2**20
+    max_image_pixels: int = 64 * 2**20
+    max_volume_voxels: int = 64 * 2**20
+    archive_max_files: int = 2000
+    archive_max_uncompressed_bytes: int = 1 * 2**30
+
+
+class ModelSlot(BaseModel):
+    """Which model-store tag a runner loads at start-up."""
+
+    model_tag: str
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEURONOVA_", env_nested_delimiter="__", extra="ignore")
+
+    version: str = "0.1.0"
+    patient_id_pattern: str = r"^P[0-9A-Za-z_-]{1,32}$"
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    limits: LimitSettings = LimitSettings()
+    ct: ModelSlot = ModelSlot(model_tag="neuronova-ct:latest")
+    mri: ModelSlot = ModelSlot(model_tag="neuronova-mri:latest")
+    biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
+    batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
+    xai_cache_entries: int = 256
+    xai_cache_ttl_seconds: int = 3600
+    data_dir: str = "var"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process."""
+    return Settings()

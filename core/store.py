@@ -1,0 +1,62 @@
+"""The one module that talks to the BentoML model store: save a model with its card, resolve a tag, read a card."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import bentoml
+from bentoml.exceptions import NotFound as BentoNotFound
+
+from core.cards.base import CardBase
+from core.errors import ModelNotLoaded
+
+CARD_KEY = "card"
+CardT = TypeVar("CardT", bound=CardBase)
+
+
+def save_model(name: str, card: CardBase, files: Mapping[str, Path | bytes], labels: dict[str, str] | None = None) -> str:
+    """Store `files` (name -> path or bytes) under a new version of `name`, with the card as metadata; return the tag."""
+    missing = {card.model_file} - set(files)
+    if missing:
+        raise ValueError(f"card names {sorted(missing)} but no such file was given")
+    store_labels = {"task": getattr(card, "task", "unknown"), "synthetic": str(card.provenance.synthetic_data).lower()}
+    store_labels.update(labels or {})
+    with bentoml.models.create(name, labels=store_labels, metadata={CARD_KEY: card.model_dump(mode="json")}) as model:
+        for file_name, content in files.items():
+            target = Path(model.path_of(file_name))
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+    return str(model.tag)
+
+
+def get_model(tag: str) -> bentoml.Model:
+    """Resolve a tag (`name:version` or `name:latest`) to a stored model, or raise ModelNotLoaded."""
+    try:
+        return bentoml.models.get(tag)
+    except (BentoNotFound, ValueError) as exc:
+        raise ModelNotLoaded(f"model {tag!r} is not in the model store", {"tag": tag}) from exc
+
+
+def read_card(model: bentoml.Model, card_type: type[CardT]) -> CardT:
+    """Validate the stored card of `model` as `card_type`."""
+    return card_type.model_validate(model.info.metadata[CARD_KEY])
+
+
+def has_model(name: str) -> bool:
+    """Whether at least one version of `name` is stored."""
+    return any(True for _ in bentoml.models.list(name))
+
+
+def list_versions(name: str) -> list[bentoml.Model]:
+    """All stored versions of `name`, newest first."""
+    return sorted(bentoml.models.list(name), key=lambda m: m.creation_time, reverse=True)
+
+
+def model_size_mb(model: bentoml.Model) -> float:
+    """Size on disk of a stored model's files."""
+    return sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 2**20

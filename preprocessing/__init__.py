@@ -1,0 +1,1 @@
+"""Decoding and preparing inputs: every bad input becomes a typed error (core.errors) here."""
