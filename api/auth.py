@@ -1,0 +1,68 @@
+"""Bearer JWT authentication (tokens issued by Django) and the admin role check, as ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jwt
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import error_response
+from core.errors import Forbidden, Unauthorized
+from core.settings import AuthSettings
+
+log = logging.getLogger("neuronova.auth")
+
+PUBLIC_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
+ADMIN_PATHS = frozenset({"/update_model"})
+
+
+def verify_token(token: str, auth: AuthSettings) -> dict[str, Any]:
+    """Decode and verify a JWT with the configured algorithms only (never `none`); raise Unauthorized otherwise."""
+    algorithms = [a for a in auth.algorithms if a.lower() != "none"]
+    key = auth.public_key if any(a.startswith(("RS", "ES", "PS")) for a in algorithms) else auth.secret
+    if not key:
+        raise Unauthorized("authentication is enabled but no verification key is configured")
+    try:
+        return jwt.decode(
+            token, key, algorithms=algorithms, audience=auth.audience, issuer=auth.issuer, leeway=auth.leeway_seconds,
+            options={"require": ["exp"], "verify_aud": auth.audience is not None},
+        )
+    except jwt.PyJWTError as exc:
+        raise Unauthorized(f"invalid token: {exc}") from None
+
+
+def bearer_token(scope: Scope) -> str:
+    """The token of an `Authorization: Bearer ...` header, or Unauthorized."""
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <JWT>)")
+    return token.strip()
+
+
+class JWTAuthMiddleware:
+    """Verifies the bearer token on every non-public path, puts the claims in `scope["state"]["claims"]`,
+    and requires the admin role on admin paths. Tokens are never logged."""
+
+    def __init__(self, app: ASGIApp, auth: AuthSettings) -> None:
+        self.app = app
+        self.auth = auth
+        if not auth.enabled:
+            log.warning("JWT authentication is DISABLED (NEURONOVA_AUTH__ENABLED=false): local development only")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or not self.auth.enabled:
+            await self.app(scope, receive, send)
+            return
+        try:
+            claims = verify_token(bearer_token(scope), self.auth)
+            if scope["path"] in ADMIN_PATHS and claims.get(self.auth.role_claim) != self.auth.admin_role:
+                raise Forbidden(f"the {self.auth.admin_role!r} role is required for {scope['path']}")
+        except (Unauthorized, Forbidden) as error:
+            headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+            await error_response(error, headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["claims"] = claims
+        await self.app(scope, receive, send)

@@ -1,0 +1,123 @@
+"""The one place where exceptions (ours, BentoML's, pydantic's) become SPEC.md error responses."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import InternalServerError, InvalidRequest, NeuroNovaError, error_body
+
+log = logging.getLogger("neuronova.errors")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+STATUS_CODES = {
+    400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "INVALID_REQUEST",
+    413: "IMAGE_TOO_LARGE", 415: "INVALID_REQUEST", 422: "INVALID_REQUEST", 429: "RATE_LIMIT_EXCEEDED",
+    503: "SERVICE_UNAVAILABLE", 504: "TIMEOUT",
+}
+UNTOUCHED_PATHS = frozenset({"/metrics", "/livez", "/healthz", "/readyz"})
+
+
+def error_response(error: NeuroNovaError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The SPEC.md error body with the error's HTTP status."""
+    return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+
+
+def validation_details(exc: ValidationError) -> dict[str, Any]:
+    """Pydantic errors without the offending input values (they may hold patient data)."""
+    return {"errors": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]}
+
+
+def as_neuronova_error(exc: Exception) -> NeuroNovaError:
+    """Our errors pass through; pydantic's become INVALID_REQUEST; anything else INTERNAL_SERVER_ERROR (logged)."""
+    if isinstance(exc, NeuroNovaError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return InvalidRequest(f"{exc.error_count()} invalid field(s)", validation_details(exc))
+    log.exception("unexpected error", exc_info=exc)
+    return InternalServerError("unexpected server error; the request id is in the server log")
+
+
+def handles_errors(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | JSONResponse]]:
+    """Decorate an async API method so every exception it raises becomes the SPEC.md error response."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | JSONResponse:
+        try:
+            return await func(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - this is the mapping point
+            return error_response(as_neuronova_error(exc))
+
+    return wrapper
+
+
+def _message_of(body: bytes, status: int) -> tuple[str, dict[str, Any]]:
+    """The message and details of a body BentoML or Starlette produced (a dict, a list of dicts, or text)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return (body.decode("utf-8", "replace").strip() or f"HTTP {status}"), {}
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+        payload = payload[0]
+    if isinstance(payload, dict):
+        details = {"errors": payload["detail"]} if isinstance(payload.get("detail"), list) else {}
+        return str(payload.get("error") or payload.get("detail") or f"HTTP {status}"), details
+    return f"HTTP {status}", {}
+
+
+def _is_schema_body(body: bytes) -> bool:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("success") is False and "error" in payload
+
+
+class ErrorSchemaMiddleware:
+    """Rewrites every error response that is not already in the SPEC.md schema (BentoML's own 400/404/500 bodies)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNTOUCHED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            if message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await send_rewritten(start, b"".join(chunks))
+
+        async def send_rewritten(start_message: Message, body: bytes) -> None:
+            status = start_message["status"]
+            if not _is_schema_body(body):
+                message, details = _message_of(body, status)
+                code = STATUS_CODES.get(status, "INTERNAL_SERVER_ERROR")
+                if status >= 500 and code == "INTERNAL_SERVER_ERROR":
+                    message = "unexpected server error"
+                body = json.dumps(error_body(code, message, details)).encode()
+            headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)

@@ -1,0 +1,104 @@
+"""What the API side knows of each runner: its loaded model's tag and card (cached briefly), calls, status, info."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from bentoml.exceptions import BentoMLException
+
+from core import store
+from core.cards.base import CardBase
+from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
+from core.schemas import ModelInfo, ModelStatus
+
+CardT = TypeVar("CardT", bound=CardBase)
+DESCRIBE_TTL_SECONDS = 2.0
+"""How long a runner's description is reused: a model switched in the runner is seen by the API within this time."""
+
+
+@dataclass(frozen=True)
+class RunnerModel(Generic[CardT]):
+    """The model a runner serves right now, as the runner describes it."""
+
+    tag: str
+    card: CardT
+    describe: dict[str, Any]
+
+
+Summary = Callable[[Any, dict[str, Any]], dict[str, Any]]
+
+
+def classification_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:
+    """The /model_info fields specific to an image classifier."""
+    return {
+        "type": "classification",
+        "input_format": ["dicom", "png", "jpeg"],
+        "output_classes": card.contract_labels(),
+        "xai_supported": ["grad_cam"] if describe.get("gradcam_layer") else [],
+    }
+
+
+class ModelSlot(Generic[CardT]):
+    """One model route's view of its runner (a `bentoml.depends` handle)."""
+
+    def __init__(self, model_id: str, runner: Any, card_type: type[CardT], summary: Summary = classification_summary) -> None:
+        self.model_id = model_id
+        self.runner = runner
+        self.card_type = card_type
+        self.summary = summary
+        self._cached: tuple[float, RunnerModel[CardT]] | None = None
+
+    async def describe(self) -> dict[str, Any]:
+        """The runner's own description; `loaded: False` with the reason when it cannot be reached."""
+        try:
+            return await self.runner.to_async.describe()
+        except Exception as exc:  # noqa: BLE001 - an unreachable runner is a status, not a crash
+            return {"loaded": False, "error": f"runner unreachable: {type(exc).__name__}"}
+
+    async def loaded(self) -> RunnerModel[CardT]:
+        """The served model, or ModelNotLoaded (503) naming why."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < DESCRIBE_TTL_SECONDS:
+            return self._cached[1]
+        described = await self.describe()
+        if not described.get("loaded"):
+            self._cached = None
+            raise ModelNotLoaded(f"{self.model_id} model is not loaded", {"reason": described.get("error")})
+        model = RunnerModel(tag=described["tag"], card=self.card_type.model_validate(described["card"]), describe=described)
+        self._cached = (now, model)
+        return model
+
+    async def call(self, method: str, batch: np.ndarray) -> np.ndarray:
+        """Call a batchable runner method with a batch; runner failures become MODEL_INFERENCE_ERROR."""
+        try:
+            return await getattr(self.runner.to_async, method)(batch)
+        except NeuroNovaError:
+            raise
+        except BentoMLException as exc:
+            self._cached = None
+            raise ModelInferenceError(f"{self.model_id} runner failed", {"reason": type(exc).__name__}) from exc
+
+    async def status(self) -> ModelStatus:
+        described = await self.describe()
+        return ModelStatus(
+            loaded=bool(described.get("loaded")), version=described.get("tag"), last_updated=described.get("loaded_at"),
+            engine=described.get("engine"), error=described.get("error"),
+        )
+
+    async def info(self) -> ModelInfo | None:
+        """/model_info entry of the served model, or None when it is not loaded."""
+        try:
+            model = await self.loaded()
+        except ModelNotLoaded:
+            return None
+        card = model.card
+        return ModelInfo(
+            model_id=self.model_id, name=card.name, version=model.tag, metrics=card.metrics,
+            training_date=card.provenance.training_date, model_size_mb=round(store.model_size_mb(store.get_model(model.tag)), 3),
+            avg_inference_time_ms=model.describe.get("avg_inference_time_ms_per_image"), intended_use=card.intended_use,
+            card=card.model_dump(mode="json"), **self.summary(card, model.describe),
+        )

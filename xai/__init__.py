@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM, SHAP, and their rendering as PNG data URLs and regions."""

@@ -1,0 +1,36 @@
+"""Batched Grad-CAM on a torch classifier (MONAI's implementation), normalised per image to [0, 1]."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+
+
+def _identity(maps: torch.Tensor) -> torch.Tensor:
+    return maps
+
+
+class GradCamExplainer:
+    """Grad-CAM maps for a batch, each for the image's own top class, at the model's input resolution."""
+
+    def __init__(self, module: torch.nn.Module, layer_name: str, device: torch.device) -> None:
+        if layer_name not in dict(module.named_modules()):
+            raise ValueError(f"model has no layer {layer_name!r} for Grad-CAM")
+        self.layer_name = layer_name
+        self.device = device
+        self._cam = GradCAM(nn_module=module.to(device).eval(), target_layers=layer_name, postprocessing=_identity)
+
+    def explain(self, batch_nchw: np.ndarray, class_idx: int | None = None) -> np.ndarray:
+        """(N, C, H, W) float32 -> (N, H, W) float32 in [0, 1]; class_idx None means each image's argmax."""
+        x = torch.from_numpy(np.ascontiguousarray(batch_nchw, dtype=np.float32)).to(self.device)
+        maps = self._cam(x, class_idx=class_idx)[:, 0].detach().float().cpu().numpy()
+        return normalise_per_image(maps)
+
+
+def normalise_per_image(maps: np.ndarray) -> np.ndarray:
+    """Scale each map to [0, 1] by its own min and max (a flat map becomes all zeros)."""
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1)[:, None, None]
+    span = (flat.max(axis=1) - flat.min(axis=1))[:, None, None]
+    return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
