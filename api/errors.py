@@ -23,7 +23,8 @@ STATUS_CODES = {
     413: "IMAGE_TOO_LARGE", 415: "INVALID_REQUEST", 422: "INVALID_REQUEST", 429: "RATE_LIMIT_EXCEEDED",
     503: "SERVICE_UNAVAILABLE", 504: "TIMEOUT",
 }
-UNTOUCHED_PATHS = frozenset({"/metrics", "/livez", "/healthz", "/readyz"})
+UNTOUCHED_PATHS = frozenset({"/health", "/metrics", "/livez", "/healthz", "/readyz"})
+"""Paths whose own error bodies are the contract (/health answers 503 with its health body)."""
 
 
 def error_response(error: NeuroNovaError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -44,6 +44,7 @@ class BodyLimitMiddleware:
             return
         received = 0
         overflowed = False
+        answered = False
 
         async def counting_receive() -> Message:
             nonlocal received, overflowed
@@ -55,13 +56,24 @@ class BodyLimitMiddleware:
                     return {"type": "http.disconnect"}
             return message
 
+        async def answer_too_large() -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                await error_response(too_large)(scope, receive, send)
+
         async def guarded_send(message: Message) -> None:
             if not overflowed:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await error_response(too_large)(scope, receive, send)
+                await answer_too_large()
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not overflowed:
+                raise
+            await answer_too_large()
 
 
 class RateLimitMiddleware:

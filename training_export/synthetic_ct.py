@@ -103,7 +103,8 @@ def _normal_head(rng: np.random.Generator, head: _Head, size: int) -> np.ndarray
     hu = np.full((size, size), AIR_HU, dtype=np.float32)
     brain = head.brain
     skull = ~brain & (head.radius < 1.0)
-    hu[skull] = (rng.uniform(750, 1100) + 250 * smooth_noise(rng, hu.shape, size / 40))[skull]
+    bone = np.clip(rng.uniform(800, 1100) + 200 * smooth_noise(rng, hu.shape, size / 40), 700, 1500)
+    hu[skull] = bone[skull]
     depth = head.inner_table(head.theta) - head.radius
     cortex = 0.12 + 0.06 * smooth_noise(rng, hu.shape, size / 50)
     grey_fraction = 1 / (1 + np.exp(-(cortex - depth) / 0.02))

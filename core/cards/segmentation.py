@@ -1,0 +1,180 @@
+"""Card of a 3D multi-sequence MRI segmenter (the `mri_segmentation` route): input preparation, labels, inference."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.cards.base import CardBase
+
+MRI_SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
+NECROTIC_CORE, OEDEMA, ENHANCING = "necrotic_core", "oedema", "enhancing_tumor"
+TUMOR_LABEL_NAMES: tuple[str, ...] = (NECROTIC_CORE, OEDEMA, ENHANCING)
+REGION_LABELS: dict[str, tuple[str, ...]] = {
+    "WT": (NECROTIC_CORE, OEDEMA, ENHANCING),
+    "TC": (NECROTIC_CORE, ENHANCING),
+    "ET": (ENHANCING,),
+}
+"""BraTS evaluation regions: whole tumour, tumour core, enhancing tumour."""
+
+
+class SequenceRule(BaseModel):
+    """How a DICOM series or a file is recognised as one sequence.
+
+    A series matches when its SeriesDescription / ProtocolName (or a file's name / NIfTI description) matches
+    `description_pattern` (case-insensitive regex search), or, failing a description match, when every given
+    acquisition-tag bound holds (times in ms; `contrast` checks ContrastBolusAgent).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequence: str
+    description_pattern: str
+    min_repetition_time: float | None = None
+    max_repetition_time: float | None = None
+    min_echo_time: float | None = None
+    max_echo_time: float | None = None
+    min_inversion_time: float | None = None
+    contrast: bool | None = None
+
+    def has_tag_bounds(self) -> bool:
+        """Whether this rule can match on acquisition tags at all."""
+        bounds = (self.min_repetition_time, self.max_repetition_time, self.min_echo_time, self.max_echo_time,
+                  self.min_inversion_time, self.contrast)
+        return any(bound is not None for bound in bounds)
+
+
+def default_sequence_rules() -> list[SequenceRule]:
+    """Rules for the usual names and acquisition parameters of the four BraTS sequences, most specific first."""
+    return [
+        SequenceRule(sequence="FLAIR", description_pattern=r"flair|\bdark[\s_-]?fluid", min_inversion_time=1500,
+                     min_repetition_time=4000),
+        SequenceRule(sequence="T1ce", description_pattern=r"t1[\s_-]*(ce|c\b|gd|post|\+\s*c|contrast|mprage.*post)|"
+                     r"(post|gad|gd)[\s_-]*(contrast|t1)", max_repetition_time=2500, max_echo_time=30, contrast=True),
+        SequenceRule(sequence="T1", description_pattern=r"t1(?![\s_-]*(ce|c\b|gd|post|\+))|mprage|spgr",
+                     max_repetition_time=2500, max_echo_time=30, contrast=False),
+        SequenceRule(sequence="T2", description_pattern=r"t2(?![\s_-]*(flair|\*|star))", min_repetition_time=2000,
+                     min_echo_time=60),
+    ]
+
+
+class VolumeInputSpec(BaseModel):
+    """Everything preprocessing needs to turn decoded MRI sequences into this model's input tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequences: list[str] = Field(default_factory=lambda: list(MRI_SEQUENCES), description="input channels, in order")
+    optional_sequences: list[str] = Field(
+        default_factory=lambda: list(MRI_SEQUENCES),
+        description="sequences that may be missing (zero-filled after normalisation); the others are required",
+    )
+    target_spacing_mm: tuple[float, float, float] = Field(default=(2.0, 2.0, 2.0), description="model voxel size")
+    orientation: Literal["RAS"] = "RAS"
+    normalisation: Literal["zscore_nonzero"] = Field(
+        default="zscore_nonzero", description="per channel: (x - mean) / std over the non-zero (head) voxels"
+    )
+    foreground_percentile: float = Field(
+        default=5.0, ge=0, lt=50, description="voxels below this percentile of the channel count as background"
+    )
+    sequence_rules: list[SequenceRule] = Field(default_factory=default_sequence_rules)
+    modalities: list[str] = Field(default_factory=lambda: ["MR"], description="DICOM modalities accepted")
+
+    @model_validator(mode="after")
+    def _sequences_consistent(self) -> "VolumeInputSpec":
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ValueError("sequences must be unique")
+        unknown = (set(self.optional_sequences) | {rule.sequence for rule in self.sequence_rules}) - set(self.sequences)
+        if unknown:
+            raise ValueError(f"optional sequences and rules name unknown sequences {sorted(unknown)}")
+        if any(s <= 0 for s in self.target_spacing_mm):
+            raise ValueError("target spacing must be positive")
+        return self
+
+    def required_sequences(self) -> list[str]:
+        return [s for s in self.sequences if s not in self.optional_sequences]
+
+
+class SegmentationLabel(BaseModel):
+    """One output class: the model's output channel, the label value written in masks, and its contract name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: int = Field(ge=0)
+    value: int = Field(ge=0, le=255)
+    name: Literal["background", "necrotic_core", "oedema", "enhancing_tumor"]
+
+
+class SlidingWindowSpec(BaseModel):
+    """MONAI sliding-window inference settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(default=4, ge=1, le=64)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+class SegmentationArchitecture(BaseModel):
+    """How to rebuild the torch module stored beside the ONNX file (GPU serving, attention / Grad-CAM maps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factory: Literal["monai.SegResNet"] = "monai.SegResNet"
+    kwargs: dict = Field(default_factory=dict)
+    weights_file: str = "model.pt"
+    gradcam_layer: str = "conv_final"
+
+
+class SegmentationCard(CardBase):
+    """A 3D segmenter of brain tumours into BraTS sub-regions from one to four MRI sequences."""
+
+    task: Literal["mri_segmentation"] = "mri_segmentation"
+    input: VolumeInputSpec = Field(default_factory=VolumeInputSpec)
+    output_kind: Literal["logits", "probabilities"] = "logits"
+    labels: list[SegmentationLabel] = Field(
+        default_factory=lambda: [
+            SegmentationLabel(channel=0, value=0, name="background"),
+            SegmentationLabel(channel=1, value=1, name="necrotic_core"),
+            SegmentationLabel(channel=2, value=2, name="oedema"),
+            SegmentationLabel(channel=3, value=4, name="enhancing_tumor"),
+        ],
+        description="softmax output channels; enhancing tumour is 3 or 4 as the model's masks number it",
+    )
+    inference: SlidingWindowSpec = Field(default_factory=SlidingWindowSpec)
+    torch: SegmentationArchitecture | None = None
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> "SegmentationCard":
+        channels = sorted(label.channel for label in self.labels)
+        if channels != list(range(len(self.labels))):
+            raise ValueError("label channels must be 0..n-1, each once")
+        if len({label.value for label in self.labels}) != len(self.labels):
+            raise ValueError("label values must be unique")
+        names = [label.name for label in self.labels]
+        if len(set(names)) != len(names) or "background" not in names:
+            raise ValueError("label names must be unique and include background")
+        if self.label_named("background").value != 0:
+            raise ValueError("background must be label value 0")
+        enhancing = [label.value for label in self.labels if label.name == ENHANCING]
+        if enhancing and enhancing[0] not in (3, 4):
+            raise ValueError("enhancing tumour is label value 3 or 4")
+        return self
+
+    def label_named(self, name: str) -> SegmentationLabel:
+        return next(label for label in self.labels if label.name == name)
+
+    def tumor_labels(self) -> list[SegmentationLabel]:
+        """Every non-background label, in channel order."""
+        return [label for label in sorted(self.labels, key=lambda lab: lab.channel) if label.name != "background"]
+
+    def channel_values(self) -> list[int]:
+        """Mask value of each output channel, in channel order."""
+        return [label.value for label in sorted(self.labels, key=lambda lab: lab.channel)]
+
+    def region_values(self) -> dict[str, list[int]]:
+        """BraTS region (WT, TC, ET) -> the label values it is made of, for the regions this model can produce."""
+        by_name = {label.name: label.value for label in self.labels}
+        regions = {region: [by_name[name] for name in names if name in by_name] for region, names in REGION_LABELS.items()}
+        return {region: values for region, values in regions.items() if values}

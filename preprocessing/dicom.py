@@ -1,0 +1,282 @@
+"""One DICOM slice -> DecodedSlice through pydicom, every limit checked on the header before pixels are decoded.
+
+`max_pixels` bounds the decoded sample values: Rows x Columns x frames x Samples per Pixel.
+Nothing patient-identifying (names, birth dates, ids) goes into a result, an error message or its details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_rescale, get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from core.errors import ImageTooLarge, InvalidImageFormat
+from core.imaging import DecodedSlice, ImageSource, IntensityKind
+
+_PREFIX_OFFSET = 128
+_PREFIX = b"DICM"
+_IMAGE_KEYWORDS = ("PixelData", "Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
+_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_DECODED_AS_RGB = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+_PALETTE = "PALETTE COLOR"
+_NATIVE_SYNTAX_BY_ENCODING = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+_FRAME_KEYWORDS = ("PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+_FRAME_GROUP_SEQUENCES = ("PixelMeasuresSequence", "PixelValueTransformationSequence", "FrameVOILUTSequence")
+_REASON_CHARS = 300
+
+
+def has_dicom_prefix(data: bytes) -> bool:
+    """True for the DICOM file format: a 128-byte preamble followed by 'DICM'."""
+    return data[_PREFIX_OFFSET : _PREFIX_OFFSET + len(_PREFIX)] == _PREFIX
+
+
+def is_headerless_dicom_image(data: bytes) -> bool:
+    """True if pydicom reads the bytes (forced, no preamble needed) as a dataset with pixel data and image tags."""
+    try:
+        dataset = dcmread(BytesIO(data), force=True, defer_size="1 KB")
+    except Exception:
+        return False
+    return _is_image(dataset)
+
+
+def decode_dicom_slice(
+    data: bytes, *, max_pixels: int, allow_multiframe: bool = False, modalities: Sequence[str] | None = None
+) -> DecodedSlice:
+    """Decode one DICOM image: CT to Hounsfield units, other grey images raw with their VOI window, colour to RGB.
+
+    Multi-frame objects are refused unless `allow_multiframe`, which takes the middle frame.
+    Raises InvalidImageFormat for anything that is not a decodable image of an accepted modality, and
+    ImageTooLarge when the header announces more than `max_pixels` samples.
+    """
+    dataset = _read_dataset(data)
+    details: dict[str, Any] = {"format": "dicom", "modality": _text(dataset, "Modality")}
+    if not _is_image(dataset):
+        sop_class = UID(str(dataset.get("SOPClassUID") or "")).name or None
+        raise InvalidImageFormat(
+            f"The DICOM file holds no image: it is a {sop_class or 'DICOM object'} (modality "
+            f"{details['modality'] or 'unknown'}) without pixel data or image tags. Send a single image slice.",
+            {**details, "sop_class": sop_class},
+        )
+    _check_modality(details["modality"], modalities, details)
+    frames = _check_size(dataset, max_pixels, details)
+    if frames > 1 and not allow_multiframe:
+        raise InvalidImageFormat(
+            f"The DICOM file holds {frames} frames; this endpoint takes a single slice, so send one frame per file.",
+            details,
+        )
+    photometric = _check_photometric(dataset, details)
+    syntax = _check_transfer_syntax(dataset, details)
+    index = frames // 2
+    stored = _decode_pixels(dataset, index if frames > 1 else None, details)
+    header = _frame_header(dataset, index)
+    source = ImageSource(
+        format="dicom",
+        modality=details["modality"],
+        transfer_syntax=syntax.name,
+        photometric=photometric,
+        series_uid=_text(dataset, "SeriesInstanceUID"),
+        sop_instance_uid=_text(dataset, "SOPInstanceUID"),
+    )
+    geometry: dict[str, Any] = {
+        "pixel_spacing_mm": _pixel_spacing(header),
+        "slice_thickness_mm": _positive_float(header.get("SliceThickness")),
+    }
+    if photometric in _GREY:
+        return _grey_slice(dataset, header, stored, source, geometry)
+    rgb = apply_color_lut(stored, dataset) if photometric == _PALETTE else stored
+    max_value = np.iinfo(rgb.dtype).max if photometric == _PALETTE else _stored_range(dataset)[1]
+    return DecodedSlice(
+        pixels=rgb.astype(np.float32), intensity="display", source=source, max_value=float(max_value), **geometry
+    )
+
+
+def _read_dataset(data: bytes) -> Dataset:
+    """Parse the whole dataset; pydicom's own message is not echoed because it may quote element values (PHI)."""
+    try:
+        return dcmread(BytesIO(data), force=True)
+    except Exception as exc:
+        raise InvalidImageFormat(
+            "The file could not be read as DICOM: its header is truncated or damaged.",
+            {"format": "dicom", "reason": type(exc).__name__},
+        ) from exc
+
+
+def _is_image(dataset: Dataset) -> bool:
+    return all(keyword in dataset for keyword in _IMAGE_KEYWORDS)
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+def _header_int(dataset: Dataset, keyword: str, default: int, details: dict[str, Any]) -> int:
+    """A positive integer header value (pydicom keeps invalid IS strings as they are, so check here)."""
+    value = dataset.get(keyword)
+    try:
+        number = default if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise InvalidImageFormat(f"The DICOM header has an invalid {keyword} value.", {**details, "tag": keyword})
+    return number
+
+
+def _check_modality(modality: str | None, modalities: Sequence[str] | None, details: dict[str, Any]) -> None:
+    if modalities is None:
+        return
+    accepted = sorted({name.upper() for name in modalities})
+    if (modality or "").upper() not in accepted:
+        raise InvalidImageFormat(
+            f"This endpoint accepts {' or '.join(accepted)} DICOM images; the file's modality is "
+            f"{modality or 'missing'}.",
+            {**details, "accepted_modalities": accepted},
+        )
+
+
+def _check_size(dataset: Dataset, max_pixels: int, details: dict[str, Any]) -> int:
+    """Refuse header bombs from the header alone; returns the number of frames."""
+    rows = _header_int(dataset, "Rows", 0, details)
+    columns = _header_int(dataset, "Columns", 0, details)
+    frames = _header_int(dataset, "NumberOfFrames", 1, details)
+    samples = _header_int(dataset, "SamplesPerPixel", 1, details)
+    details.update(rows=rows, columns=columns, frames=frames, samples_per_pixel=samples)
+    total = rows * columns * frames * samples
+    if total > max_pixels:
+        raise ImageTooLarge(
+            f"The DICOM image is {rows} x {columns} pixels x {frames} frame(s) x {samples} sample(s) = {total} values, "
+            f"more than the limit of {max_pixels}.",
+            {**details, "values": total, "max_pixels": max_pixels},
+        )
+    return frames
+
+
+def _check_photometric(dataset: Dataset, details: dict[str, Any]) -> str:
+    photometric = _text(dataset, "PhotometricInterpretation") or ""
+    details["photometric"] = photometric
+    samples = details["samples_per_pixel"]
+    grey_like = photometric in _GREY or photometric == _PALETTE
+    if (samples == 1 and grey_like) or (samples == 3 and photometric in _DECODED_AS_RGB):
+        return photometric
+    raise InvalidImageFormat(
+        f"The DICOM photometric interpretation {photometric or '(missing)'} with {samples} sample(s) per pixel is "
+        "not supported; send MONOCHROME1/2, PALETTE COLOR, RGB or YBR_FULL images.",
+        details,
+    )
+
+
+def _check_transfer_syntax(dataset: Dataset, details: dict[str, Any]) -> UID:
+    """The file's transfer syntax (inferred from the encoding for files without meta) and a decoder for it."""
+    file_meta = dataset.file_meta
+    inferred = _NATIVE_SYNTAX_BY_ENCODING.get(dataset.original_encoding)
+    if "TransferSyntaxUID" not in file_meta and inferred and not dataset["PixelData"].is_undefined_length:
+        file_meta.TransferSyntaxUID = inferred
+    syntax = UID(str(file_meta.get("TransferSyntaxUID") or ""))
+    details.update(transfer_syntax=syntax.name, transfer_syntax_uid=str(syntax))
+    try:
+        available = get_decoder(syntax).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise InvalidImageFormat(
+            f"The DICOM transfer syntax '{syntax.name or 'unknown'}' cannot be decoded by this service; send the image "
+            "uncompressed or as JPEG, JPEG-LS, JPEG 2000 or RLE.",
+            details,
+        )
+    return syntax
+
+
+def _decode_pixels(dataset: Dataset, index: int | None, details: dict[str, Any]) -> np.ndarray:
+    try:
+        return pixel_array(dataset, index=index)
+    except Exception as exc:
+        raise InvalidImageFormat(
+            f"The DICOM pixel data could not be decoded ({details['transfer_syntax']}); the file may be truncated "
+            "or its image tags inconsistent.",
+            {**details, "reason": str(exc)[:_REASON_CHARS]},
+        ) from exc
+
+
+def _frame_header(dataset: Dataset, index: int) -> Dataset:
+    """The tags describing one frame: top level, overridden by enhanced multi-frame functional groups."""
+    header = Dataset()
+    sources: list[Dataset] = [dataset]
+    for sequence, position in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", index)):
+        groups = dataset.get(sequence) or []
+        if position < len(groups):
+            group = groups[position]
+            sources += [group[keyword][0] for keyword in _FRAME_GROUP_SEQUENCES if group.get(keyword)]
+    for source in sources:
+        for keyword in _FRAME_KEYWORDS:
+            if source.get(keyword) is not None:
+                header[keyword] = source[keyword]
+    return header
+
+
+def _stored_range(dataset: Dataset) -> tuple[int, int]:
+    """The smallest and largest stored value the header allows."""
+    bits = int(dataset.get("BitsStored") or dataset.BitsAllocated)
+    if dataset.get("PixelRepresentation") == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _grey_slice(
+    dataset: Dataset, header: Dataset, stored: np.ndarray, source: ImageSource, geometry: dict[str, Any]
+) -> DecodedSlice:
+    """CT in Hounsfield units; other grey images in modality units with their VOI window, MONOCHROME1 inverted.
+
+    CT values stay physical whatever the photometric interpretation, which only says how to display them.
+    """
+    values = apply_rescale(stored, header).astype(np.float32)
+    low, high = sorted(float(v) for v in apply_rescale(np.asarray(_stored_range(dataset)), header))
+    window = _voi_window(header)
+    intensity: IntensityKind = "hounsfield" if source.modality == "CT" else "raw"
+    if intensity == "raw" and source.photometric == "MONOCHROME1":
+        values = np.float32(low + high) - values
+        window = (low + high - window[0], window[1]) if window else None
+    return DecodedSlice(pixels=values, intensity=intensity, source=source, max_value=high, voi_window=window, **geometry)
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, MultiValue) and len(value) else value
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(_first(value))
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
+def _voi_window(header: Dataset) -> tuple[float, float] | None:
+    """The first (center, width) VOI window, if the file has a usable one."""
+    width = _positive_float(header.get("WindowWidth"))
+    try:
+        center = float(_first(header.get("WindowCenter")))
+    except (TypeError, ValueError):
+        return None
+    return (center, width) if width is not None and np.isfinite(center) else None
+
+
+def _pixel_spacing(header: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from Pixel Spacing, if present and valid."""
+    value = header.get("PixelSpacing")
+    if not isinstance(value, MultiValue) or len(value) != 2:
+        return None
+    row, column = (_positive_float(part) for part in value)
+    return (row, column) if row is not None and column is not None else None
