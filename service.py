@@ -22,6 +22,7 @@ from api.shaping import (
     describe_slice,
     elapsed_ms,
     heatmap_explanation,
+    modality_warnings,
     new_request_id,
     response_metadata,
 )
@@ -90,6 +91,7 @@ class NeuroNova:
         return CTClassificationResponse(
             request_id=new_request_id(request_id), model_id=self.ct.model_id, model_version=model.tag,
             intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), result=result, xai=explanation,
+            warnings=modality_warnings(decoded, card.input.modalities),
             metadata=response_metadata(describe_slice(decoded, data), metadata),
         )
 

@@ -48,6 +48,14 @@ def describe_slice(image: DecodedSlice, data: bytes) -> InputDescription:
     )
 
 
+def modality_warnings(image: DecodedSlice, modalities: Sequence[str]) -> list[str]:
+    """A warning when the input's modality is accepted but is not the one the model was trained on (the card's first)."""
+    trained = modalities[0] if modalities else None
+    if image.source.modality and trained and image.source.modality != trained:
+        return [f"input modality {image.source.modality} differs from the model's training modality {trained}"]
+    return []
+
+
 def class_probabilities(probabilities: np.ndarray, labels: Sequence[str]) -> ClassProbabilities:
     """Top class, its probability, and every class's probability (rounded to 6 places)."""
     top = int(np.argmax(probabilities))

@@ -83,7 +83,7 @@ class CTClassifier:
             raise ModelNotLoaded(f"CT model failed to load: {self.load_error}")
         return self.model
 
-    @bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=settings.ct_max_batch_size, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K) probabilities in the card's label order."""
         started = time.perf_counter()
@@ -92,7 +92,7 @@ class CTClassifier:
         self._timing[1] += len(batch)
         return probabilities
 
-    @bentoml.api(batchable=True, max_batch_size=16, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=min(16, settings.ct_max_batch_size), max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, batch: np.ndarray) -> np.ndarray:
         """Prepared slices -> (N, H, W) Grad-CAM maps in [0, 1] for each slice's top class."""
         return self._loaded().explain(batch)

@@ -35,7 +35,9 @@ class ImageInputSpec(BaseModel):
     std: list[float] = Field(default_factory=lambda: [1.0])
     ct_window: Window = Field(default_factory=lambda: Window(center=40, width=80), description="brain window")
     hu_clip: tuple[float, float] | None = (-100.0, 300.0)
-    modalities: list[str] = Field(default_factory=lambda: ["CT"], description="DICOM modalities accepted")
+    modalities: list[str] = Field(
+        default_factory=lambda: ["CT"], description="DICOM modalities accepted; the first is the one the model was trained on"
+    )
     allow_multiframe: bool = False
 
     @model_validator(mode="after")

@@ -72,10 +72,7 @@ class VolumeInputSpec(BaseModel):
     target_spacing_mm: tuple[float, float, float] = Field(default=(2.0, 2.0, 2.0), description="model voxel size")
     orientation: Literal["RAS"] = "RAS"
     normalisation: Literal["zscore_nonzero"] = Field(
-        default="zscore_nonzero", description="per channel: (x - mean) / std over the non-zero (head) voxels"
-    )
-    foreground_percentile: float = Field(
-        default=5.0, ge=0, lt=50, description="voxels below this percentile of the channel count as background"
+        default="zscore_nonzero", description="per channel: (x - mean) / std over the non-zero voxels (BraTS style)"
     )
     sequence_rules: list[SequenceRule] = Field(default_factory=default_sequence_rules)
     modalities: list[str] = Field(default_factory=lambda: ["MR"], description="DICOM modalities accepted")

@@ -1,0 +1,112 @@
+"""Start a real `bentoml serve` on loopback and drive it with a bounded number of concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> Iterator[str]:
+    """`bentoml serve service:NeuroNova` in its own process group with extra `env`; yields the base URL when ready."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    clients: int
+    requests: int
+    errors: int
+    wall_s: float
+    p50_ms: float
+    p95_ms: float
+
+    @property
+    def throughput(self) -> float:
+        return (self.requests - self.errors) / self.wall_s
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+async def _run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int,
+                    requests: int, headers: dict[str, str]) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    remaining = iter(range(requests))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
+                                 limits=httpx.Limits(max_connections=clients)) as client:
+        async def worker() -> None:
+            nonlocal errors
+            for _ in remaining:
+                started = time.perf_counter()
+                response = await send(client)
+                latencies.append((time.perf_counter() - started) * 1000.0)
+                errors += response.status_code != 200
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return LoadResult(clients, requests, errors, wall, percentile(latencies, 50), percentile(latencies, 95))
+
+
+def run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int, requests: int,
+             headers: dict[str, str] | None = None) -> LoadResult:
+    """`requests` calls of `send` from `clients` concurrent connections; latency percentiles and throughput."""
+    return asyncio.run(_run_load(send, url, clients, requests, headers or {}))
+
+
+def timed(func: Callable[[], object], repeat: int) -> list[float]:
+    """Milliseconds of `repeat` calls of `func` (after one warm-up call)."""
+    func()
+    out = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        func()
+        out.append((time.perf_counter() - started) * 1000.0)
+    return out

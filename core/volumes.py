@@ -1,0 +1,76 @@
+"""Decoded MRI volumes: voxels together with their geometry (affine, spacing) and where each sequence came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+VolumeFormat = Literal["nifti", "dicom"]
+
+
+@dataclass(frozen=True)
+class SeriesSource:
+    """Where one sequence came from (no patient identifiers).
+
+    `headers` are the DICOM series' de-identified headers without pixel data, in slice order (empty for NIfTI):
+    a DICOM SEG references them.
+    """
+
+    sequence: str
+    format: VolumeFormat
+    file_name: str | None = None
+    series_uid: str | None = None
+    description: str | None = None
+    matched_by: Literal["sequence_type", "description", "acquisition_tags", "only_sequence", "volume_order"] = "sequence_type"
+    slices: int = 1
+    transfer_syntax: str | None = None
+    headers: tuple[Dataset, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class DecodedVolume:
+    """Co-registered sequences as float32 (C, X, Y, Z) in one voxel grid.
+
+    `affine` maps voxel indices (x, y, z) to RAS+ millimetres (the NIfTI world convention). Every channel shares
+    it; a sequence sent on another grid is resampled onto the reference sequence's grid when decoded.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    sequences: tuple[str, ...]
+    sources: tuple[SeriesSource, ...]
+    reference_sequence: str
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 4 or self.data.shape[0] != len(self.sequences):
+            raise ValueError(f"data {self.data.shape} must be (C, X, Y, Z) with one channel per sequence")
+        if self.affine.shape != (4, 4):
+            raise ValueError("affine must be 4x4")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(X, Y, Z) voxels of the grid."""
+        return tuple(int(n) for n in self.data.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return voxel_spacing(self.affine)
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    @property
+    def format(self) -> VolumeFormat:
+        return self.sources[0].format
+
+    def source_of(self, sequence: str) -> SeriesSource:
+        return next(source for source in self.sources if source.sequence == sequence)
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size along each array axis in mm: the lengths of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
