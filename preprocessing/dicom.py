@@ -60,7 +60,27 @@ def decode_dicom_slice(
     ImageTooLarge when the header announces more than `max_pixels` samples.
     """
     dataset = _read_dataset(data)
-    details: dict[str, Any] = {"format": "dicom", "modality": _text(dataset, "Modality")}
+    details: dict[str, Any] = {"format": "dicom"}
+    try:
+        return _decode_dataset(dataset, details, max_pixels, allow_multiframe, modalities)
+    except (InvalidImageFormat, ImageTooLarge):
+        raise
+    except Exception as exc:
+        raise InvalidImageFormat(
+            "The DICOM image tags (bit depth, rescale, palette, geometry) are inconsistent and could not be applied.",
+            {**details, "reason": str(exc)[:_REASON_CHARS]},
+        ) from exc
+
+
+def _decode_dataset(
+    dataset: Dataset,
+    details: dict[str, Any],
+    max_pixels: int,
+    allow_multiframe: bool,
+    modalities: Sequence[str] | None,
+) -> DecodedSlice:
+    """Header checks in order of cost, then one frame's pixels decoded and interpreted; fills `details` as it goes."""
+    details["modality"] = _text(dataset, "Modality")
     if not _is_image(dataset):
         sop_class = UID(str(dataset.get("SOPClassUID") or "")).name or None
         raise InvalidImageFormat(
@@ -79,7 +99,6 @@ def decode_dicom_slice(
     syntax = _check_transfer_syntax(dataset, details)
     index = frames // 2
     stored = _decode_pixels(dataset, index if frames > 1 else None, details)
-    header = _frame_header(dataset, index)
     source = ImageSource(
         format="dicom",
         modality=details["modality"],
@@ -88,17 +107,7 @@ def decode_dicom_slice(
         series_uid=_text(dataset, "SeriesInstanceUID"),
         sop_instance_uid=_text(dataset, "SOPInstanceUID"),
     )
-    geometry: dict[str, Any] = {
-        "pixel_spacing_mm": _pixel_spacing(header),
-        "slice_thickness_mm": _positive_float(header.get("SliceThickness")),
-    }
-    if photometric in _GREY:
-        return _grey_slice(dataset, header, stored, source, geometry)
-    rgb = apply_color_lut(stored, dataset) if photometric == _PALETTE else stored
-    max_value = np.iinfo(rgb.dtype).max if photometric == _PALETTE else _stored_range(dataset)[1]
-    return DecodedSlice(
-        pixels=rgb.astype(np.float32), intensity="display", source=source, max_value=float(max_value), **geometry
-    )
+    return _interpret(dataset, _frame_header(dataset, index), stored, source)
 
 
 def _read_dataset(data: bytes) -> Dataset:
@@ -234,21 +243,33 @@ def _stored_range(dataset: Dataset) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _grey_slice(
-    dataset: Dataset, header: Dataset, stored: np.ndarray, source: ImageSource, geometry: dict[str, Any]
-) -> DecodedSlice:
-    """CT in Hounsfield units; other grey images in modality units with their VOI window, MONOCHROME1 inverted.
+def _interpret(dataset: Dataset, header: Dataset, stored: np.ndarray, source: ImageSource) -> DecodedSlice:
+    """Stored values -> physical or display values, with the frame's geometry.
 
-    CT values stay physical whatever the photometric interpretation, which only says how to display them.
+    CT becomes Hounsfield units whatever its photometric interpretation, which only says how to display it;
+    other grey images stay in modality units with their VOI window, MONOCHROME1 inverted; colour becomes RGB.
     """
+    geometry: dict[str, Any] = {
+        "pixel_spacing_mm": _pixel_spacing(header),
+        "slice_thickness_mm": _positive_float(header.get("SliceThickness")),
+    }
+    if source.photometric not in _GREY:
+        palette = source.photometric == _PALETTE
+        rgb = apply_color_lut(stored, dataset) if palette else stored
+        max_value = np.iinfo(rgb.dtype).max if palette else _stored_range(dataset)[1]
+        return DecodedSlice(
+            pixels=rgb.astype(np.float32), intensity="display", source=source, max_value=float(max_value), **geometry
+        )
     values = apply_rescale(stored, header).astype(np.float32)
-    low, high = sorted(float(v) for v in apply_rescale(np.asarray(_stored_range(dataset)), header))
+    low, high = sorted(float(value) for value in apply_rescale(np.asarray(_stored_range(dataset)), header))
     window = _voi_window(header)
     intensity: IntensityKind = "hounsfield" if source.modality == "CT" else "raw"
     if intensity == "raw" and source.photometric == "MONOCHROME1":
         values = np.float32(low + high) - values
         window = (low + high - window[0], window[1]) if window else None
-    return DecodedSlice(pixels=values, intensity=intensity, source=source, max_value=high, voi_window=window, **geometry)
+    return DecodedSlice(
+        pixels=values, intensity=intensity, source=source, max_value=high, voi_window=window, **geometry
+    )
 
 
 def _first(value: Any) -> Any:

@@ -43,6 +43,7 @@ def headerless(name: str, *, implicit_vr: bool) -> bytes:
         (JPEG, "jpeg"),
         (bundled_dicom("rtstruct.dcm"), None),  # headerless, but no pixel data: not taken for an image
         (b"just some text\n", None),
+        (b"\x08\x00\x05\x00XI\x02\x00ab", None),  # read as a DICOM element with an unknown VR: pydicom raises
     ],
 )
 def test_sniff_format_reads_the_content(data: bytes, expected: str | None) -> None:

@@ -168,6 +168,16 @@ def test_palette_colour_is_looked_up_in_the_files_colour_tables() -> None:
     assert decoded.intensity == "display" and decoded.max_value == 65535.0
 
 
+def test_palette_without_its_colour_table_is_refused() -> None:
+    def drop_red_table(dataset: Dataset) -> None:
+        del dataset.RedPaletteColorLookupTableData
+
+    with pytest.raises(InvalidImageFormat, match="inconsistent and could not be applied") as refused:
+        decode(edited_dicom("examples_palette.dcm", drop_red_table))
+
+    assert refused.value.details["photometric"] == "PALETTE COLOR"
+
+
 def test_multiframe_is_refused_unless_allowed() -> None:
     with pytest.raises(InvalidImageFormat, match="2 frames") as refused:
         decode(bundled_dicom("SC_rgb_rle_2frame.dcm"))

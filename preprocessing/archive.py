@@ -1,0 +1,90 @@
+"""Safe reading of uploaded zip archives, entirely in memory: nothing is extracted to disk.
+
+Refused before anything is decompressed: more members than allowed, a declared total size over the limit,
+absolute or `..` paths (traversal), symbolic links, encrypted members and nested archives. While reading, the real
+decompressed bytes are counted against the same limit, so an archive whose headers understate its sizes (a zip bomb)
+is stopped as soon as it exceeds them.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import PurePosixPath
+
+from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
+
+ZIP_SIGNATURE = b"PK\x03\x04"
+_EMPTY_ZIP_SIGNATURE = b"PK\x05\x06"
+_SKIPPED_NAMES = ("__MACOSX/", ".DS_Store", "Thumbs.db")
+_CHUNK_BYTES = 1 << 20
+
+
+def is_zip(data: bytes) -> bool:
+    return data.startswith((ZIP_SIGNATURE, _EMPTY_ZIP_SIGNATURE))
+
+
+def read_zip_members(data: bytes, *, max_files: int, max_total_bytes: int) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every regular file in the archive, in archive order, after all safety checks."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InvalidImageFormat("The zip archive could not be read: it is truncated or damaged.",
+                                 {"format": "zip", "reason": type(exc).__name__}) from exc
+    files = [info for info in infos if not info.is_dir() and not _skipped(info.filename)]
+    _check_listing(infos, files, max_files, max_total_bytes)
+    members, total = [], 0
+    for info in files:
+        content = _read_bounded(archive, info, max_total_bytes - total)
+        total += len(content)
+        members.append((info.filename, content))
+    if not members:
+        raise InvalidImageFormat("The zip archive holds no files.", {"format": "zip"})
+    return members
+
+
+def _skipped(name: str) -> bool:
+    return any(part in name for part in _SKIPPED_NAMES)
+
+
+def _check_listing(infos: list[zipfile.ZipInfo], files: list[zipfile.ZipInfo], max_files: int, max_total: int) -> None:
+    if len(infos) > max_files:
+        raise ImageTooLarge(f"The zip archive holds {len(infos)} entries; at most {max_files} are accepted.",
+                            {"entries": len(infos), "max_entries": max_files})
+    declared = sum(info.file_size for info in files)
+    if declared > max_total:
+        raise ImageTooLarge(f"The zip archive would expand to {declared} bytes; at most {max_total} are accepted.",
+                            {"declared_bytes": declared, "max_bytes": max_total})
+    for info in infos:
+        path = PurePosixPath(info.filename.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
+            raise InvalidRequest("The zip archive has a member path that leaves the archive (absolute or '..').",
+                                 {"format": "zip", "reason": "path_traversal"})
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise InvalidRequest("The zip archive holds a symbolic link; only regular files are accepted.",
+                                 {"format": "zip", "reason": "symlink"})
+        if info.flag_bits & 0x1:
+            raise InvalidRequest("The zip archive is encrypted.", {"format": "zip", "reason": "encrypted"})
+        if info.filename.lower().endswith((".zip", ".tar", ".tgz", ".7z", ".rar")):
+            raise InvalidRequest("The zip archive holds another archive; send one flat archive.",
+                                 {"format": "zip", "reason": "nested_archive"})
+
+
+def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> bytes:
+    """Decompress one member chunk by chunk; refuse as soon as it exceeds its declared size or the budget left."""
+    limit = min(info.file_size, budget)
+    chunks, size = [], 0
+    try:
+        with archive.open(info) as member:
+            while chunk := member.read(_CHUNK_BYTES):
+                size += len(chunk)
+                if size > limit:
+                    raise ImageTooLarge("The zip archive expands beyond its declared size or the size limit.",
+                                        {"format": "zip", "reason": "decompression_limit"})
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        raise InvalidImageFormat("A zip archive member could not be decompressed.",
+                                 {"format": "zip", "reason": type(exc).__name__}) from exc
+    return b"".join(chunks)
