@@ -42,6 +42,21 @@ def classification_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any
     }
 
 
+def tabular_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:
+    """The /model_info fields specific to a tabular model (its feature schema is in the card's `features`)."""
+    return {"type": "tabular", "input_format": ["json"], "output_classes": card.output_classes(), "xai_supported": ["shap"]}
+
+
+def segmentation_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:
+    """The /model_info fields specific to a 3D MRI segmenter."""
+    return {
+        "type": "segmentation",
+        "input_format": ["nifti", "dicom", "dicom-zip"],
+        "output_classes": [label.name for label in card.labels],
+        "xai_supported": ["grad_cam"] if describe.get("gradcam_layer") else [],
+    }
+
+
 class ModelSlot(Generic[CardT]):
     """One model route's view of its runner (a `bentoml.depends` handle)."""
 
@@ -72,10 +87,14 @@ class ModelSlot(Generic[CardT]):
         self._cached = (now, model)
         return model
 
-    async def call(self, method: str, batch: np.ndarray) -> np.ndarray:
-        """Call a batchable runner method with a batch; runner failures become MODEL_INFERENCE_ERROR."""
+    def forget(self) -> None:
+        """Drop the cached description (after a model switch was noticed)."""
+        self._cached = None
+
+    async def call(self, method: str, batch: np.ndarray, *args: Any) -> np.ndarray:
+        """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR."""
         try:
-            return await getattr(self.runner.to_async, method)(batch)
+            return await getattr(self.runner.to_async, method)(batch, *args)
         except NeuroNovaError:
             raise
         except BentoMLException as exc:

@@ -17,6 +17,7 @@ from core.errors import ModelNotLoaded
 from core.networks import load_module
 from core.settings import get_settings
 from runners.common import RUNNER_CONNECTION, Engine, select_engine, softmax
+from runners.switching import SwitchableModel
 from xai.gradcam import GradCamExplainer
 
 log = logging.getLogger(__name__)
@@ -61,54 +62,54 @@ def load_classifier(model: bentoml.Model) -> LoadedClassifier:
     return loaded
 
 
+MODEL_ID = "ct_classification"
+
+
 @bentoml.service(name="CTClassifier", workers=1, traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION)
 class CTClassifier:
-    """Runner for `ct_classification`. Receives preprocessed batches; knows nothing of HTTP."""
+    """Runner for `ct_classification`. Receives preprocessed batches; knows nothing of HTTP.
+
+    The served model follows `core.active_models` (hot switch, rollback); each output row of `predict` names the
+    generation of the model that produced it.
+    """
 
     model_ref = bentoml.models.BentoModel(settings.ct.model_tag)
 
     def __init__(self) -> None:
-        self.model: LoadedClassifier | None = None
-        self.load_error: str | None = None
+        self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, self.model_ref, load_classifier, lambda m: m.tag)
         self._timing = [0.0, 0]
-        try:
-            self.model = load_classifier(self.model_ref)
-            log.info("CT classifier %s loaded on %s", self.model.tag, self.model.engine.name)
-        except Exception as exc:  # noqa: BLE001 - a runner that cannot load stays up and reports why
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("CT classifier %s failed to load: %s", settings.ct.model_tag, self.load_error)
-
-    def _loaded(self) -> LoadedClassifier:
-        if self.model is None:
-            raise ModelNotLoaded(f"CT model failed to load: {self.load_error}")
-        return self.model
 
     @bentoml.api(batchable=True, max_batch_size=settings.ct_max_batch_size, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K) probabilities in the card's label order."""
+        """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K + 1): probabilities in the card's label order,
+        then the generation of the model that computed them."""
         started = time.perf_counter()
-        probabilities = self._loaded().predict(batch)
+        model, generation = self.served.get()
+        probabilities = model.predict(batch)
         self._timing[0] += (time.perf_counter() - started) * 1000.0
         self._timing[1] += len(batch)
-        return probabilities
+        return np.concatenate([probabilities, np.full((len(batch), 1), generation, np.float32)], axis=1)
 
     @bentoml.api(batchable=True, max_batch_size=min(16, settings.ct_max_batch_size), max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, batch: np.ndarray) -> np.ndarray:
         """Prepared slices -> (N, H, W) Grad-CAM maps in [0, 1] for each slice's top class."""
-        return self._loaded().explain(batch)
+        return self.served.get()[0].explain(batch)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:
-        """Version, card, engine and live timing of the loaded model (or why it is not loaded)."""
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
+        model, generation = self.served.current, self.served.generation
+        if model is None:
+            return {"loaded": False, "error": self.served.load_error, "tag": settings.ct.model_tag}
         total_ms, count = self._timing
-        if self.model is None:
-            return {"loaded": False, "error": self.load_error, "tag": settings.ct.model_tag}
         return {
             "loaded": True,
-            "tag": self.model.tag,
-            "card": self.model.card.model_dump(mode="json"),
-            "engine": self.model.engine.name,
-            "loaded_at": self.model.loaded_at,
-            "gradcam_layer": self.model.explainer.layer_name if self.model.explainer else None,
+            "tag": model.tag,
+            "generation": generation,
+            "card": model.card.model_dump(mode="json"),
+            "engine": model.engine.name,
+            "loaded_at": model.loaded_at,
+            "gradcam_layer": model.explainer.layer_name if model.explainer else None,
             "avg_inference_time_ms_per_image": round(total_ms / count, 3) if count else None,
+            "last_error": self.served.load_error,
         }

@@ -1,0 +1,84 @@
+"""Model lifecycle on the API side: switch a route to another stored version (or an uploaded export), roll back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import bentoml
+from pydantic import BaseModel
+
+from api.models import ModelSlot
+from core import active_models, store
+from core.errors import InvalidRequest, ModelNotLoaded
+
+SWITCH_TIMEOUT_S = 120.0
+POLL_INTERVAL_S = 0.2
+
+
+class UpdateModelResponse(BaseModel):
+    success: bool
+    model_id: str
+    old_version: str
+    new_version: str
+    reload_time_ms: float
+    message: str
+
+
+def import_export_file(path: Path, sha256: str) -> str:
+    """Import an exported model (`bentoml models export`) after checking its sha256; return its tag."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256.lower():
+        raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
+    try:
+        return str(bentoml.models.import_model(str(path.resolve())).tag)
+    except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error
+        raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
+
+
+def resolve_target(slot: ModelSlot, old_tag: str, version: str | None, rollback: bool) -> str:
+    """The stored tag to switch to: the previous one on rollback, else `version` (a tag, or a version of this model)."""
+    if rollback:
+        target = active_models.previous_tag(slot.model_id)
+        if target is None:
+            raise InvalidRequest(f"{slot.model_id} has no earlier version to roll back to")
+    elif version:
+        target = version if ":" in version else f"{old_tag.split(':')[0]}:{version}"
+    else:
+        raise InvalidRequest("give a version (model store tag), a model_file with its sha256, or rollback=true")
+    try:
+        stored = store.get_model(target)
+    except ModelNotLoaded as exc:
+        raise InvalidRequest(exc.message, exc.details) from exc
+    try:
+        store.read_card(stored, slot.card_type)
+    except Exception as exc:  # noqa: BLE001 - a card of another task or a broken card is refused before switching
+        raise InvalidRequest(f"{stored.tag} is not a {slot.model_id} model: {type(exc).__name__}") from exc
+    return str(stored.tag)
+
+
+async def switch_model(slot: ModelSlot, new_tag: str, old_tag: str) -> UpdateModelResponse:
+    """Record the switch, wait until the runner serves `new_tag`; if it cannot load it, switch back and say why."""
+    started = time.perf_counter()
+    active_models.record_switch(slot.model_id, new_tag, old_tag)
+    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        described = await slot.describe()
+        if described.get("tag") == new_tag:
+            slot.forget()
+            return UpdateModelResponse(
+                success=True, model_id=slot.model_id, old_version=old_tag, new_version=new_tag,
+                reload_time_ms=round((time.perf_counter() - started) * 1000.0, 1),
+                message=f"{slot.model_id} now serves {new_tag}; roll back with rollback=true",
+            )
+        if described.get("last_error"):
+            break
+        await asyncio.sleep(POLL_INTERVAL_S)
+    active_models.record_switch(slot.model_id, old_tag, new_tag)
+    return UpdateModelResponse(
+        success=False, model_id=slot.model_id, old_version=old_tag, new_version=old_tag,
+        reload_time_ms=round((time.perf_counter() - started) * 1000.0, 1),
+        message=f"{new_tag} did not load ({described.get('last_error') or 'timeout'}); {old_tag} keeps serving",
+    )

@@ -1,0 +1,79 @@
+"""A runner's served model that follows `core.active_models`: hot switch and rollback without a restart."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import bentoml
+
+from core import active_models, store
+from core.errors import ModelNotLoaded
+
+log = logging.getLogger(__name__)
+M = TypeVar("M")
+WATCH_INTERVAL_S = 1.0
+
+
+class SwitchableModel(Generic[M]):
+    """Holds the loaded model of one route and swaps in the registry's active tag when it changes.
+
+    A new version is loaded beside the old one and swapped in by one assignment, so every batch runs on one model;
+    `generation` counts the swaps so callers can tell which model produced an output. A version that fails to load
+    leaves the old one serving.
+    """
+
+    def __init__(self, model_id: str, default_tag: str, default_ref: bentoml.models.BentoModel,
+                 loader: Callable[[bentoml.Model], M], tag_of: Callable[[M], str]) -> None:
+        self.model_id = model_id
+        self.default_tag = default_tag
+        self.default_ref = default_ref
+        self.loader = loader
+        self.tag_of = tag_of
+        self.current: M | None = None
+        self.generation = 0
+        self.load_error: str | None = None
+        self._load(active_models.active_tag(model_id, default_tag))
+        self._seen_mtime = active_models.registry_mtime()
+        threading.Thread(target=self._watch, name=f"{model_id}-watch", daemon=True).start()
+
+    def get(self) -> tuple[M, int]:
+        """The served model and its generation, or ModelNotLoaded naming the load error."""
+        current, generation = self.current, self.generation
+        if current is None:
+            raise ModelNotLoaded(f"{self.model_id} model failed to load: {self.load_error}")
+        return current, generation
+
+    def _load(self, tag: str) -> None:
+        try:
+            stored = self.default_ref if tag == self.default_tag else store.get_model(tag)
+            loaded = self.loader(stored)
+        except Exception as exc:  # noqa: BLE001 - a runner that cannot load stays up and reports why
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("%s model %s failed to load: %s", self.model_id, tag, self.load_error)
+            return
+        self.current, self.load_error = loaded, None
+        self.generation += 1
+        log.info("%s model %s loaded (generation %d)", self.model_id, self.tag_of(loaded), self.generation)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            mtime = active_models.registry_mtime()
+            if mtime != self._seen_mtime:
+                self._seen_mtime = mtime
+                self.follow_registry()
+
+    def follow_registry(self) -> None:
+        """Load the registry's active tag when it differs from the served one."""
+        wanted = active_models.active_tag(self.model_id, self.default_tag)
+        try:
+            resolved = str(store.get_model(wanted).tag)
+        except ModelNotLoaded as exc:
+            self.load_error = exc.message
+            return
+        if self.current is None or resolved != self.tag_of(self.current):
+            self._load(resolved)
