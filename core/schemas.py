@@ -109,3 +109,216 @@ class ModelInfo(BaseModel):
 
 class ModelInfoResponse(BaseModel):
     models: list[ModelInfo]
+
+
+class ShapFeatureImportance(BaseModel):
+    """One feature's exact TreeSHAP value for the explained class, with the value the caller gave."""
+
+    feature: str = Field(description="dotted path in the request's biomarkers object")
+    importance: float = Field(description="signed contribution to the class margin (log-odds); ranked by magnitude")
+    value: float | bool | str | None = Field(description="the caller's value; null when it was not given")
+
+
+class ShapHeadExplanation(BaseModel):
+    """Why one head predicted its class: base value + sum of importances = margin."""
+
+    target_class: str
+    margin: float = Field(description="the model's raw output (log-odds) for target_class")
+    feature_importance: list[ShapFeatureImportance]
+
+
+class ShapExplanation(BaseModel):
+    """Exact TreeSHAP for every head's predicted class; the top-level list and plots explain `head`."""
+
+    method: Literal["tree_shap"] = "tree_shap"
+    head: str = Field(description="the head the top-level feature_importance and plots explain")
+    target_class: str
+    feature_importance: list[ShapFeatureImportance]
+    base_values: dict[str, float] = Field(description="per head: the expected margin of its predicted class")
+    heads: dict[str, ShapHeadExplanation]
+    shap_plot_base64: str | None = Field(default=None, description="bar plot of the largest SHAP values (PNG data URL)")
+    waterfall_plot_base64: str | None = Field(default=None, description="waterfall from base value to margin (PNG data URL)")
+
+
+class MetastasisPrediction(BaseModel):
+    detected: bool = Field(description="the organ head predicts an organ, not None")
+    organ: ClassProbabilities
+    stage: ClassProbabilities
+
+
+class BiomarkerResult(BaseModel):
+    """SPEC.md's result for the demo heads, plus every head of the model under `heads`."""
+
+    tumor_type: ClassProbabilities | None = None
+    metastasis: MetastasisPrediction | None = None
+    heads: dict[str, ClassProbabilities]
+
+    @classmethod
+    def from_heads(cls, heads: dict[str, ClassProbabilities]) -> "BiomarkerResult":
+        """Place the heads SPEC.md names (tumor_type, metastasis_organ, stage); keep all of them under `heads`."""
+        organ, stage = heads.get("metastasis_organ"), heads.get("stage")
+        metastasis = None
+        if organ is not None and stage is not None:
+            metastasis = MetastasisPrediction(detected=organ.predicted_class != "None", organ=organ, stage=stage)
+        return cls(tumor_type=heads.get("tumor_type"), metastasis=metastasis, heads=heads)
+
+
+class ShapOptions(BaseModel):
+    plots: bool = Field(default=False, description="also render the bar and waterfall plots (slower)")
+
+
+class BiomarkerXaiOptions(BaseModel):
+    shap: ShapOptions = Field(default_factory=ShapOptions)
+
+
+class BiomarkerResponse(PredictionResponse):
+    result: BiomarkerResult
+    xai: dict[str, ShapExplanation] | None = None
+
+
+class LabelStatistics(BaseModel):
+    """One segmentation label measured in the input's own voxel grid."""
+
+    label: str
+    value: int = Field(description="the label's value in the mask")
+    voxel_count: int
+    volume_mm3: float
+    volume_ml: float
+    fraction_of_tumor: float = Field(description="share of the whole tumour volume, 0-1")
+
+
+class TumorVolume(BaseModel):
+    """Tumour volume in mL from the input's true voxel size: the total, each label, and the BraTS regions."""
+
+    total: float
+    by_label: dict[str, float]
+    regions: dict[str, float] = Field(description="WT (whole tumour), TC (tumour core), ET (enhancing tumour)")
+
+
+class TumorLocation(BaseModel):
+    """Tumour centroid in the input's voxel indices (x, y, z) and in RAS+ patient millimetres."""
+
+    centroid_x: float
+    centroid_y: float
+    centroid_z: float
+    centroid_mm: tuple[float, float, float]
+    coordinate_system: Literal["RAS"] = "RAS"
+
+
+class BoundingBox(BaseModel):
+    """Inclusive tumour bounding box in the input's voxel indices, and the box's extent in RAS+ millimetres."""
+
+    min_x: int
+    min_y: int
+    min_z: int
+    max_x: int
+    max_y: int
+    max_z: int
+    min_mm: tuple[float, float, float]
+    max_mm: tuple[float, float, float]
+
+
+class MaskOutput(BaseModel):
+    """The label mask as a gzipped NIfTI in the input's geometry (same shape and affine: it overlays the input)."""
+
+    format: Literal["nifti"] = "nifti"
+    media_type: str = "application/gzip"
+    file_name: str = "mask.nii.gz"
+    data_base64: str
+    shape: tuple[int, int, int]
+    affine: list[list[float]]
+    labels: dict[str, int] = Field(description="label name -> value in the mask")
+
+
+class MaskPreview(BaseModel):
+    """PNG of the axial slice with the largest tumour area, labels drawn over the reference sequence."""
+
+    image_base64: str
+    axis: int = Field(description="input voxel axis the slice is taken across")
+    slice_index: int
+    colors: dict[str, str]
+
+
+class SequenceSourceDescription(BaseModel):
+    """Which upload fed which sequence (no patient identifiers)."""
+
+    sequence: str
+    format: str
+    matched_by: str
+    file_name: str | None = None
+    series_uid: str | None = None
+    description: str | None = None
+    slices: int
+    transfer_syntax: str | None = None
+
+
+class VolumeDescription(BaseModel):
+    """What the service understood the MRI upload to be."""
+
+    format: str
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    affine: list[list[float]]
+    reference_sequence: str = Field(description="the sequence whose grid the mask is returned in")
+    sequences: list[SequenceSourceDescription]
+    missing_sequences: list[str]
+    sha256: list[str] = Field(description="sha256 of each uploaded file, in upload order")
+
+
+class SegmentationResult(BaseModel):
+    tumor_detected: bool
+    tumor_volume_ml: TumorVolume
+    label_statistics: list[LabelStatistics]
+    tumor_location: TumorLocation | None
+    bounding_box: BoundingBox | None
+    mask: MaskOutput
+    mask_preview: MaskPreview | None
+    dicom_seg_base64: str | None = Field(default=None, description="DICOM SEG referencing the source series")
+    post_processing: dict[str, Any]
+
+
+class SegmentationExplanation(BaseModel):
+    """A Grad-CAM map of the tumour classes on the preview slice, in the input's pixel geometry."""
+
+    method: str
+    layer_name: str | None
+    axis: int
+    slice_index: int
+    heatmap_base64: str
+    overlay_base64: str
+    important_regions: list[ImportantRegion]
+
+
+class MRISegmentationResponse(PredictionResponse):
+    task_id: str
+    result: SegmentationResult
+    volume: VolumeDescription
+    xai: dict[str, SegmentationExplanation] | None = None
+
+
+class TaskStatusResponse(BaseModel):
+    """The original design's task polling body."""
+
+    task_id: str
+    status: Literal["pending", "processing", "completed", "failed", "cancelled"]
+    progress: int = Field(ge=0, le=100)
+    current_step: str
+    estimated_remaining_seconds: float | None
+    created_at: str | None = None
+    completed_at: str | None = None
+    failed_at: str | None = None
+    cancelled_at: str | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+class ExplainResponse(BaseModel):
+    """Explanations computed later for an earlier prediction (`/xai/explain`)."""
+
+    success: Literal[True] = True
+    request_id: str
+    model_id: str
+    model_version: str
+    intended_use: str
+    warnings: list[str] = Field(default_factory=list)
+    xai: dict[str, HeatmapExplanation]

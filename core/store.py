@@ -24,7 +24,8 @@ def save_model(name: str, card: CardBase, files: Mapping[str, Path | bytes], lab
         raise ValueError(f"card names {sorted(missing)} but no such file was given")
     store_labels = {"task": getattr(card, "task", "unknown"), "synthetic": str(card.provenance.synthetic_data).lower()}
     store_labels.update(labels or {})
-    with bentoml.models.create(name, labels=store_labels, metadata={CARD_KEY: card.model_dump(mode="json")}) as model:
+    metadata = {CARD_KEY: card.model_dump_json(), "intended_use": card.intended_use}
+    with bentoml.models.create(name, labels=store_labels, metadata=metadata) as model:
         for file_name, content in files.items():
             target = Path(model.path_of(file_name))
             if isinstance(content, bytes):
@@ -43,8 +44,9 @@ def get_model(tag: str) -> bentoml.Model:
 
 
 def read_card(model: bentoml.Model, card_type: type[CardT]) -> CardT:
-    """Validate the stored card of `model` as `card_type`."""
-    return card_type.model_validate(model.info.metadata[CARD_KEY])
+    """Validate the stored card of `model` as `card_type` (stored as JSON text: store metadata cannot hold nulls)."""
+    raw = model.info.metadata[CARD_KEY]
+    return card_type.model_validate_json(raw) if isinstance(raw, str) else card_type.model_validate(raw)
 
 
 def has_model(name: str) -> bool:
@@ -60,3 +62,8 @@ def list_versions(name: str) -> list[bentoml.Model]:
 def model_size_mb(model: bentoml.Model) -> float:
     """Size on disk of a stored model's files."""
     return sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 2**20
+
+
+def delete_model(tag: str) -> None:
+    """Remove one stored version."""
+    bentoml.models.delete(tag)

@@ -1,0 +1,80 @@
+"""A bounded, expiring cache of recent requests' prepared inputs, shared by all API workers (files in the data dir).
+
+`/xai/explain` explains an earlier request from it, and `/feedback` copies the de-identified input from it into the
+feedback store. Entries hold pixels and model facts only: no patient identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import NotFound
+
+
+@dataclass(frozen=True)
+class CachedRequest:
+    """What an earlier prediction saw and answered."""
+
+    request_id: str
+    model_id: str
+    model_version: str
+    input_sha256: str
+    arrays: dict[str, np.ndarray]
+    facts: dict[str, Any]
+
+
+class RequestCache:
+    """At most `max_entries` requests, each kept `ttl_seconds`; the oldest are evicted first."""
+
+    def __init__(self, directory: Path, max_entries: int, ttl_seconds: float) -> None:
+        self.directory = directory
+        self.max_entries = max_entries
+        self.ttl_seconds = ttl_seconds
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, request_id: str) -> Path:
+        return self.directory / f"{hashlib.sha256(request_id.encode()).hexdigest()[:40]}.npz"
+
+    def put(self, entry: CachedRequest) -> None:
+        buffer = io.BytesIO()
+        meta = {"request_id": entry.request_id, "model_id": entry.model_id, "model_version": entry.model_version,
+                "input_sha256": entry.input_sha256, "facts": entry.facts}
+        np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
+        path = self._path(entry.request_id)
+        temp = path.with_suffix(".tmp")
+        temp.write_bytes(buffer.getvalue())
+        temp.replace(path)
+        self._evict()
+
+    def get(self, request_id: str) -> CachedRequest:
+        """The cached request, or NotFound once it has expired or been evicted (or never existed)."""
+        path = self._path(request_id)
+        try:
+            if time.time() - path.stat().st_mtime > self.ttl_seconds:
+                path.unlink(missing_ok=True)
+                raise FileNotFoundError
+            with np.load(path) as stored:
+                arrays = {k: stored[k] for k in stored.files if k != "__meta__"}
+                meta = json.loads(stored["__meta__"].tobytes())
+        except FileNotFoundError:
+            raise NotFound(f"request {request_id!r} is not in the explanation cache (expired, evicted or unknown)",
+                           {"ttl_seconds": self.ttl_seconds, "max_entries": self.max_entries}) from None
+        if meta["request_id"] != request_id:
+            raise NotFound(f"request {request_id!r} is not in the explanation cache")
+        return CachedRequest(meta["request_id"], meta["model_id"], meta["model_version"], meta["input_sha256"],
+                             arrays, meta["facts"])
+
+    def _evict(self) -> None:
+        entries = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+        now = time.time()
+        for index, path in enumerate(entries):
+            if len(entries) - index > self.max_entries or now - path.stat().st_mtime > self.ttl_seconds:
+                path.unlink(missing_ok=True)

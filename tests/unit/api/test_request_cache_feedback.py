@@ -1,0 +1,74 @@
+"""The shared request cache (bounded, expiring) and the durable feedback store."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from api.feedback import FeedbackRequest, FeedbackStore
+from api.request_cache import CachedRequest, RequestCache
+from core.errors import InvalidRequest, NotFound
+
+
+def entry(request_id: str, value: float = 1.0) -> CachedRequest:
+    return CachedRequest(
+        request_id=request_id, model_id="ct_classification", model_version="neuronova-ct:v1", input_sha256="ab" * 32,
+        arrays={"tensor": np.full((1, 4, 4), value, np.float32), "display": np.zeros((8, 8), np.uint8)},
+        facts={"labels": ["Glioma", "No Tumor"], "predicted_class": "Glioma"},
+    )
+
+
+def test_cache_round_trip_and_unknown_ids(tmp_path):
+    cache = RequestCache(tmp_path, max_entries=4, ttl_seconds=60)
+    cache.put(entry("req/1 with ../odd chars", 3.0))
+    got = cache.get("req/1 with ../odd chars")
+    assert got.model_version == "neuronova-ct:v1" and got.facts["predicted_class"] == "Glioma"
+    assert np.array_equal(got.arrays["tensor"], np.full((1, 4, 4), 3.0, np.float32))
+    assert list(tmp_path.iterdir())[0].parent == tmp_path  # the id never becomes a path
+    with pytest.raises(NotFound):
+        cache.get("never-seen")
+
+
+def test_cache_evicts_oldest_beyond_bound(tmp_path):
+    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=60)
+    for index in range(5):
+        cache.put(entry(f"r{index}"))
+        path = cache._path(f"r{index}")
+        os.utime(path, (time.time() - 10 + index, time.time() - 10 + index))
+    cache.put(entry("r5"))
+    with pytest.raises(NotFound):
+        cache.get("r0")
+    assert cache.get("r5").request_id == "r5"
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
+def test_cache_entries_expire(tmp_path):
+    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=5)
+    cache.put(entry("old"))
+    os.utime(cache._path("old"), (time.time() - 60, time.time() - 60))
+    with pytest.raises(NotFound, match="expired"):
+        cache.get("old")
+
+
+def test_feedback_is_stored_and_builds_a_fine_tuning_set(tmp_path):
+    store = FeedbackStore(tmp_path)
+    receipt = store.record(FeedbackRequest(request_id="r1", verdict="accept", reviewer_id="dr_7"), entry("r1", 1.0))
+    assert receipt.feedback_id == 1 and receipt.model_version == "neuronova-ct:v1"
+    store.record(FeedbackRequest(request_id="r2", verdict="correct", corrected_label="No Tumor", reviewer_id="dr_7",
+                                 comment="artefact"), entry("r2", 2.0))
+    store.record(FeedbackRequest(request_id="r3", verdict="reject", reviewer_id="dr_7"), entry("r3", 3.0))
+    labelled = FeedbackStore(tmp_path).labelled_inputs("ct_classification")  # a new store object: durable on disk
+    assert [label for _, label in labelled] == ["Glioma", "No Tumor"]
+    assert labelled[1][0].shape == (1, 4, 4)
+
+
+def test_feedback_validation(tmp_path):
+    with pytest.raises(ValidationError, match="corrected_label"):
+        FeedbackRequest(request_id="r", verdict="correct", reviewer_id="dr")
+    with pytest.raises(ValidationError):
+        FeedbackRequest(request_id="r", verdict="maybe", reviewer_id="dr")
+    with pytest.raises(InvalidRequest, match="one of"):
+        FeedbackStore(tmp_path).record(
+            FeedbackRequest(request_id="r", verdict="correct", corrected_label="Astrocytoma", reviewer_id="dr"), entry("r"))

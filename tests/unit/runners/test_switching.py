@@ -1,0 +1,59 @@
+"""A runner's served model follows the registry: switch, rollback, and a failed load keeps the old model."""
+
+import pytest
+
+from core import active_models, store
+from core.cards import DEMO_INTENDED_USE, ClassificationCard, Provenance
+from core.errors import ModelNotLoaded
+from core.settings import get_settings
+from runners.switching import SwitchableModel
+
+NAME = "unit-switch-model"
+
+
+@pytest.fixture()
+def versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURONOVA_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    card = ClassificationCard(name="switch test", intended_use=DEMO_INTENDED_USE, labels=["Glioma", "No Tumor"],
+                              provenance=Provenance(source="unit test", synthetic_data=True))
+    tags = [store.save_model(NAME, card, {"model.onnx": b"not used"}) for _ in range(2)]
+    yield tags
+    for tag in tags:
+        store.delete_model(tag)
+    get_settings.cache_clear()
+
+
+def make(default_tag: str, loader=lambda model: str(model.tag)) -> SwitchableModel:
+    return SwitchableModel("unit", default_tag, store.get_model(default_tag), loader, lambda tag: tag)
+
+
+def test_switch_and_rollback(versions):
+    v1, v2 = versions
+    served = make(v1)
+    assert served.get() == (v1, 1)
+    active_models.record_switch("unit", v2, v1)
+    served.follow_registry()
+    assert served.get() == (v2, 2)
+    served.follow_registry()  # nothing changed: no reload
+    assert served.generation == 2
+    active_models.record_switch("unit", v1, v2)
+    served.follow_registry()
+    assert served.get() == (v1, 3)
+
+
+def test_failed_load_keeps_the_old_model(versions):
+    v1, v2 = versions
+    served = make(v1, loader=lambda model: (_ for _ in ()).throw(RuntimeError("corrupt")) if str(model.tag) == v2 else str(model.tag))
+    active_models.record_switch("unit", v2, v1)
+    served.follow_registry()
+    assert served.get() == (v1, 1) and "corrupt" in served.load_error
+    active_models.record_switch("unit", f"{NAME}:doesnotexist", v1)
+    served.follow_registry()
+    assert served.get() == (v1, 1) and "not in the model store" in served.load_error
+
+
+def test_nothing_loaded_raises(versions):
+    served = make(versions[0], loader=lambda model: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(ModelNotLoaded, match="broken"):
+        served.get()
