@@ -6,11 +6,14 @@ Nothing patient-identifying (names, birth dates, ids) goes into a result, an err
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any
 
 import numpy as np
+import pydicom.config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -301,3 +304,10 @@ def _pixel_spacing(header: Dataset) -> tuple[float, float] | None:
         return None
     row, column = (_positive_float(part) for part in value)
     return (row, column) if row is not None and column is not None else None
+
+
+def quiet_pydicom() -> None:
+    """Keep pydicom from quoting element values (possible PHI) in logs and warnings: process-wide, at start-up."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")

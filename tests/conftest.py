@@ -18,3 +18,11 @@ def demo_models() -> dict[str, str]:
     from training_export.demo import ensure_demo_models
 
     return ensure_demo_models()
+
+
+@pytest.fixture(scope="session")
+def ct_model() -> str:
+    """The demo CT classifier in the test store (trained on first use)."""
+    from training_export.demo import ensure_demo_models
+
+    return ensure_demo_models(["neuronova-ct"])["neuronova-ct"]

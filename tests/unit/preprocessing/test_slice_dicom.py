@@ -341,3 +341,15 @@ def test_pixels_match_pydicoms_own_decoding_for_compressed_ct() -> None:
     expected = pixel_array(dataset) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
     np.testing.assert_array_equal(decoded.pixels, expected)
     assert decoded.source.transfer_syntax == "JPEG 2000 Image Compression"
+
+
+def test_quiet_pydicom_silences_value_quoting_logs():
+    import logging
+
+    import pydicom.config
+
+    from preprocessing.dicom import quiet_pydicom
+
+    quiet_pydicom()
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+    assert logging.getLogger("pydicom").level == logging.ERROR
