@@ -19,13 +19,23 @@ class GradCamExplainer:
             raise ValueError(f"model has no layer {layer_name!r} for Grad-CAM")
         self.layer_name = layer_name
         self.device = device
-        self._cam = GradCAM(nn_module=module.to(device).eval(), target_layers=layer_name, postprocessing=_identity)
+        self.module = module.to(device).eval()
+        self._cam = GradCAM(nn_module=self.module, target_layers=layer_name, postprocessing=_identity)
 
-    def explain(self, batch_nchw: np.ndarray, class_idx: int | None = None) -> np.ndarray:
-        """(N, C, H, W) float32 -> (N, H, W) float32 in [0, 1]; class_idx None means each image's argmax."""
+    def explain(self, batch_nchw: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 -> (N, H, W) float32 in [0, 1], each for the image's own top class.
+
+        MONAI scores a batch with one class index per call (a per-image index tensor would mix the images'
+        gradients), so the batch is explained in one call per predicted class.
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch_nchw, dtype=np.float32)).to(self.device)
-        maps = self._cam(x, class_idx=class_idx)[:, 0].detach().float().cpu().numpy()
-        return normalise_per_image(maps)
+        with torch.no_grad():
+            top = self.module(x).argmax(dim=1)
+        maps = torch.empty((x.shape[0], *x.shape[2:]), device=self.device)
+        for class_index in top.unique():
+            members = top == class_index
+            maps[members] = self._cam(x[members], class_idx=int(class_index))[:, 0].detach()
+        return normalise_per_image(maps.float().cpu().numpy())
 
 
 def normalise_per_image(maps: np.ndarray) -> np.ndarray:

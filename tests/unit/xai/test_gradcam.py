@@ -43,3 +43,14 @@ def test_normalise_per_image_handles_flat_maps():
     maps = np.stack([np.full((4, 4), 3.0), np.arange(16, dtype=np.float32).reshape(4, 4)])
     out = normalise_per_image(maps)
     assert np.all(out[0] == 0) and out[1].min() == 0 and out[1].max() == 1
+
+
+def test_batched_maps_equal_one_at_a_time_maps_for_mixed_classes():
+    explainer = GradCamExplainer(QuadrantNet(), "features", torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    batch = rng.random((6, 1, 32, 32)).astype(np.float32)
+    batch[::2, 0, :16, :16] += 2.0   # even images: class 0
+    batch[1::2, 0, 16:, 16:] += 2.0  # odd images: class 1
+    together = explainer.explain(batch)
+    alone = np.concatenate([explainer.explain(batch[i:i + 1]) for i in range(len(batch))])
+    assert np.allclose(together, alone, atol=1e-5)
