@@ -65,7 +65,8 @@ class DecodedVolume:
 
     @property
     def format(self) -> VolumeFormat:
-        return self.sources[0].format
+        """The reference sequence's format: the mask's grid (and a DICOM SEG's source series) is that sequence's."""
+        return self.source_of(self.reference_sequence).format
 
     def source_of(self, sequence: str) -> SeriesSource:
         return next(source for source in self.sources if source.sequence == sequence)
@@ -74,3 +75,26 @@ class DecodedVolume:
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size along each array axis in mm: the lengths of the affine's first three columns."""
     return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RawSeries:
+    """One decoded 3D series or NIfTI volume before it is matched to a sequence: (X, Y, Z) float32 and RAS+ affine.
+
+    `acquisition` holds what sequence rules may test: RepetitionTime, EchoTime, InversionTime (ms) and
+    `contrast` (1.0 when a contrast agent is recorded).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    format: VolumeFormat
+    file_name: str | None = None
+    series_uid: str | None = None
+    description: str | None = None
+    acquisition: dict[str, float] = field(default_factory=dict)
+    transfer_syntax: str | None = None
+    headers: tuple[Dataset, ...] = field(default=(), repr=False)
+
+    @property
+    def voxels(self) -> int:
+        return int(self.data.size)

@@ -22,24 +22,27 @@ from core.volumes import RawSeries
 GZIP_SIGNATURE = b"\x1f\x8b"
 _HEADER_BYTES = {348: (nib.Nifti1Header, nib.Nifti1Image), 540: (nib.Nifti2Header, nib.Nifti2Image)}
 _SINGLE_FILE_MAGIC = (b"n+1", b"n+2")
+_MAGICS = (*_SINGLE_FILE_MAGIC, b"ni1", b"ni2")
+_MAGIC_OFFSET = {348: 344, 540: 4}
 _MAX_HEADER_BYTES = 544
 _MAX_DIMENSIONS = 4
 
 
 def is_nifti(data: bytes) -> bool:
-    """True for an uncompressed NIfTI-1/-2 header (either byte order), or any gzip stream (checked when decoded)."""
-    return data.startswith(GZIP_SIGNATURE) or _header_classes(data) is not None
+    """True for an uncompressed NIfTI-1/-2 header (size field and magic), or any gzip stream (checked when decoded)."""
+    classes = _header_classes(data)
+    return data.startswith(GZIP_SIGNATURE) or (classes is not None and data[_MAGIC_OFFSET[classes[2]]:][:3] in _MAGICS)
 
 
 def decode_nifti(data: bytes, file_name: str | None, *, max_voxels: int) -> list[RawSeries]:
     """One RawSeries per 3D volume of the file (a 4D file holds one volume per sequence)."""
     compressed = data.startswith(GZIP_SIGNATURE)
-    head = _gunzip(data, _MAX_HEADER_BYTES, exact=False) if compressed else data[:_MAX_HEADER_BYTES]
-    header_class, image_class = _classes_or_refuse(head)
-    header = _parse_header(header_class, head)
+    head = _gunzip(data, _MAX_HEADER_BYTES) if compressed else data[:_MAX_HEADER_BYTES]
+    header_class, image_class, header_size = _classes_or_refuse(head)
+    header = _parse_header(header_class, head[:header_size])
     shape = _checked_shape(header, max_voxels)
     needed = int(header["vox_offset"]) + int(np.prod(shape)) * header.get_data_dtype().itemsize
-    payload = _gunzip(data, needed, exact=True) if compressed else data
+    payload = _gunzip(data, needed) if compressed else data
     if len(payload) < needed:
         raise InvalidImageFormat(
             f"The NIfTI header announces {needed} bytes of header and voxel data but the file holds {len(payload)}; "
@@ -59,17 +62,18 @@ def decode_nifti(data: bytes, file_name: str | None, *, max_voxels: int) -> list
     ]
 
 
-def _header_classes(data: bytes) -> tuple[type, type] | None:
+def _header_classes(data: bytes) -> tuple[type, type, int] | None:
+    """(header class, image class, header size) from the leading sizeof_hdr field, in either byte order."""
     if len(data) < 4:
         return None
     for order in ("<", ">"):
         size = int(np.frombuffer(data[:4], dtype=f"{order}i4")[0])
         if size in _HEADER_BYTES and len(data) >= size:
-            return _HEADER_BYTES[size]
+            return (*_HEADER_BYTES[size], size)
     return None
 
 
-def _classes_or_refuse(head: bytes) -> tuple[type, type]:
+def _classes_or_refuse(head: bytes) -> tuple[type, type, int]:
     classes = _header_classes(head)
     if classes is None:
         raise InvalidImageFormat("The file is not a NIfTI-1 or NIfTI-2 image.", {"format": "nifti"})
@@ -77,6 +81,7 @@ def _classes_or_refuse(head: bytes) -> tuple[type, type]:
 
 
 def _parse_header(header_class: type, head: bytes) -> nib.Nifti1Header:
+    """The fixed-size header alone (extensions are read with the image)."""
     try:
         header = header_class.from_fileobj(io.BytesIO(head), check=True)
     except (HeaderDataError, ValueError, TypeError) as exc:
@@ -120,7 +125,7 @@ def _checked_affine(affine: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _gunzip(data: bytes, limit: int, *, exact: bool) -> bytes:
+def _gunzip(data: bytes, limit: int) -> bytes:
     """At most `limit` decompressed bytes of a (possibly multi-member) gzip stream; never more, whatever it holds."""
     output = bytearray()
     remaining = data
@@ -128,13 +133,9 @@ def _gunzip(data: bytes, limit: int, *, exact: bool) -> bytes:
         while remaining and len(output) < limit:
             decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
             output += decompressor.decompress(remaining, limit - len(output))
-            while decompressor.unconsumed_tail and len(output) < limit:
-                output += decompressor.decompress(decompressor.unconsumed_tail, limit - len(output))
             if not decompressor.eof:
                 break
             remaining = decompressor.unused_data
     except zlib.error as exc:
-        if not exact and output:
-            return bytes(output)
         raise InvalidImageFormat("The gzip stream is damaged.", {"format": "nifti", "reason": str(exc)[:200]}) from exc
     return bytes(output)

@@ -23,6 +23,7 @@ from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
 from core.settings import LimitSettings
 from core.volumes import DecodedVolume, RawSeries, SeriesSource
 from preprocessing.archive import is_zip, read_zip_members
+from preprocessing.dicom import has_dicom_prefix
 from preprocessing.dicom_series import decode_dicom_series, is_dicom
 from preprocessing.nifti import decode_nifti, is_nifti
 
@@ -89,7 +90,7 @@ def _decode_all(uploads: Sequence[Upload], spec: VolumeInputSpec, limits: LimitS
         parts = read_zip_members(data, max_files=limits.archive_max_files,
                                  max_total_bytes=limits.archive_max_uncompressed_bytes) if is_zip(data) else [(name, data)]
         for part_name, part in parts:
-            if is_nifti(part):
+            if is_nifti(part) and not has_dicom_prefix(part):
                 series = decode_nifti(part, part_name, max_voxels=budget)
                 budget -= sum(s.voxels for s in series)
                 ordered += [(index, s) for s in series]
@@ -132,11 +133,9 @@ def _assign(
 def _match_by_rules(raws: list[RawSeries], spec: VolumeInputSpec) -> list[tuple[str, RawSeries, str]]:
     """Each series matched by description first, acquisition tags second; of two for one sequence the finer wins."""
     chosen: dict[str, tuple[RawSeries, str]] = {}
-    unmatched = 0
     for raw in raws:
         match = _rule_match(raw, spec.sequence_rules)
         if match is None:
-            unmatched += 1
             continue
         sequence, how = match
         if sequence not in chosen or raw.voxels > chosen[sequence][0].voxels:
@@ -156,25 +155,15 @@ def _rule_match(raw: RawSeries, rules: list[SequenceRule]) -> tuple[str, str] | 
         if any(re.search(rule.description_pattern, text, flags=re.IGNORECASE) for text in texts):
             return rule.sequence, "description"
     for rule in rules:
-        if rule.has_tag_bounds() and _tags_fit(rule, raw.acquisition):
+        if rule.tag_ranges and _tags_fit(rule, raw.acquisition):
             return rule.sequence, "acquisition_tags"
     return None
 
 
 def _tags_fit(rule: SequenceRule, acquisition: dict[str, float]) -> bool:
-    checks = [
-        ("RepetitionTime", rule.min_repetition_time, lambda value, bound: value >= bound),
-        ("RepetitionTime", rule.max_repetition_time, lambda value, bound: value <= bound),
-        ("EchoTime", rule.min_echo_time, lambda value, bound: value >= bound),
-        ("EchoTime", rule.max_echo_time, lambda value, bound: value <= bound),
-        ("InversionTime", rule.min_inversion_time, lambda value, bound: value >= bound),
-    ]
-    for keyword, bound, holds in checks:
-        if bound is not None and (keyword not in acquisition or not holds(acquisition[keyword], bound)):
-            return False
-    if rule.contrast is not None and bool(acquisition.get("contrast")) != rule.contrast:
-        return False
-    return any(key in acquisition for key in ("RepetitionTime", "EchoTime", "InversionTime"))
+    in_ranges = all(tag in acquisition and low <= acquisition[tag] <= high for tag, (low, high) in rule.tag_ranges.items())
+    contrast = bool(acquisition.get("contrast"))
+    return in_ranges and (rule.contrast == "any" or contrast == (rule.contrast == "with"))
 
 
 def _on_one_grid(assigned: list[tuple[str, RawSeries, str]], spec: VolumeInputSpec) -> DecodedVolume:

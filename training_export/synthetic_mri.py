@@ -13,7 +13,7 @@ sequence gets its own tissue contrasts, a random gain, a smooth multiplicative b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -113,12 +113,12 @@ def _tumour(rng: np.random.Generator, grid, shape, spacing, tissue: np.ndarray, 
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
     center = direction * rng.uniform(0.1, 0.55) * np.array([62.0, 80.0, 60.0])
-    core_radius = rng.uniform(8.0, 24.0)
+    core_radius = rng.uniform(7.0, 20.0)
     core = _ellipsoid_radius(grid, center, core_radius * rng.uniform(0.75, 1.25, 3), _rotation(rng, 90))
     core = core + 0.12 * smooth_field(rng, shape, spacing, 8.0)
-    oedema_reach = core_radius + rng.uniform(6.0, 28.0)
-    oedema = _ellipsoid_radius(grid, center, oedema_reach * rng.uniform(0.7, 1.3, 3), _rotation(rng, 90))
-    oedema = oedema + 0.25 * smooth_field(rng, shape, spacing, 10.0)
+    oedema_reach = core_radius + rng.uniform(4.0, 16.0)
+    oedema = _ellipsoid_radius(grid, center, oedema_reach * rng.uniform(0.8, 1.2, 3), _rotation(rng, 90))
+    oedema = oedema + 0.12 * smooth_field(rng, shape, spacing, 14.0)
     inside_brain = (brain_radius < 0.95) & (tissue != CSF)
     tissue[(oedema < 1.0) & inside_brain] = ED
     tissue[(core < 1.0) & (brain_radius < 0.97)] = ET
@@ -170,7 +170,7 @@ def dicom_series(
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     column_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
     pixels = np.clip(np.round(volume), -32768, 32767).astype(np.int16)
-    series_uid, now = generate_uid(), datetime.now(timezone.utc)
+    series_uid, now = generate_uid(), datetime.now(UTC)
     files = []
     for index in range(volume.shape[2]):
         dataset = _mr_slice_header(sequence, patient_id, study_uid, series_uid, frame_of_reference_uid, now)

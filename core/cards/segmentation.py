@@ -19,43 +19,38 @@ REGION_LABELS: dict[str, tuple[str, ...]] = {
 """BraTS evaluation regions: whole tumour, tumour core, enhancing tumour."""
 
 
+AcquisitionTag = Literal["RepetitionTime", "EchoTime", "InversionTime"]
+NO_UPPER_BOUND = 1e9
+
+
 class SequenceRule(BaseModel):
     """How a DICOM series or a file is recognised as one sequence.
 
     A series matches when its SeriesDescription / ProtocolName (or a file's name / NIfTI description) matches
-    `description_pattern` (case-insensitive regex search), or, failing a description match, when every given
-    acquisition-tag bound holds (times in ms; `contrast` checks ContrastBolusAgent).
+    `description_pattern` (case-insensitive regex search), or, failing every description, when each acquisition tag
+    in `tag_ranges` lies in its [low, high] range (ms) and the contrast agent condition holds.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     sequence: str
     description_pattern: str
-    min_repetition_time: float | None = None
-    max_repetition_time: float | None = None
-    min_echo_time: float | None = None
-    max_echo_time: float | None = None
-    min_inversion_time: float | None = None
-    contrast: bool | None = None
-
-    def has_tag_bounds(self) -> bool:
-        """Whether this rule can match on acquisition tags at all."""
-        bounds = (self.min_repetition_time, self.max_repetition_time, self.min_echo_time, self.max_echo_time,
-                  self.min_inversion_time, self.contrast)
-        return any(bound is not None for bound in bounds)
+    tag_ranges: dict[AcquisitionTag, tuple[float, float]] = Field(default_factory=dict)
+    contrast: Literal["any", "with", "without"] = "any"
 
 
 def default_sequence_rules() -> list[SequenceRule]:
     """Rules for the usual names and acquisition parameters of the four BraTS sequences, most specific first."""
     return [
-        SequenceRule(sequence="FLAIR", description_pattern=r"flair|\bdark[\s_-]?fluid", min_inversion_time=1500,
-                     min_repetition_time=4000),
-        SequenceRule(sequence="T1ce", description_pattern=r"t1[\s_-]*(ce|c\b|gd|post|\+\s*c|contrast|mprage.*post)|"
-                     r"(post|gad|gd)[\s_-]*(contrast|t1)", max_repetition_time=2500, max_echo_time=30, contrast=True),
+        SequenceRule(sequence="FLAIR", description_pattern=r"flair|dark[\s_-]?fluid",
+                     tag_ranges={"InversionTime": (1500, NO_UPPER_BOUND), "RepetitionTime": (4000, NO_UPPER_BOUND)}),
+        SequenceRule(sequence="T1ce", description_pattern=r"t1[\s_-]*(ce|c\b|gd|post|\+\s*c|contrast)|"
+                     r"(post|gad|gd)[\s_-]*(contrast|t1)", tag_ranges={"RepetitionTime": (0, 2500), "EchoTime": (0, 30)},
+                     contrast="with"),
         SequenceRule(sequence="T1", description_pattern=r"t1(?![\s_-]*(ce|c\b|gd|post|\+))|mprage|spgr",
-                     max_repetition_time=2500, max_echo_time=30, contrast=False),
-        SequenceRule(sequence="T2", description_pattern=r"t2(?![\s_-]*(flair|\*|star))", min_repetition_time=2000,
-                     min_echo_time=60),
+                     tag_ranges={"RepetitionTime": (0, 2500), "EchoTime": (0, 30)}, contrast="without"),
+        SequenceRule(sequence="T2", description_pattern=r"t2(?![\s_-]*(flair|\*|star))",
+                     tag_ranges={"RepetitionTime": (2000, NO_UPPER_BOUND), "EchoTime": (60, NO_UPPER_BOUND)}),
     ]
 
 
@@ -78,7 +73,7 @@ class VolumeInputSpec(BaseModel):
     modalities: list[str] = Field(default_factory=lambda: ["MR"], description="DICOM modalities accepted")
 
     @model_validator(mode="after")
-    def _sequences_consistent(self) -> "VolumeInputSpec":
+    def _sequences_consistent(self) -> VolumeInputSpec:
         if len(set(self.sequences)) != len(self.sequences):
             raise ValueError("sequences must be unique")
         unknown = (set(self.optional_sequences) | {rule.sequence for rule in self.sequence_rules}) - set(self.sequences)
@@ -121,7 +116,12 @@ class SegmentationArchitecture(BaseModel):
     factory: Literal["monai.SegResNet"] = "monai.SegResNet"
     kwargs: dict = Field(default_factory=dict)
     weights_file: str = "model.pt"
-    gradcam_layer: str = "conv_final"
+    gradcam_layer: str = Field(default="up_layers.1", description="decoder block the attention map is taken from")
+
+    def size_multiple(self) -> int:
+        """Whole-volume passes need sides divisible by this: SegResNet halves the resolution once per level after
+        the first (MONAI's default has four levels)."""
+        return 2 ** (len(self.kwargs.get("blocks_down", (1, 2, 2, 4))) - 1)
 
 
 class SegmentationCard(CardBase):
@@ -143,7 +143,7 @@ class SegmentationCard(CardBase):
     torch: SegmentationArchitecture | None = None
 
     @model_validator(mode="after")
-    def _labels_consistent(self) -> "SegmentationCard":
+    def _labels_consistent(self) -> SegmentationCard:
         channels = sorted(label.channel for label in self.labels)
         if channels != list(range(len(self.labels))):
             raise ValueError("label channels must be 0..n-1, each once")

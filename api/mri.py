@@ -1,0 +1,191 @@
+"""The MRI segmentation task body: uploads -> decoded volume -> model grid -> runner -> mask in the input's
+geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free;
+each step is reported to the task store, which also raises TaskCancelled between steps once cancel is requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from api.models import ModelSlot
+from api.shaping import elapsed_ms, response_metadata
+from core.cards.segmentation import SegmentationCard
+from core.schemas import (
+    MaskOutput,
+    MaskPreview,
+    MRISegmentationResponse,
+    SegmentationExplanation,
+    SegmentationResult,
+    SequenceSourceDescription,
+    VolumeDescription,
+)
+from core.settings import LimitSettings
+from core.tasks import TaskStore
+from core.volumes import DecodedVolume
+from postprocessing.masks import (
+    PostProcessingOptions,
+    clean_mask,
+    labels_from_probabilities,
+)
+from postprocessing.measurements import label_statistics, location_and_box, tumor_volume
+from postprocessing.outputs import (
+    LABEL_COLORS,
+    AxialSlice,
+    dicom_seg,
+    display_plane,
+    largest_tumour_slice,
+    mask_nifti_gz,
+    preview_png,
+    unit_grey,
+)
+from preprocessing.volumes import (
+    PreparedVolume,
+    decode_upload,
+    parse_sequence_types,
+    prepare_volume,
+    resample_to_grid,
+)
+from xai.regions import important_regions
+from xai.render import DEFAULT_COLORMAP, colorize, overlay, png_data_url
+
+GRAD_CAM = "grad_cam"
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SegmentationRequest:
+    """One segmentation request, as validated by the route."""
+
+    task_id: str
+    request_id: str
+    images: Sequence[Path]
+    sequence_type: str | list[str] | None
+    xai: bool
+    post_processing: PostProcessingOptions
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What the runner gave for a prepared volume: class probabilities and, on request, a Grad-CAM map (and the
+    layer it was taken at)."""
+
+    probabilities: np.ndarray
+    attention: np.ndarray | None = None
+    attention_layer: str | None = None
+
+
+async def segment_mri(
+    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, limits: LimitSettings
+) -> MRISegmentationResponse:
+    """Run one segmentation end to end and shape the response."""
+    started = time.perf_counter()
+    model = await slot.loaded()
+    card = model.card
+
+    def report(step: str) -> None:
+        tasks.report(request.task_id, step)
+
+    report("decoding")
+    sequence_types = parse_sequence_types(request.sequence_type, card.input)
+    uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
+    volume = await asyncio.to_thread(decode_upload, uploads, card.input, limits, sequence_types)
+    report("preprocessing")
+    prepared = await asyncio.to_thread(prepare_volume, volume, card.input, limits.max_volume_voxels)
+    report("inference")
+    probabilities = await slot.call("segment", prepared.tensor, request.task_id)
+    attention = None
+    layer = model.describe.get("gradcam_layer")
+    explainable = layer is not None
+    if request.xai and explainable:
+        report("explaining")
+        attention = await slot.call("explain", prepared.tensor, request.task_id)
+    report("postprocessing")
+    result, explanation = await asyncio.to_thread(
+        build_result, volume, prepared, ModelOutput(probabilities, attention, layer), card, request.post_processing,
+        model.tag, report,
+    )
+    warnings = [f"sequence {s} was not sent: the model ran with it zero-filled" for s in prepared.missing_sequences]
+    if volume.format == "dicom" and result.dicom_seg_base64 is None:
+        warnings.append("no tumour was found, so no DICOM SEG was written")
+    if request.xai and not explainable:
+        warnings.append("this model has no differentiable weights, so no Grad-CAM map was made")
+    described = await asyncio.to_thread(describe_volume, volume, prepared, uploads)
+    return MRISegmentationResponse(
+        request_id=request.request_id, task_id=request.task_id, model_id=slot.model_id, model_version=model.tag,
+        intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), warnings=warnings,
+        result=result, volume=described,
+        xai={GRAD_CAM: explanation} if explanation is not None else None, metadata=response_metadata(),
+    )
+
+
+def build_result(
+    volume: DecodedVolume, prepared: PreparedVolume, output: ModelOutput, card: SegmentationCard,
+    options: PostProcessingOptions, model_tag: str, report: Report,
+) -> tuple[SegmentationResult, SegmentationExplanation | None]:
+    """Mask in the input's geometry, cleaned and measured, with its files (and the Grad-CAM slice on request)."""
+    in_input = resample_to_grid(output.probabilities.astype(np.float32), prepared.affine, volume.affine, volume.shape,
+                                "bilinear")
+    labels = clean_mask(labels_from_probabilities(in_input, card.channel_values()), options)
+    statistics = label_statistics(labels, volume.affine, card)
+    located = location_and_box(labels, volume.affine)
+    report("writing_outputs")
+    reference = volume.data[volume.sequences.index(volume.reference_sequence)]
+    axial = largest_tumour_slice(reference, labels, volume.affine)
+    seg = None
+    if volume.format == "dicom" and located is not None:
+        seg = base64.b64encode(dicom_seg(labels, volume.source_of(volume.reference_sequence), card, model_tag)).decode()
+    result = SegmentationResult(
+        tumor_detected=located is not None, tumor_volume_ml=tumor_volume(statistics, card), label_statistics=statistics,
+        tumor_location=located[0] if located else None, bounding_box=located[1] if located else None,
+        mask=MaskOutput(
+            data_base64=base64.b64encode(mask_nifti_gz(labels, volume.affine)).decode(), shape=volume.shape,
+            affine=np.round(volume.affine, 6).tolist(), labels={label.name: label.value for label in card.labels},
+        ),
+        mask_preview=MaskPreview(
+            image_base64=preview_png(axial, card), axis=axial.axis, slice_index=axial.index,
+            colors={name: "#{:02x}{:02x}{:02x}".format(*color) for name, color in LABEL_COLORS.items()},
+        ),
+        dicom_seg_base64=seg, post_processing=options.model_dump(),
+    )
+    explanation = None
+    if output.attention is not None:
+        attention = resample_to_grid(output.attention[None], prepared.affine, volume.affine, volume.shape, "bilinear")[0]
+        explanation = explanation_on_slice(attention, volume.affine, axial, output.attention_layer)
+    return result, explanation
+
+
+def explanation_on_slice(
+    attention: np.ndarray, affine: np.ndarray, axial: AxialSlice, layer_name: str | None
+) -> SegmentationExplanation:
+    """The Grad-CAM map on the preview slice, as heatmap and overlay PNGs with its hottest regions."""
+    heatmap = np.clip(display_plane(attention, affine, axial.axis, axial.index), 0.0, 1.0)
+    return SegmentationExplanation(
+        method=GRAD_CAM, layer_name=layer_name, axis=axial.axis,
+        slice_index=axial.index, heatmap_base64=png_data_url(colorize(heatmap, DEFAULT_COLORMAP)),
+        overlay_base64=png_data_url(overlay(unit_grey(axial.image), heatmap, DEFAULT_COLORMAP)),
+        important_regions=important_regions(heatmap),
+    )
+
+
+def describe_volume(volume: DecodedVolume, prepared: PreparedVolume, uploads: Sequence[tuple[str, bytes]]) -> VolumeDescription:
+    """What the service understood the upload to be, with which series fed which sequence (no identifiers)."""
+    return VolumeDescription(
+        format=volume.format, shape=volume.shape, spacing_mm=tuple(round(s, 4) for s in volume.spacing),
+        affine=np.round(volume.affine, 6).tolist(), reference_sequence=volume.reference_sequence,
+        sequences=[
+            SequenceSourceDescription(sequence=s.sequence, format=s.format, matched_by=s.matched_by,
+                                      series_uid=s.series_uid, description=s.description, slices=s.slices,
+                                      transfer_syntax=s.transfer_syntax)
+            for s in volume.sources
+        ],
+        missing_sequences=list(prepared.missing_sequences),
+        sha256=[hashlib.sha256(data).hexdigest() for _, data in uploads],
+    )

@@ -1,0 +1,172 @@
+"""Task plumbing around BentoML's `@bentoml.task`: our durable task state, the design's polling and cancel routes,
+and keeping credentials and results of BentoML's own task store private.
+
+BentoML 1.4 runs a task as a background job of the worker that accepted `/submit` and stores it in SQLite
+(wiped at every start, kept with the whole request, cancel unsupported: notes G4-G7). The task body therefore
+records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation is
+cooperative through that store's flag.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from bentoml._internal.configuration.containers import BentoMLContainer
+from pydantic import BaseModel
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import STATUS_CODES, as_neuronova_error, error_response
+from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
+from core.tasks import TaskCancelled, TaskStore, task_store_path
+
+RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
+_BENTOML_STATUS = {"in_progress": "processing", "pending": "pending", "completed": "completed", "failed": "failed",
+                   "canceled": "cancelled"}
+
+
+class TaskCancelledError(NeuroNovaError):
+    """The body a cancelled task leaves in BentoML's store (its `get` answers 409 with this)."""
+
+    code, status = "TASK_CANCELLED", 409
+
+
+def configure_bentoml_result_store(data_dir: str | Path) -> Path:
+    """Point BentoML's task store (which keeps every request body) at a private folder, unless already set."""
+    folder = Path(data_dir).resolve() / "bentoml-tasks"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ.setdefault(RESULT_STORE_ENV, str(folder / "task_result.db"))
+    return Path(os.environ[RESULT_STORE_ENV])
+
+
+def current_task_id(ctx: Any) -> str:
+    """BentoML's id of the task being run (set on the request by its task runner), or a new id for a direct call."""
+    state = getattr(getattr(ctx, "request", None), "state", None)
+    return str(getattr(state, "task_id", None) or f"task_{uuid.uuid4().hex}")
+
+
+async def run_tracked(
+    tasks: TaskStore, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
+    ctx: Any = None,
+) -> BaseModel | JSONResponse:
+    """Run a task body with its state kept in `tasks`: completed with the response, failed with the SPEC error body,
+    or cancelled. Every exception becomes the SPEC error response, so BentoML stores it as a failed task.
+
+    With a `bentoml.Context` BentoML answers with `ctx.response.status_code`, so an error's status is set there too.
+    """
+    tasks.create(task_id, request_id, model_id)
+    try:
+        response = await work()
+    except Exception as exc:  # noqa: BLE001 - this is the mapping point for task bodies
+        if isinstance(exc, TaskCancelled) or tasks.cancel_requested(task_id):
+            return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
+        error = as_neuronova_error(exc)
+        tasks.fail(task_id, error)
+        return _error(error, ctx)
+    if tasks.cancel_requested(task_id):
+        return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
+    tasks.complete(task_id, response.model_dump(mode="json"))
+    return response
+
+
+def _error(error: NeuroNovaError, ctx: Any) -> JSONResponse:
+    if ctx is not None:
+        ctx.response.status_code = error.status
+    return error_response(error)
+
+
+def task_status(tasks: TaskStore, task_id: str) -> JSONResponse:
+    """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404."""
+    record = tasks.get(task_id)
+    if record is not None:
+        return JSONResponse(record.to_json())
+    fallback = _bentoml_task(task_id)
+    if fallback is None:
+        return error_response(NotFound("unknown or expired task id (task ids do not survive a restart of BentoML's "
+                                       "own store; resubmit)", {"task_id": task_id}))
+    return JSONResponse(fallback)
+
+
+def cancel_task(tasks: TaskStore, task_id: str) -> JSONResponse:
+    """Cancel an active task: its state turns `cancelled` now and its work stops at the next check."""
+    record = tasks.cancel(task_id)
+    if record is None:
+        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+    return JSONResponse(record.to_json())
+
+
+def bentoml_result_store_path() -> Path:
+    """The SQLite file BentoML's task endpoints use in this process."""
+    return Path(BentoMLContainer.result_store_file.get())
+
+
+def _bentoml_task(task_id: str) -> dict[str, Any] | None:
+    """A task that BentoML knows but our store does not: queued, or refused before its body ran (validation)."""
+    path = bentoml_result_store_path()
+    if not path.exists():
+        return None
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0) as connection:
+        row = connection.execute("SELECT status, result, created_at, completed_at FROM result WHERE task_id = ?",
+                                 (task_id,)).fetchone()
+    if row is None:
+        return None
+    status = _BENTOML_STATUS.get(row[0], "processing")
+    error = _stored_error(row[1]) if status == "failed" else None
+    return {
+        "task_id": task_id, "status": status, "progress": 100 if status in ("completed", "failed") else 0,
+        "current_step": "queued" if status in ("pending", "processing") else status,
+        "estimated_remaining_seconds": None, "created_at": str(row[2]) if row[2] else None,
+        "completed_at": str(row[3]) if status == "completed" and row[3] else None,
+        "failed_at": str(row[3]) if status == "failed" and row[3] else None, "cancelled_at": None,
+        "result": None, "error": error,
+    }
+
+
+def _stored_error(serialized: bytes | str | None) -> dict[str, Any]:
+    """The SPEC error of a response BentoML stored for a failed task (its own body shapes are normalised)."""
+    try:
+        response = json.loads(serialized or "{}")
+        status = int(response.get("status", 500))
+        body = json.loads(base64.b64decode(response.get("content", "")) or b"{}")
+    except (ValueError, TypeError):
+        return error_body("INTERNAL_SERVER_ERROR", "the task failed")["error"]
+    if isinstance(body, dict) and body.get("success") is False and isinstance(body.get("error"), dict):
+        return body["error"]
+    payload = body[0] if isinstance(body, list) and body else body
+    message = str(payload.get("error") or "the task failed") if isinstance(payload, dict) else "the task failed"
+    details = {"errors": payload["detail"]} if isinstance(payload, dict) and isinstance(payload.get("detail"), list) else {}
+    return error_body(STATUS_CODES.get(status, "INTERNAL_SERVER_ERROR"), message, details)["error"]
+
+
+class TaskRoutesMiddleware:
+    """Our side of BentoML's task routes, inside the JWT middleware:
+
+    - `POST <route>/submit`: the Authorization header is dropped after authentication, so BentoML's task store
+      (which keeps each request with its headers for 24 h) never holds a bearer token;
+    - `PUT <route>/cancel?task_id=`: cancels through our task store, so the work really stops (BentoML's own
+      handler answers 400 and lets the job run on); the answer is the design's task status body.
+    """
+
+    def __init__(self, app: ASGIApp, task_routes: tuple[str, ...], data_dir: str | Path) -> None:
+        self.app = app
+        self.submit_paths = frozenset(f"{route}/submit" for route in task_routes)
+        self.cancel_paths = frozenset(f"{route}/cancel" for route in task_routes)
+        self.tasks = TaskStore(task_store_path(data_dir))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.cancel_paths and scope["method"] == "PUT":
+            task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
+            response = cancel_task(self.tasks, task_id) if task_id else error_response(InvalidRequest("task_id is required"))
+            await response(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope["path"] in self.submit_paths:
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
+        await self.app(scope, receive, send)

@@ -1,0 +1,200 @@
+"""Our durable state of long-running tasks (MRI segmentation): status, progress, step, result or error, cancel flag.
+
+One SQLite file (WAL) under `settings.data_dir`, shared by the API workers that run task bodies and the runner
+processes that do the inference: the runner reports progress into it and checks the cancel flag between window
+batches, so cancelling really stops the work. Unlike BentoML's own task store, this one survives a restart;
+a task whose worker died is reported failed when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from core.errors import NeuroNovaError, error_body
+
+TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
+ACTIVE: tuple[TaskStatus, ...] = ("pending", "processing")
+RETENTION_SECONDS = 24 * 3600
+STEP_PROGRESS: dict[str, int] = {
+    "queued": 0, "decoding": 5, "preprocessing": 15, "inference": 25, "explaining": 85, "postprocessing": 88,
+    "writing_outputs": 94, "completed": 100,
+}
+"""Progress (0-100) when each step starts; inference fills 25-85 window batch by window batch."""
+INFERENCE_PROGRESS_END = 85
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    request_id TEXT,
+    model_id TEXT,
+    status TEXT NOT NULL,
+    progress INTEGER NOT NULL DEFAULT 0,
+    current_step TEXT NOT NULL DEFAULT 'queued',
+    estimated_remaining_seconds REAL,
+    owner_pid INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    result TEXT,
+    error TEXT
+)
+"""
+
+
+class TaskCancelled(Exception):
+    """Raised inside a task (API body or runner) once its cancel flag is seen; the work stops there."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    request_id: str | None
+    model_id: str | None
+    status: TaskStatus
+    progress: int
+    current_step: str
+    estimated_remaining_seconds: float | None
+    cancel_requested: bool
+    created_at: float
+    finished_at: float | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The original design's polling body (`TaskStatusResponse` fields)."""
+        finished = _iso(self.finished_at)
+        return {
+            "task_id": self.task_id, "status": self.status, "progress": self.progress,
+            "current_step": self.current_step, "estimated_remaining_seconds": self.estimated_remaining_seconds,
+            "created_at": _iso(self.created_at),
+            "completed_at": finished if self.status == "completed" else None,
+            "failed_at": finished if self.status == "failed" else None,
+            "cancelled_at": finished if self.status == "cancelled" else None,
+            "result": self.result, "error": self.error,
+        }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class TaskStore:
+    """Task rows in one SQLite file; every method opens its own short connection (safe across processes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            with connection:
+                yield connection
+        finally:
+            connection.close()
+
+    def create(self, task_id: str, request_id: str | None, model_id: str) -> None:
+        """Register a task as pending (owned by this process); purges finished rows past retention."""
+        now = time.time()
+        with self._connect() as connection:
+            connection.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
+                               (now - RETENTION_SECONDS,))
+            connection.execute(
+                "INSERT OR IGNORE INTO tasks (task_id, request_id, model_id, status, owner_pid, created_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)", (task_id, request_id, model_id, os.getpid(), now),
+            )
+
+    def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None:
+        """Enter `step` (progress defaults to the step's start); raises TaskCancelled if cancel was requested."""
+        value = STEP_PROGRESS.get(step, 0) if progress is None else progress
+        with self._connect() as connection:
+            connection.execute(
+                "UPDATE tasks SET status = 'processing', current_step = ?, progress = MAX(progress, ?), "
+                "estimated_remaining_seconds = ? WHERE task_id = ? AND status IN ('pending', 'processing')",
+                (step, min(int(value), 99), eta_seconds, task_id),
+            )
+        self.raise_if_cancelled(task_id)
+
+    def raise_if_cancelled(self, task_id: str) -> None:
+        if self.cancel_requested(task_id):
+            raise TaskCancelled(task_id)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self._connect() as connection:
+            row = connection.execute("SELECT cancel_requested FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return bool(row and row[0])
+
+    def complete(self, task_id: str, result: dict[str, Any]) -> None:
+        self._finish(task_id, "completed", result=result)
+
+    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> None:
+        body = error.to_body() if isinstance(error, NeuroNovaError) else error
+        self._finish(task_id, "failed", error=body["error"])
+
+    def _finish(self, task_id: str, status: TaskStatus, result: dict | None = None, error: dict | None = None) -> None:
+        with self._connect() as connection:
+            connection.execute(
+                "UPDATE tasks SET status = ?, progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END, "
+                "current_step = ?, estimated_remaining_seconds = 0, finished_at = ?, result = ?, error = ? "
+                "WHERE task_id = ? AND status IN ('pending', 'processing')",
+                (status, status, status, time.time(), json.dumps(result) if result is not None else None,
+                 json.dumps(error) if error is not None else None, task_id),
+            )
+
+    def cancel(self, task_id: str) -> TaskRecord | None:
+        """Set the cancel flag and mark an active task cancelled at once (its work stops at the next check)."""
+        with self._connect() as connection:
+            connection.execute(
+                "UPDATE tasks SET cancel_requested = 1, status = 'cancelled', current_step = 'cancelled', "
+                "estimated_remaining_seconds = 0, finished_at = ? WHERE task_id = ? AND status IN ('pending', 'processing')",
+                (time.time(), task_id),
+            )
+        return self.get(task_id)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The task, or None; an active task whose worker process is gone is failed first."""
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT task_id, request_id, model_id, status, progress, current_step, estimated_remaining_seconds, "
+                "cancel_requested, created_at, finished_at, result, error, owner_pid FROM tasks WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        if row[3] in ACTIVE and not _pid_alive(row[12]):
+            self.fail(task_id, error_body("INTERNAL_SERVER_ERROR", "the server stopped while this task ran; submit it again"))
+            return self.get(task_id)
+        return TaskRecord(
+            task_id=row[0], request_id=row[1], model_id=row[2], status=row[3], progress=row[4], current_step=row[5],
+            estimated_remaining_seconds=row[6], cancel_requested=bool(row[7]), created_at=row[8], finished_at=row[9],
+            result=json.loads(row[10]) if row[10] else None, error=json.loads(row[11]) if row[11] else None,
+        )
+
+
+def task_store_path(data_dir: str | Path) -> Path:
+    """Where the task store lives under the settings' data directory (a private folder)."""
+    return Path(data_dir) / "tasks" / "tasks.sqlite"

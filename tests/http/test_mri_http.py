@@ -1,0 +1,103 @@
+"""MRI segmentation over HTTP against the real served process (runner in its own process): a BraTS-size case with
+BentoML's client, a DICOM series zip with a SEG, cross-process cancel, hostile archives."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import io
+import time
+
+import bentoml
+import httpx
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from tests.unit.mri.mri_inputs import (
+    case_dicom_files,
+    four_d_nifti,
+    patch_central_directory,
+    zip_bytes,
+)
+from training_export.synthetic_mri import synthetic_case
+from training_export.train_mri import dice
+
+ROUTE = "/predict/mri_segmentation"
+TASK_DEADLINE_S = 240
+
+
+def wait_for(http: httpx.Client, task_id: str, done: set[str]) -> dict:
+    deadline = time.monotonic() + TASK_DEADLINE_S
+    while (polled := http.get(f"/task/{task_id}").json())["status"] not in done:
+        assert time.monotonic() < deadline, polled
+        time.sleep(0.1)
+    return polled
+
+
+@pytest.mark.slow
+def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tmp_path) -> None:
+    case = synthetic_case(11, (240, 240, 155), (1.0, 1.0, 1.0))
+    path = tmp_path / "brats_case.nii.gz"
+    nib.save(nib.Nifti1Image(np.moveaxis(case.volume.data, 0, -1).astype(np.int16), case.volume.affine), path)
+    token = auth_headers["Authorization"].removeprefix("Bearer ")
+
+    async def submit_poll_get() -> tuple[dict, float, list[int]]:
+        async with bentoml.AsyncHTTPClient(server_url, token=token, timeout=TASK_DEADLINE_S) as client:
+            started = time.perf_counter()
+            task = await client.predict_mri_segmentation.submit(image=[path], patient_id="P000042", xai=False)
+            progress = []
+            while (await task.get_status()).value == "in_progress":
+                progress.append(http.get(f"/task/{task.id}").json()["progress"])
+                await asyncio.sleep(0.2)
+            return await task.get(), time.perf_counter() - started, progress
+
+    body, seconds, progress = asyncio.run(submit_poll_get())
+    assert seconds < 90, f"BraTS-size task took {seconds:.1f} s"
+    assert progress == sorted(progress)
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(body["result"]["mask"]["data_base64"])))
+    np.testing.assert_allclose(mask.affine, case.volume.affine, atol=1e-5)
+    labels = np.asarray(mask.dataobj)
+    assert labels.shape == (240, 240, 155) and dice(labels > 0, case.labels > 0) > 0.7
+    assert body["result"]["tumor_volume_ml"]["total"] == pytest.approx((labels > 0).sum() / 1000, abs=1e-3)
+
+
+def test_dicom_series_zip_with_seg_and_cancel_across_processes(http) -> None:
+    case = synthetic_case(12, (128, 128, 80), (1.8, 1.8, 2.0))
+    files = case_dicom_files(case)
+    archive = zip_bytes({f"{s}/{i:03d}.dcm": data for s, series in files.items() for i, data in enumerate(series)})
+    task_id = http.post(f"{ROUTE}/submit", files={"image": ("study.zip", archive)},
+                        data={"patient_id": "P000043"}).json()["task_id"]
+    polled = wait_for(http, task_id, {"completed", "failed"})
+    assert polled["status"] == "completed", polled
+    body = http.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
+    assert seg.Modality == "SEG" and seg.SeriesDescription == "NeuroNova tumour segmentation (AI, demo)"
+
+    task_id = http.post(f"{ROUTE}/submit", files={"image": ("case.nii.gz", four_d_nifti(case, compressed=True))},
+                        data={"patient_id": "P000044", "xai": "true"}).json()["task_id"]
+    wait_for(http, task_id, {"processing", "completed", "failed"})
+    deadline = time.monotonic() + TASK_DEADLINE_S
+    while http.get(f"/task/{task_id}").json()["current_step"] not in ("inference", "completed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    cancelled = http.delete(f"/task/{task_id}").json()
+    assert cancelled["status"] == "cancelled"
+    deadline = time.monotonic() + TASK_DEADLINE_S
+    while http.get(f"{ROUTE}/status", params={"task_id": task_id}).json()["status"] == "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stored = http.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert stored.status_code == 409 and stored.json()["error"]["code"] == "TASK_CANCELLED"
+    assert http.get(f"/task/{task_id}").json()["progress"] < 85
+
+
+def test_hostile_archives_are_refused(http) -> None:
+    bomb = patch_central_directory(zip_bytes({"bomb.dcm": b"\0" * 1_000_000}), 24, "<I", 0xFFFFFFF0)
+    for archive, code in ((zip_bytes({"../../escape.dcm": b"x"}), "INVALID_REQUEST"), (bomb, "IMAGE_TOO_LARGE")):
+        task_id = http.post(f"{ROUTE}/submit", files={"image": ("x.zip", archive)},
+                            data={"patient_id": "P000045"}).json()["task_id"]
+        polled = wait_for(http, task_id, {"failed", "completed"})
+        assert polled["status"] == "failed" and polled["error"]["code"] == code

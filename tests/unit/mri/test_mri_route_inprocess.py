@@ -1,0 +1,222 @@
+"""The MRI task route in-process (Starlette TestClient over NeuroNova's ASGI app, runners in the same process):
+submit/status/get, the design's /task routes, NIfTI == DICOM series, overlay, volumes, SEG, cancel, errors."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import jwt
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from tests.unit.mri.mri_inputs import case_dicom_files, four_d_nifti, zip_bytes
+from training_export.synthetic_mri import synthetic_case
+from training_export.train_mri import dice
+
+SECRET = "inprocess-secret-0123456789-abcdefghij"
+ROUTE = "/predict/mri_segmentation"
+
+
+@pytest.fixture(scope="module")
+def client(mri_model_tag, demo_models, tmp_path_factory):
+    os.environ["NEURONOVA_AUTH__SECRET"] = SECRET
+    os.environ.setdefault("BENTOML_RESULT_STORE", str(tmp_path_factory.mktemp("tasks") / "tasks.db"))
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    from _bentoml_impl.tasks import Sqlite3Store
+    from starlette.testclient import TestClient
+
+    from api.tasks import bentoml_result_store_path
+    from service import NeuroNova
+
+    Sqlite3Store.init_db(str(bentoml_result_store_path()))
+    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    with TestClient(NeuroNova.to_asgi(), headers={"Authorization": f"Bearer {token}"}) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def case():
+    return synthetic_case(424_242, (96, 96, 64), (2.0, 2.0, 2.0))
+
+
+def submit(client, files, **data) -> str:
+    response = client.post(f"{ROUTE}/submit", files=files, data={"patient_id": "P123456", **data})
+    assert response.status_code == 200, response.text
+    return response.json()["task_id"]
+
+
+def mask_of(body: dict) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(body["result"]["mask"]["data_base64"])))
+
+
+@pytest.fixture(scope="module")
+def nifti_run(client, case):
+    task_id = submit(client, [("image", ("case.nii.gz", four_d_nifti(case, compressed=True)))],
+                     request_id="req-nifti", xai="true", post_processing=json.dumps({"min_area_pixels": 50}))
+    return task_id, client.get(f"{ROUTE}/get", params={"task_id": task_id})
+
+
+def test_nifti_case_end_to_end(client, case, nifti_run, mri_model_tag) -> None:
+    task_id, response = nifti_run
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] and body["task_id"] == task_id and body["request_id"] == "req-nifti"
+    assert body["model_version"] == mri_model_tag and body["intended_use"] == "demo, not for clinical use"
+    assert client.get(f"{ROUTE}/status", params={"task_id": task_id}).json()["status"] == "completed"
+    result = body["result"]
+    mask = mask_of(body)
+    np.testing.assert_allclose(mask.affine, case.volume.affine, atol=1e-5)  # it overlays the input
+    labels = np.asarray(mask.dataobj)
+    assert labels.shape == case.volume.shape and set(np.unique(labels)) <= {0, 1, 2, 4}
+    assert result["tumor_detected"] and dice(labels > 0, case.labels > 0) > 0.7
+    voxel_ml = 2.0 * 2.0 * 2.0 / 1000
+    for stats in result["label_statistics"]:
+        assert stats["voxel_count"] == int((labels == stats["value"]).sum())
+        assert stats["volume_ml"] == pytest.approx(stats["voxel_count"] * voxel_ml, abs=1e-4)
+    assert result["tumor_volume_ml"]["total"] == pytest.approx((labels > 0).sum() * voxel_ml, abs=1e-3)
+    location = result["tumor_location"]
+    centroid = np.argwhere(labels > 0).mean(axis=0)
+    np.testing.assert_allclose([location["centroid_x"], location["centroid_y"], location["centroid_z"]], centroid, atol=1e-2)
+    assert result["bounding_box"]["max_z"] >= location["centroid_z"] >= result["bounding_box"]["min_z"]
+    assert result["mask_preview"]["image_base64"].startswith("data:image/png;base64,")
+    assert result["dicom_seg_base64"] is None and result["post_processing"]["min_area_pixels"] == 50
+    assert body["volume"]["format"] == "nifti" and body["volume"]["missing_sequences"] == []
+    assert [s["matched_by"] for s in body["volume"]["sequences"]] == ["volume_order"] * 4
+    assert body["xai"]["grad_cam"]["heatmap_base64"].startswith("data:image/png;base64,")
+    polled = client.get(f"/task/{task_id}").json()
+    assert polled["status"] == "completed" and polled["progress"] == 100 and polled["completed_at"]
+    assert polled["result"]["result"]["tumor_detected"] is True
+    assert client.get(f"/predict/task_status/{task_id}").json()["status"] == "completed"
+
+
+def test_dicom_series_zip_gives_the_same_mask_and_a_seg(client, case, nifti_run) -> None:
+    files = case_dicom_files(case)
+    members = {f"{sequence}/{i:03d}.dcm": data for sequence, series in files.items() for i, data in enumerate(series)}
+    task_id = submit(client, [("image", ("study.zip", zip_bytes(members)))])
+    body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    nifti_labels = np.asarray(mask_of(nifti_run[1].json()).dataobj)
+    dicom_mask = mask_of(body)
+    np.testing.assert_allclose(dicom_mask.affine, case.volume.affine, atol=1e-4)
+    assert np.mean(np.asarray(dicom_mask.dataobj) == nifti_labels) > 0.9999
+    seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
+    assert seg.Modality == "SEG" and seg.PatientName == "" and seg.PatientID == "P0001"
+    reference = body["volume"]["reference_sequence"]
+    uid = next(s["series_uid"] for s in body["volume"]["sequences"] if s["sequence"] == reference)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+
+
+def test_one_file_per_sequence_with_sequence_type(client, case) -> None:
+    from tests.unit.mri.mri_inputs import nifti_bytes
+
+    parts = [("image", (f"{i}.nii", nifti_bytes(case.volume.data[i], case.volume.affine))) for i in (3, 1)]
+    task_id = submit(client, parts, sequence_type="FLAIR,T1ce")
+    body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    assert body["volume"]["missing_sequences"] == ["T1", "T2"] and len(body["warnings"]) == 2
+
+
+def test_credentials_are_not_kept_in_bentomls_task_store(client, nifti_run) -> None:
+    from api.tasks import bentoml_result_store_path
+
+    with sqlite3.connect(bentoml_result_store_path()) as connection:
+        stored = connection.execute("SELECT input FROM result WHERE task_id = ?", (nifti_run[0],)).fetchone()[0]
+    assert b"authorization" not in stored.lower() if isinstance(stored, bytes) else "authorization" not in stored.lower()
+
+
+def test_cancel_stops_a_running_task(client, case) -> None:
+    from core.settings import get_settings
+    from core.tasks import STEP_PROGRESS, TaskStore, task_store_path
+
+    tasks = TaskStore(task_store_path(get_settings().data_dir))
+    outcome = {}
+
+    def run() -> None:
+        outcome["task_id"] = submit(client, [("image", ("case.nii", four_d_nifti(case)))], request_id="req-cancel",
+                                    xai="true")
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline, task_id = time.monotonic() + 60, None
+    while task_id is None and time.monotonic() < deadline:
+        with sqlite3.connect(tasks.path) as connection:
+            row = connection.execute("SELECT task_id FROM tasks WHERE request_id = 'req-cancel' AND "
+                                     "current_step = 'inference'").fetchone()
+        task_id = row[0] if row else time.sleep(0.01)
+    cancelled = client.put(f"{ROUTE}/cancel", params={"task_id": task_id}).json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"]
+    worker.join(60)
+    assert outcome["task_id"] == task_id
+    record = tasks.get(task_id)
+    assert record.status == "cancelled" and record.result is None
+    assert record.progress < STEP_PROGRESS["explaining"]  # stopped before Grad-CAM and post-processing
+    stored = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert stored.status_code == 409 and stored.json()["error"]["code"] == "TASK_CANCELLED", stored.text[:500]
+
+
+def test_failures_carry_the_error_schema(client) -> None:
+    task_id = submit(client, [("image", ("x.nii", b"not an image at all"))])
+    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_IMAGE_FORMAT"
+    polled = client.get(f"/task/{task_id}").json()
+    assert polled["status"] == "failed" and polled["error"]["code"] == "INVALID_IMAGE_FORMAT" and polled["failed_at"]
+    traversal = submit(client, [("image", ("evil.zip", zip_bytes({"../../etc/x.dcm": b"x"})))])
+    assert client.get(f"/task/{traversal}").json()["error"]["code"] == "INVALID_REQUEST"
+    invalid = client.post(f"{ROUTE}/submit", files=[("image", ("x.nii", b"x"))], data={"patient_id": "John Doe"})
+    polled = client.get(f"/task/{invalid.json()['task_id']}").json()
+    assert polled["status"] == "failed" and polled["error"]["code"] == "INVALID_REQUEST"
+    missing = client.get("/task/no-such-task")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
+    assert client.delete("/task/no-such-task").status_code == 404
+
+
+def test_model_info_lists_the_segmenter(client) -> None:
+    models = {m["model_id"]: m for m in client.get("/model_info").json()["models"]}
+    mri = models["mri_segmentation"]
+    assert mri["type"] == "segmentation" and mri["xai_supported"] == ["grad_cam"]
+    assert {"dice_wt", "dice_tc", "dice_et"} <= set(mri["metrics"])
+    assert client.get("/health").json()["models"]["mri_segmentation"]["loaded"] is True
+
+
+@pytest.mark.parametrize("files, sequence_type", [
+    ([("anatomical.nii", "nibabel")], "T1"),
+    ([("example4d.nii.gz", "nibabel")], "T2,FLAIR"),
+    ([("0.dcm", "nibabel"), ("1.dcm", "nibabel")], "FLAIR"),
+    ([("MR_small.dcm", "pydicom")], None),
+    ([("MR_small_jp2klossless.dcm", "pydicom")], "T2"),
+])
+def test_real_files_run_without_error(client, files, sequence_type) -> None:
+    from pydicom.data import get_testdata_file
+
+    from tests.unit.mri.mri_inputs import NIBABEL_DATA
+
+    parts = [("image", (name, (NIBABEL_DATA / name).read_bytes() if source == "nibabel"
+                        else Path(get_testdata_file(name)).read_bytes())) for name, source in files]
+    task_id = submit(client, parts, **({"sequence_type": sequence_type} if sequence_type else {}))
+    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["result"]["mask"]["shape"] == body["volume"]["shape"]
+    assert body["result"]["mask_preview"]["image_base64"].startswith("data:image/png")
+
+
+def test_dicom_without_tumour_has_no_seg_and_says_so(client) -> None:
+    from training_export.synthetic_mri import dicom_series
+
+    blank = dicom_series(np.zeros((32, 32, 4)), np.diag([3.0, 3.0, 3.0, 1.0]), "FLAIR", patient_id="P1",
+                         study_uid="1.2.3", frame_of_reference_uid="1.2.4")
+    task_id = submit(client, [("image", (f"{i}.dcm", data)) for i, data in enumerate(blank)])
+    body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    assert body["result"]["tumor_detected"] is False and body["result"]["dicom_seg_base64"] is None
+    assert body["result"]["tumor_location"] is None and body["result"]["tumor_volume_ml"]["total"] == 0.0
+    assert "no tumour was found, so no DICOM SEG was written" in body["warnings"]
