@@ -76,8 +76,7 @@ class CTClassifier:
     model_ref = bentoml.models.BentoModel(settings.ct.model_tag)
 
     def __init__(self) -> None:
-        self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, self.model_ref, load_classifier, lambda m: m.tag)
-        self._timing = [0.0, 0]
+        self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, self.model_ref, load_classifier)
 
     @bentoml.api(batchable=True, max_batch_size=settings.ct_max_batch_size, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -86,8 +85,7 @@ class CTClassifier:
         started = time.perf_counter()
         model, generation = self.served.get()
         probabilities = model.predict(batch)
-        self._timing[0] += (time.perf_counter() - started) * 1000.0
-        self._timing[1] += len(batch)
+        self.served.record_timing(started, len(batch))
         return np.concatenate([probabilities, np.full((len(batch), 1), generation, np.float32)], axis=1)
 
     @bentoml.api(batchable=True, max_batch_size=min(16, settings.ct_max_batch_size), max_latency_ms=settings.batch_max_latency_ms)
@@ -98,18 +96,4 @@ class CTClassifier:
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
-        model, generation = self.served.current, self.served.generation
-        if model is None:
-            return {"loaded": False, "error": self.served.load_error, "tag": settings.ct.model_tag}
-        total_ms, count = self._timing
-        return {
-            "loaded": True,
-            "tag": model.tag,
-            "generation": generation,
-            "card": model.card.model_dump(mode="json"),
-            "engine": model.engine.name,
-            "loaded_at": model.loaded_at,
-            "gradcam_layer": model.explainer.layer_name if model.explainer else None,
-            "avg_inference_time_ms_per_image": round(total_ms / count, 3) if count else None,
-            "last_error": self.served.load_error,
-        }
+        return self.served.describe()

@@ -23,7 +23,7 @@ from monai.inferers import SlidingWindowInferer
 from core import store
 from core.cards.segmentation import SegmentationCard
 from core.errors import ModelNotLoaded
-from core.segmentation_network import load_segmenter
+from core.networks import load_module
 from core.settings import get_settings
 from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, TaskStore, task_store_path
 from runners.common import RUNNER_CONNECTION, cuda_available, onnx_session
@@ -127,7 +127,7 @@ class LoadedSegmenter:
 def select_segmentation_engine(model: bentoml.Model, card: SegmentationCard) -> SegmentationEngine:
     """torch on CUDA with fp16 autocast when torch sees a GPU and the card has torch weights; ONNX Runtime otherwise."""
     if card.torch is not None and cuda_available():
-        return torch_cuda_predictor(load_segmenter(card.torch, model.path_of(card.torch.weights_file)))
+        return torch_cuda_predictor(load_module(card.torch, model.path_of(card.torch.weights_file)))
     return onnx_predictor(model.path_of(card.model_file))
 
 
@@ -138,7 +138,7 @@ def load_segmenter_model(model: bentoml.Model) -> LoadedSegmenter:
     explainer = None
     if card.torch is not None:
         tumour_channels = [label.channel for label in card.tumor_labels()]
-        explainer = SegmentationGradCam(load_segmenter(card.torch, model.path_of(card.torch.weights_file)),
+        explainer = SegmentationGradCam(load_module(card.torch, model.path_of(card.torch.weights_file)),
                                         card.torch.gradcam_layer, tumour_channels, engine.device, card.torch.size_multiple())
     loaded = LoadedSegmenter(tag=str(model.tag), card=card, engine=engine, explainer=explainer)
     loaded.segment(np.zeros((len(card.input.sequences), *card.inference.roi_size), np.float32), lambda *_: None)
@@ -159,10 +159,8 @@ class MRISegmenter:
     model_ref = bentoml.models.BentoModel(settings.mri.model_tag)
 
     def __init__(self) -> None:
-        self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, self.model_ref, load_segmenter_model,
-                                      lambda m: m.tag)
+        self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, self.model_ref, load_segmenter_model)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
-        self._timing = [0.0, 0]
 
     def _progress_hook(self, task_id: str) -> ProgressHook:
         """Report inference progress and stop on cancel, between window batches (no-op without a task)."""
@@ -180,8 +178,7 @@ class MRISegmenter:
         """(C, X, Y, Z) prepared volume -> (K, X, Y, Z) float16 class probabilities (card label channel order)."""
         started = time.perf_counter()
         probabilities = self.served.get()[0].segment(volume, self._progress_hook(task_id))
-        self._timing[0] += (time.perf_counter() - started) * 1000.0
-        self._timing[1] += 1
+        self.served.record_timing(started, 1)
         return probabilities
 
     @bentoml.api
@@ -194,18 +191,4 @@ class MRISegmenter:
     @bentoml.api
     def describe(self) -> dict[str, Any]:
         """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
-        model, generation = self.served.current, self.served.generation
-        if model is None:
-            return {"loaded": False, "error": self.served.load_error, "tag": settings.mri.model_tag}
-        total_ms, count = self._timing
-        return {
-            "loaded": True,
-            "tag": model.tag,
-            "generation": generation,
-            "card": model.card.model_dump(mode="json"),
-            "engine": model.engine.name,
-            "loaded_at": model.loaded_at,
-            "gradcam_layer": model.explainer.layer_name if model.explainer else None,
-            "avg_inference_time_ms_per_image": round(total_ms / count, 3) if count else None,
-            "last_error": self.served.load_error,
-        }
+        return self.served.describe()

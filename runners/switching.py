@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import bentoml
 
@@ -14,8 +14,18 @@ from core import active_models, store
 from core.errors import ModelNotLoaded
 
 log = logging.getLogger(__name__)
-M = TypeVar("M")
 WATCH_INTERVAL_S = 1.0
+
+
+class ServedModel(Protocol):
+    """What a runner's loaded model exposes for `describe`."""
+
+    tag: str
+    card: Any
+    loaded_at: str
+
+
+M = TypeVar("M", bound=ServedModel)
 
 
 class SwitchableModel(Generic[M]):
@@ -27,12 +37,13 @@ class SwitchableModel(Generic[M]):
     """
 
     def __init__(self, model_id: str, default_tag: str, default_ref: bentoml.models.BentoModel,
-                 loader: Callable[[bentoml.Model], M], tag_of: Callable[[M], str]) -> None:
+                 loader: Callable[[bentoml.Model], M]) -> None:
         self.model_id = model_id
         self.default_tag = default_tag
         self.default_ref = default_ref
         self.loader = loader
-        self.tag_of = tag_of
+        self._timing_ms = 0.0
+        self._timed_items = 0
         self.current: M | None = None
         self.generation = 0
         self.load_error: str | None = None
@@ -57,7 +68,7 @@ class SwitchableModel(Generic[M]):
             return
         self.current, self.load_error = loaded, None
         self.generation += 1
-        log.info("%s model %s loaded (generation %d)", self.model_id, self.tag_of(loaded), self.generation)
+        log.info("%s model %s loaded (generation %d)", self.model_id, loaded.tag, self.generation)
 
     def _watch(self) -> None:
         while True:
@@ -75,5 +86,28 @@ class SwitchableModel(Generic[M]):
         except ModelNotLoaded as exc:
             self.load_error = exc.message
             return
-        if self.current is None or resolved != self.tag_of(self.current):
+        if self.current is None or resolved != self.current.tag:
             self._load(resolved)
+
+    def record_timing(self, started: float, items: int) -> None:
+        """Add one model call (from a `time.perf_counter()` reading) to the live average."""
+        self._timing_ms += (time.perf_counter() - started) * 1000.0
+        self._timed_items += items
+
+    def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine, Grad-CAM layer and live timing of the served model, or why none is."""
+        current, generation = self.current, self.generation
+        if current is None:
+            return {"loaded": False, "error": self.load_error, "tag": self.default_tag}
+        explainer = getattr(current, "explainer", None)
+        return {
+            "loaded": True,
+            "tag": current.tag,
+            "generation": generation,
+            "card": current.card.model_dump(mode="json"),
+            "engine": current.engine.name,
+            "loaded_at": current.loaded_at,
+            "gradcam_layer": explainer.layer_name if explainer is not None else None,
+            "avg_inference_time_ms_per_image": round(self._timing_ms / self._timed_items, 3) if self._timed_items else None,
+            "last_error": self.load_error,
+        }

@@ -28,7 +28,7 @@ from core.cards.segmentation import (
     SlidingWindowSpec,
     VolumeInputSpec,
 )
-from core.segmentation_network import build_segmenter
+from core.networks import build_module
 from preprocessing.volumes import prepare_labels, prepare_volume
 from training_export.onnx_export import check_parity, export_onnx
 from training_export.synthetic_mri import synthetic_case
@@ -143,7 +143,7 @@ def train_segmenter(cases: list[PreparedCase], config: TrainingConfig, seed: int
     """AdamW + one-cycle LR on Dice + cross-entropy over random crops; returns the module in eval mode."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_segmenter(SegmentationArchitecture(kwargs=SEGRESNET_KWARGS))
+    model = build_module(SegmentationArchitecture(kwargs=SEGRESNET_KWARGS))
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.learning_rate, total_steps=config.steps)

@@ -10,7 +10,7 @@ import torch
 from core import store
 from core.cards.base import DEMO_INTENDED_USE
 from core.cards.segmentation import SegmentationCard
-from core.segmentation_network import load_segmenter
+from core.networks import load_module
 from training_export import train_mri
 from training_export.onnx_export import onnx_cpu_session
 
@@ -52,7 +52,7 @@ def test_quick_train_and_save_stores_a_servable_explainable_model(quick_tag) -> 
     assert card.intended_use == DEMO_INTENDED_USE and card.provenance.synthetic_data
     assert {"dice_wt", "dice_tc", "dice_et", "heldout_cases"} == set(card.metrics)
     assert card.input == train_mri.QUICK_CONFIG.input_spec and card.inference.roi_size == (16, 16, 16)
-    module = load_segmenter(card.torch, model.path_of(card.torch.weights_file))
+    module = load_module(card.torch, model.path_of(card.torch.weights_file))
     assert card.torch.gradcam_layer in dict(module.named_modules())
     windows = np.random.default_rng(1).standard_normal((2, 4, 16, 16, 16)).astype(np.float32)
     session = onnx_cpu_session(model.path_of(card.model_file))

@@ -1,5 +1,7 @@
 """A runner's served model follows the registry: switch, rollback, and a failed load keeps the old model."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from core import active_models, store
@@ -24,36 +26,41 @@ def versions(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
-def make(default_tag: str, loader=lambda model: str(model.tag)) -> SwitchableModel:
-    return SwitchableModel("unit", default_tag, store.get_model(default_tag), loader, lambda tag: tag)
+def loaded(model):
+    return SimpleNamespace(tag=str(model.tag), card=None, loaded_at="now")
+
+
+def make(default_tag: str, loader=loaded) -> SwitchableModel:
+    return SwitchableModel("unit", default_tag, store.get_model(default_tag), loader)
 
 
 def test_switch_and_rollback(versions):
     v1, v2 = versions
     served = make(v1)
-    assert served.get() == (v1, 1)
+    assert (served.get()[0].tag, served.get()[1]) == (v1, 1)
     active_models.record_switch("unit", v2, v1)
     served.follow_registry()
-    assert served.get() == (v2, 2)
+    assert (served.get()[0].tag, served.get()[1]) == (v2, 2)
     served.follow_registry()  # nothing changed: no reload
     assert served.generation == 2
     active_models.record_switch("unit", v1, v2)
     served.follow_registry()
-    assert served.get() == (v1, 3)
+    assert (served.get()[0].tag, served.get()[1]) == (v1, 3)
 
 
 def test_failed_load_keeps_the_old_model(versions):
     v1, v2 = versions
-    served = make(v1, loader=lambda model: (_ for _ in ()).throw(RuntimeError("corrupt")) if str(model.tag) == v2 else str(model.tag))
+    served = make(v1, loader=lambda model: (_ for _ in ()).throw(RuntimeError("corrupt")) if str(model.tag) == v2 else loaded(model))
     active_models.record_switch("unit", v2, v1)
     served.follow_registry()
-    assert served.get() == (v1, 1) and "corrupt" in served.load_error
+    assert (served.get()[0].tag, served.get()[1]) == (v1, 1) and "corrupt" in served.load_error
     active_models.record_switch("unit", f"{NAME}:doesnotexist", v1)
     served.follow_registry()
-    assert served.get() == (v1, 1) and "not in the model store" in served.load_error
+    assert (served.get()[0].tag, served.get()[1]) == (v1, 1) and "not in the model store" in served.load_error
 
 
 def test_nothing_loaded_raises(versions):
     served = make(versions[0], loader=lambda model: (_ for _ in ()).throw(RuntimeError("broken")))
     with pytest.raises(ModelNotLoaded, match="broken"):
         served.get()
+    assert served.describe() == {"loaded": False, "error": "RuntimeError: broken", "tag": versions[0]}
