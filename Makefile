@@ -30,6 +30,7 @@ test: install  ## set up and run the whole suite with coverage (exit code 5, no 
 bench: models  ## benchmarks (see docs/performance.md)
 	$(BIN)/python bench/ct.py
 	$(BIN)/python bench/mri.py
+	$(BIN)/python bench/biomarker.py
 
 bento: models  ## build the Bento (then: bentoml containerize neuronova:latest)
 	$(BIN)/bentoml build

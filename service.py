@@ -1,11 +1,10 @@
 """NeuroNova Inference: the public API. Validation, auth, response shaping; the models live in `runners/`."""
 
-import asyncio
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import bentoml
 import psutil
@@ -14,9 +13,14 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware
+from api.classification import ExplainOptions, cached_classification, classify_slice, explain_cached
 from api.errors import ErrorSchemaMiddleware, handles_errors
+from api.feedback import FeedbackReceipt, FeedbackRequest, FeedbackStore
+from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
-from api.models import ModelSlot
+from api.models import ModelSlot, segmentation_summary, tabular_summary
+from api.mri import SegmentationRequest, segment_mri
+from api.request_cache import RequestCache
 from api.shaping import (
     class_probabilities,
     describe_slice,
@@ -26,21 +30,50 @@ from api.shaping import (
     new_request_id,
     response_metadata,
 )
+from api.tasks import (
+    TaskRoutesMiddleware,
+    cancel_task,
+    configure_bentoml_result_store,
+    current_task_id,
+    run_tracked,
+    task_status,
+)
 from core.cards.classification import ClassificationCard
+from core.cards.segmentation import SegmentationCard
+from core.cards.tabular import TabularCard
 from core.errors import InvalidRequest
-from core.schemas import CTClassificationResponse, HealthResponse, ModelInfoResponse
+from core.schemas import (
+    BiomarkerResponse,
+    BiomarkerResult,
+    BiomarkerXaiOptions,
+    CTClassificationResponse,
+    ExplainResponse,
+    HealthResponse,
+    ModelInfoResponse,
+    MRISegmentationResponse,
+    TaskStatusResponse,
+)
 from core.settings import get_settings
-from preprocessing.decode import decode_slice
-from preprocessing.transforms import prepare_slice
+from core.tasks import TaskStore, task_store_path
+from postprocessing.masks import PostProcessingOptions
+from preprocessing.dicom import quiet_pydicom
+from preprocessing.tabular import encode_request
+from runners.biomarker import BiomarkerModel
 from runners.common import cuda_available, gpu_devices
 from runners.ct import CTClassifier
+from runners.mri import MRISegmenter
+from xai.shap_plots import shap_explanation
 
 log = logging.getLogger("neuronova")
 settings = get_settings()
+quiet_pydicom()
+configure_bentoml_result_store(settings.data_dir)
 ops = FastAPI(title="NeuroNova operations", openapi_url=None, docs_url=None, redoc_url=None)
 
 PATIENT_ID = Field(pattern=settings.patient_id_pattern, description="anonymised patient id, e.g. P123456")
 GRAD_CAM = "grad_cam"
+SHAP = "shap"
+MRI_ROUTE = "/predict/mri_segmentation"
 
 
 @bentoml.service(name="neuronova", workers=2, traffic={"timeout": 300})
@@ -49,10 +82,18 @@ class NeuroNova:
     """Brain-tumour AI for clinical decision support: CT classification, MRI segmentation, biomarkers."""
 
     ct_runner = bentoml.depends(CTClassifier)
+    biomarker_runner = bentoml.depends(BiomarkerModel)
+    mri_runner = bentoml.depends(MRISegmenter)
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
+        data_dir = Path(settings.data_dir)
+        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds)
+        self.feedback_store = FeedbackStore(data_dir / "feedback")
+        self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
+        self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
+        self.tasks = TaskStore(task_store_path(settings.data_dir))
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
@@ -67,33 +108,130 @@ class NeuroNova:
     ) -> CTClassificationResponse:
         """Classify one CT (or MR, as the model's card allows) slice; Grad-CAM on request."""
         started = time.perf_counter()
-        model = await self.ct.loaded()
-        card: ClassificationCard = model.card
         methods = [xai_methods] if isinstance(xai_methods, str) else xai_methods
         if xai and set(methods) - {GRAD_CAM}:
             raise InvalidRequest(f"unsupported xai_methods {sorted(set(methods) - {GRAD_CAM})}; supported: ['grad_cam']")
         data = image.read_bytes()
-        decoded = decode_slice(
-            data, image.name, max_pixels=settings.limits.max_image_pixels,
-            allow_multiframe=card.input.allow_multiframe, modalities=card.input.modalities,
-        )
-        prepared = prepare_slice(decoded, card.input)
-        batch = prepared.tensor[None]
-        calls = [self.ct.call("predict", batch)] + ([self.ct.call("explain", batch)] if xai else [])
-        outputs = await asyncio.gather(*calls)
-        result = class_probabilities(outputs[0][0], card.contract_labels())
+        out = await classify_slice(self.ct, data, image.name, explain=xai, max_pixels=settings.limits.max_image_pixels)
+        card = out.model.card
+        result = class_probabilities(out.probabilities, card.contract_labels())
         explanation = None
-        if xai:
+        if out.heatmap is not None:
             explanation = {GRAD_CAM: heatmap_explanation(
-                outputs[1][0], prepared.display, method=GRAD_CAM, target_class=result.predicted_class,
-                layer_name=model.describe.get("gradcam_layer"),
+                out.heatmap, out.prepared.display, method=GRAD_CAM, target_class=result.predicted_class,
+                layer_name=out.model.describe.get("gradcam_layer"),
             )}
-        return CTClassificationResponse(
-            request_id=new_request_id(request_id), model_id=self.ct.model_id, model_version=model.tag,
+        response = CTClassificationResponse(
+            request_id=new_request_id(request_id), model_id=self.ct.model_id, model_version=out.model.tag,
             intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), result=result, xai=explanation,
-            warnings=modality_warnings(decoded, card.input.modalities),
-            metadata=response_metadata(describe_slice(decoded, data), metadata),
+            warnings=modality_warnings(out.decoded, card.input.modalities),
+            metadata=response_metadata(describe_slice(out.decoded, data), metadata),
         )
+        self.requests.put(cached_classification(response, out))
+        return response
+
+    @bentoml.api(route="/predict/biomarker_prediction")
+    @handles_errors
+    async def predict_biomarker_prediction(
+        self,
+        biomarkers: dict[str, Any],
+        patient_id: str = PATIENT_ID,
+        request_id: str | None = Field(default=None, max_length=128),
+        xai: bool = False,
+        xai_methods: list[Literal["shap"]] = Field(default_factory=lambda: [SHAP]),
+        xai_options: BiomarkerXaiOptions = Field(default_factory=BiomarkerXaiOptions),
+    ) -> BiomarkerResponse:
+        """Tumour type, metastasis organ and stage from biomarkers checked against the model's schema; TreeSHAP on request."""
+        started = time.perf_counter()
+        model = await self.biomarker.loaded()
+        card: TabularCard = model.card
+        record = encode_request(biomarkers, card)
+        explain = xai and SHAP in xai_methods
+        heads = card.read_heads((await self.biomarker.call("explain" if explain else "predict", record.row[None]))[0])
+        return BiomarkerResponse(
+            request_id=new_request_id(request_id), model_id=self.biomarker.model_id, model_version=model.tag,
+            intended_use=card.intended_use, inference_time_ms=elapsed_ms(started),
+            result=BiomarkerResult.from_heads({n: class_probabilities(h.probabilities, h.classes) for n, h in heads.items()}),
+            xai={SHAP: shap_explanation(heads, record.values, card.feature_names(), xai_options.shap.plots)}
+            if explain else None,
+            warnings=[f"{name} was not given: the model treated it as missing" for name in record.missing],
+            metadata=response_metadata(),
+        )
+
+    @bentoml.api(route="/xai/explain")
+    @handles_errors
+    async def xai_explain(
+        self,
+        request_id: str = Field(min_length=1, max_length=128),
+        model_id: Literal["ct_classification"] = "ct_classification",
+        xai_methods: list[Literal["grad_cam"]] = Field(default_factory=lambda: [GRAD_CAM]),
+        options: ExplainOptions = Field(default_factory=ExplainOptions),
+    ) -> ExplainResponse:
+        """Grad-CAM for an earlier CT prediction, from the bounded, expiring cache of prepared inputs."""
+        cached = self.requests.get(request_id)
+        model = await self.ct.loaded()
+        return await explain_cached(self.ct, model, cached, options.grad_cam)
+
+    @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
+    @handles_errors
+    async def feedback(self, **review: Any) -> FeedbackReceipt:
+        """A doctor accepts, corrects or rejects an earlier result; stored durably for fine-tuning."""
+        verdict = FeedbackRequest(**review)
+        return self.feedback_store.record(verdict, self.requests.get(verdict.request_id))
+
+    @bentoml.api(route="/update_model")
+    @handles_errors
+    async def update_model(
+        self,
+        model_id: str,
+        version: str | None = None,
+        rollback: bool = False,
+        model_file: Path | None = None,
+        sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
+    ) -> UpdateModelResponse:
+        """Admin: switch a model to another store version, or an uploaded export (with sha256), or roll back."""
+        slot = {s.model_id: s for s in self._slots()}.get(model_id)
+        if slot is None:
+            raise InvalidRequest(f"unknown model_id {model_id!r}", {"known": [s.model_id for s in self._slots()]})
+        described = await slot.describe()
+        if "generation" not in described:
+            raise InvalidRequest(f"{model_id} does not support hot switching")
+        old_tag = described.get("tag") or "none"
+        if model_file is not None:
+            if sha256 is None:
+                raise InvalidRequest("a model_file needs its sha256")
+            version = import_export_file(model_file, sha256)
+        return await switch_model(slot, resolve_target(slot, old_tag, version, rollback), old_tag)
+
+    @bentoml.task(route=MRI_ROUTE)
+    async def predict_mri_segmentation(
+        self,
+        image: list[Path],
+        patient_id: str = PATIENT_ID,
+        request_id: str | None = Field(default=None, max_length=128),
+        sequence_type: list[str] | str | None = None,
+        xai: bool = False,
+        post_processing: PostProcessingOptions = Field(default_factory=PostProcessingOptions),
+        ctx: bentoml.Context = None,
+    ) -> MRISegmentationResponse:
+        """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll."""
+        request = SegmentationRequest(
+            task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image,
+            sequence_type=sequence_type, xai=xai, post_processing=post_processing,
+        )
+        return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
+                                 lambda: segment_mri(self.mri, self.tasks, request, settings.limits), ctx)
+
+    @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
+    @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)
+    async def get_task(self, task_id: str) -> JSONResponse:
+        """The original design's polling route: status, progress, current step, result or error."""
+        return task_status(self.tasks, task_id)
+
+    @ops.delete("/task/{task_id}", response_model=TaskStatusResponse)
+    async def delete_task(self, task_id: str) -> JSONResponse:
+        """Cancel a task: it is marked cancelled at once and its work stops at the next window batch."""
+        return cancel_task(self.tasks, task_id)
 
     @ops.get("/health")
     async def health(self) -> JSONResponse:
@@ -117,7 +255,7 @@ class NeuroNova:
         return ModelInfoResponse(models=[info for info in infos if info is not None])
 
     def _slots(self) -> list[ModelSlot]:
-        return [self.ct]
+        return [self.ct, self.biomarker, self.mri]
 
 
 def _server_rss_mb() -> float:
@@ -131,3 +269,4 @@ NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limi
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
+NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), data_dir=settings.data_dir)

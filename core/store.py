@@ -51,12 +51,16 @@ def read_card(model: bentoml.Model, card_type: type[CardT]) -> CardT:
 
 def has_model(name: str) -> bool:
     """Whether at least one version of `name` is stored."""
-    return any(True for _ in bentoml.models.list(name))
+    return bool(list_versions(name))
 
 
 def list_versions(name: str) -> list[bentoml.Model]:
-    """All stored versions of `name`, newest first."""
-    return sorted(bentoml.models.list(name), key=lambda m: m.creation_time, reverse=True)
+    """All stored versions of `name`, newest first (empty when there is none)."""
+    try:
+        models = bentoml.models.list(name)
+    except BentoNotFound:
+        return []
+    return sorted(models, key=lambda m: m.creation_time, reverse=True)
 
 
 def model_size_mb(model: bentoml.Model) -> float:

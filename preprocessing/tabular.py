@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from core.cards.tabular import FeatureSpec, FeatureValue, TabularCard
+from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, FeatureValue, NumberFeature, TabularCard
 from core.errors import InvalidRequest
 
 MAX_REPORTED_PROBLEMS = 100
@@ -76,7 +76,9 @@ def stack_rows(records: Sequence[EncodedRecord]) -> np.ndarray:
     return np.stack([r.row for r in records]).astype(np.float32, copy=False)
 
 
-def validate_record(record: Any, card: TabularCard, loc: tuple[str, ...] = ()) -> tuple[dict[str, FeatureValue], list[Problem]]:
+def validate_record(
+    record: Any, card: TabularCard, loc: tuple[str, ...] = ()
+) -> tuple[dict[str, FeatureValue], list[Problem]]:
     """Each feature's value (None when missing), and every problem: unknown, missing, mistyped or out-of-range fields."""
     given: dict[str, Any] = {}
     problems: list[Problem] = []
@@ -105,7 +107,7 @@ def encode_values(values: Mapping[str, FeatureValue], card: TabularCard) -> np.n
 def _encode(value: FeatureValue, feature: FeatureSpec) -> float:
     if value is None:
         return math.nan
-    if feature.type == "category":
+    if isinstance(feature, CategoryFeature):
         return float(feature.categories.index(value))
     return float(value)
 
@@ -133,7 +135,7 @@ def _collect(node: Any, tree: _Tree, loc: tuple[str, ...], given: dict[str, Any]
         sub = tree.get(key)
         if sub is None:
             problems.append(Problem((*loc, str(key)), "unknown field", "unknown_field"))
-        elif isinstance(sub, FeatureSpec):
+        elif not isinstance(sub, dict):
             given[sub.name] = item
         elif item is not None:
             _collect(item, sub, (*loc, key), given, problems)
@@ -141,27 +143,25 @@ def _collect(node: Any, tree: _Tree, loc: tuple[str, ...], given: dict[str, Any]
 
 def _check_value(raw: Any, feature: FeatureSpec) -> tuple[FeatureValue, tuple[str, str] | None]:
     """The canonical value, or the problem (message, type) with a raw value of this feature."""
-    if feature.type == "bool":
+    if isinstance(feature, BoolFeature):
         if isinstance(raw, bool) or (isinstance(raw, int) and raw in (0, 1)):
             return bool(raw), None
         return None, ("must be true or false (or 1 / 0)", "wrong_type")
-    if feature.type == "category":
-        matches = [c for c in feature.categories if isinstance(raw, str) and c.casefold() == raw.strip().casefold()]
-        if matches:
-            return matches[0], None
-        return None, (f"must be one of {feature.categories}", "wrong_type" if not isinstance(raw, str) else "unknown_category")
+    if isinstance(feature, CategoryFeature):
+        if not isinstance(raw, str):
+            return None, (f"must be one of {feature.categories}", "wrong_type")
+        matches = [c for c in feature.categories if c.casefold() == raw.strip().casefold()]
+        return (matches[0], None) if matches else (None, (f"must be one of {feature.categories}", "unknown_category"))
+    return _check_number(raw, feature)
+
+
+def _check_number(raw: Any, feature: NumberFeature) -> tuple[FeatureValue, tuple[str, str] | None]:
     if isinstance(raw, bool) or not isinstance(raw, Real):
         return None, ("must be a number", "wrong_type")
     number = float(raw)
     if not math.isfinite(number):
         return None, ("must be a finite number", "not_finite")
-    if (feature.min is not None and number < feature.min) or (feature.max is not None and number > feature.max):
-        return None, (f"must be {_range_text(feature)}", "out_of_range")
+    if not feature.min <= number <= feature.max:
+        unit = f" {feature.unit}" if feature.unit else ""
+        return None, (f"must be within [{feature.min:g}, {feature.max:g}]{unit}", "out_of_range")
     return number, None
-
-
-def _range_text(feature: FeatureSpec) -> str:
-    unit = f" {feature.unit}" if feature.unit else ""
-    if feature.min is not None and feature.max is not None:
-        return f"within [{feature.min:g}, {feature.max:g}]{unit}"
-    return f">= {feature.min:g}{unit}" if feature.min is not None else f"<= {feature.max:g}{unit}"

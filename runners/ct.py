@@ -76,7 +76,7 @@ class CTClassifier:
     model_ref = bentoml.models.BentoModel(settings.ct.model_tag)
 
     def __init__(self) -> None:
-        self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, self.model_ref, load_classifier)
+        self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
 
     @bentoml.api(batchable=True, max_batch_size=settings.ct_max_batch_size, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:

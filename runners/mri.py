@@ -159,7 +159,7 @@ class MRISegmenter:
     model_ref = bentoml.models.BentoModel(settings.mri.model_tag)
 
     def __init__(self) -> None:
-        self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, self.model_ref, load_segmenter_model)
+        self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, lambda: self.model_ref, load_segmenter_model)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
 
     def _progress_hook(self, task_id: str) -> ProgressHook:

@@ -31,12 +31,13 @@ M = TypeVar("M", bound=ServedModel)
 class SwitchableModel(Generic[M]):
     """Holds the loaded model of one route and swaps in the registry's active tag when it changes.
 
-    A new version is loaded beside the old one and swapped in by one assignment, so every batch runs on one model;
+    `default_ref` resolves the configured tag (the service's `BentoModel`, so `bentoml build` pins it); it is called
+    inside the load, so a missing model is a load error, not a crash. A new version is loaded beside the old one and swapped in by one assignment, so every batch runs on one model;
     `generation` counts the swaps so callers can tell which model produced an output. A version that fails to load
     leaves the old one serving.
     """
 
-    def __init__(self, model_id: str, default_tag: str, default_ref: bentoml.models.BentoModel,
+    def __init__(self, model_id: str, default_tag: str, default_ref: Callable[[], bentoml.Model],
                  loader: Callable[[bentoml.Model], M]) -> None:
         self.model_id = model_id
         self.default_tag = default_tag
@@ -60,7 +61,7 @@ class SwitchableModel(Generic[M]):
 
     def _load(self, tag: str) -> None:
         try:
-            stored = self.default_ref if tag == self.default_tag else store.get_model(tag)
+            stored = self.default_ref() if tag == self.default_tag else store.get_model(tag)
             loaded = self.loader(stored)
         except Exception as exc:  # noqa: BLE001 - a runner that cannot load stays up and reports why
             self.load_error = f"{type(exc).__name__}: {exc}"

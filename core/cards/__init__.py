@@ -2,14 +2,21 @@
 
 from core.cards.base import DEMO_INTENDED_USE, CardBase, Provenance
 from core.cards.classification import CT_CLASSES, ClassificationCard, ImageInputSpec, TorchArchitecture, Window
+from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, HeadSpec, NumberFeature, TabularCard
 
 __all__ = [
     "CT_CLASSES",
     "DEMO_INTENDED_USE",
+    "BoolFeature",
     "CardBase",
+    "CategoryFeature",
     "ClassificationCard",
+    "FeatureSpec",
+    "HeadSpec",
     "ImageInputSpec",
+    "NumberFeature",
     "Provenance",
+    "TabularCard",
     "TorchArchitecture",
     "Window",
 ]

@@ -31,7 +31,7 @@ def loaded(model):
 
 
 def make(default_tag: str, loader=loaded) -> SwitchableModel:
-    return SwitchableModel("unit", default_tag, store.get_model(default_tag), loader)
+    return SwitchableModel("unit", default_tag, lambda: store.get_model(default_tag), loader)
 
 
 def test_switch_and_rollback(versions):

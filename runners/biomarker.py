@@ -1,0 +1,129 @@
+"""BiomarkerModel: a tabular model's tree heads from the model store, batched, with exact TreeSHAP for a whole batch.
+
+`predict` returns probabilities only (no SHAP work). `explain` returns, per head and class, XGBoost's exact TreeSHAP
+values (`pred_contribs`: the same path-dependent Tree SHAP that `shap.TreeExplainer` calls for XGBoost), the base
+value, and the probability computed from exactly those values, so base + sum(SHAP) is the margin behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import bentoml
+import numpy as np
+import xgboost as xgb
+
+from core import store
+from core.cards.tabular import TabularCard
+from core.settings import get_settings
+from runners.common import RUNNER_CONNECTION, softmax
+from runners.switching import SwitchableModel
+
+settings = get_settings()
+
+XGB_THREADS = 1
+"""Threads per XGBoost call: requests arrive one or a few rows at a time, where threads cost more than they give."""
+ENGINE = f"xgboost-{xgb.__version__}-cpu"
+
+
+@dataclass(frozen=True)
+class XGBoostEngine:
+    """The tree engine (CPU); named in /health like the other runners' engines."""
+
+    name: str = ENGINE
+
+
+@dataclass
+class LoadedTabular:
+    """A tabular model ready to serve: its card and one booster per head."""
+
+    tag: str
+    card: TabularCard
+    boosters: list[xgb.Booster]
+    engine: XGBoostEngine = field(default_factory=XGBoostEngine)
+    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """(N, F) encoded rows -> (N, sum K) probabilities, heads side by side in card order."""
+        data = xgb.DMatrix(rows, nthread=XGB_THREADS)
+        return np.concatenate([booster.predict(data) for booster in self.boosters], axis=1).astype(np.float32)
+
+    def explain(self, rows: np.ndarray) -> np.ndarray:
+        """(N, F) encoded rows -> (N, sum K, F + 2) float64: SHAP values of each class margin, base value, probability.
+
+        The layout `TabularCard.read_heads` reads (BASE_COLUMN, PROBABILITY_COLUMN).
+        """
+        data = xgb.DMatrix(rows, nthread=XGB_THREADS)
+        parts = []
+        for booster in self.boosters:
+            contributions = booster.predict(data, pred_contribs=True).astype(np.float64)
+            probabilities = softmax(contributions.sum(axis=2)).astype(np.float64)
+            parts.append(np.concatenate([contributions, probabilities[..., None]], axis=2))
+        return np.concatenate(parts, axis=1)
+
+
+def load_tabular(model: bentoml.Model) -> LoadedTabular:
+    """Load each head's booster, check it against the card, and warm both paths up with an all-missing row."""
+    card = store.read_card(model, TabularCard)
+    boosters = []
+    for head in card.heads:
+        booster = xgb.Booster(params={"nthread": XGB_THREADS}, model_file=model.path_of(head.model_file))
+        _check_booster(booster, card, head.name, len(head.classes))
+        boosters.append(booster)
+    loaded = LoadedTabular(tag=str(model.tag), card=card, boosters=boosters)
+    blank = np.full((1, len(card.features)), np.nan, np.float32)
+    loaded.predict(blank)
+    loaded.explain(blank)
+    return loaded
+
+
+def _check_booster(booster: xgb.Booster, card: TabularCard, head: str, n_classes: int) -> None:
+    learner = json.loads(booster.save_config())["learner"]
+    outputs = int(learner["learner_model_param"]["num_class"])
+    objective = learner["objective"]["name"]
+    if booster.num_features() != len(card.features) or outputs != n_classes or objective != "multi:softprob":
+        raise ValueError(
+            f"head {head}: the booster ({booster.num_features()} features, {outputs} classes, {objective}) does not match "
+            f"the card ({len(card.features)} features, {n_classes} classes, multi:softprob)"
+        )
+
+
+MODEL_ID = "biomarker_prediction"
+
+
+@bentoml.service(name="BiomarkerModel", workers=1, traffic={"timeout": 60}, runner_connection=RUNNER_CONNECTION)
+class BiomarkerModel:
+    """Runner for `biomarker_prediction`. Receives encoded rows; knows nothing of HTTP.
+
+    The served model follows `core.active_models` (hot switch, rollback); a batch runs wholly on one model.
+    """
+
+    model_ref = bentoml.models.BentoModel(settings.biomarker.model_tag)
+
+    def __init__(self) -> None:
+        self.served = SwitchableModel(MODEL_ID, settings.biomarker.model_tag, lambda: self.model_ref, load_tabular)
+
+    def _timed(self, rows: np.ndarray, method: str) -> np.ndarray:
+        started = time.perf_counter()
+        output = getattr(self.served.get()[0], method)(rows)
+        self.served.record_timing(started, len(rows))
+        return output
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """(N, F) encoded rows -> (N, sum K) probabilities, heads side by side in card order."""
+        return self._timed(rows, "predict")
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
+    def explain(self, rows: np.ndarray) -> np.ndarray:
+        """(N, F) encoded rows -> (N, sum K, F + 2): exact TreeSHAP values, base value and probability per class."""
+        return self._timed(rows, "explain")
+
+    @bentoml.api
+    def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
+        return self.served.describe()
