@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,14 @@ CSF_HU = 5.0
 FIELD_OF_VIEW_MM = 240.0
 """Side of the square field of view a generated slice covers, whatever its pixel size."""
 
-_DICOM_INTERCEPT = -1024.0
+LOWEST_HU = -1024.0
+"""The lowest value CT scanners store; also the Rescale Intercept of the DICOM files written here."""
+
+_PLACEMENT_TRIES = 20
+_MAX_GLIOMA_CSF_SHARE = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Head:
     """Where the head lies in the image, and the normalised elliptical radius of every pixel (1 = outer skull)."""
 
@@ -65,15 +70,21 @@ class _Head:
         waves, phase = self.table_wave
         return 1.0 - self.table_thickness * (1 + 0.25 * np.sin(waves * np.asarray(theta) + phase))
 
-    @property
+    @cached_property
+    def depth(self) -> np.ndarray:
+        """Normalised depth of every pixel under the inner skull table (negative in the skull and outside)."""
+        return self.inner_table(self.theta) - self.radius
+
+    @cached_property
     def brain(self) -> np.ndarray:
-        return self.radius < self.inner_table(self.theta)
+        """Pixels inside the inner skull table."""
+        return self.depth > 0
 
 
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Gaussian-filtered white noise scaled to unit standard deviation."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
-    return (field / max(float(field.std()), 1e-9)).astype(np.float32)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    return field / max(float(field.std()), 1e-9)
 
 
 def _place_head(rng: np.random.Generator, size: int) -> _Head:
@@ -86,8 +97,17 @@ def _place_head(rng: np.random.Generator, size: int) -> _Head:
     u, v = (dx * cos + dy * sin) / semi_x, (-dx * sin + dy * cos) / semi_y
     wave = (int(rng.integers(2, 5)), float(rng.uniform(0, 2 * np.pi)))
     return _Head(
-        center_x, center_y, semi_x, semi_y, angle, rng.uniform(0.04, 0.075), wave,
-        grid_x, grid_y, np.hypot(u, v), np.arctan2(v, u),
+        center_x,
+        center_y,
+        semi_x,
+        semi_y,
+        angle,
+        rng.uniform(0.04, 0.075),
+        wave,
+        grid_x,
+        grid_y,
+        np.hypot(u, v),
+        np.arctan2(v, u),
     )
 
 
@@ -103,15 +123,15 @@ def _normal_head(rng: np.random.Generator, head: _Head, size: int) -> np.ndarray
     hu = np.full((size, size), AIR_HU, dtype=np.float32)
     brain = head.brain
     skull = ~brain & (head.radius < 1.0)
-    bone = np.clip(rng.uniform(800, 1100) + 200 * smooth_noise(rng, hu.shape, size / 40), 700, 1500)
+    bone = np.clip(rng.uniform(800, 1100) + 200 * _smooth_noise(rng, hu.shape, size / 40), 700, 1500)
     hu[skull] = bone[skull]
-    depth = head.inner_table(head.theta) - head.radius
-    cortex = 0.12 + 0.06 * smooth_noise(rng, hu.shape, size / 50)
+    depth = head.depth
+    cortex = 0.12 + 0.06 * _smooth_noise(rng, hu.shape, size / 50)
     grey_fraction = 1 / (1 + np.exp(-(cortex - depth) / 0.02))
     white, grey = rng.uniform(24, 30), rng.uniform(34, 40)
-    parenchyma = white + (grey - white) * grey_fraction + 1.5 * smooth_noise(rng, hu.shape, size / 64)
+    parenchyma = white + (grey - white) * grey_fraction + 1.5 * _smooth_noise(rng, hu.shape, size / 64)
     hu[brain] = parenchyma[brain]
-    hu[brain & (depth < 0.015)] = CSF_HU + 3
+    hu[brain & (depth < 0.015)] = CSF_HU + 3  # thin CSF rim under the inner table
     scale = rng.uniform(0.7, 1.3)
     for side in (-1, 1):
         center = head.at(side * 0.12 * scale, -0.12)
@@ -123,18 +143,23 @@ def _normal_head(rng: np.random.Generator, head: _Head, size: int) -> np.ndarray
 
 
 def _glioma(rng: np.random.Generator, head: _Head, hu: np.ndarray, size: int) -> np.ndarray:
-    """Lobulated, ragged, hypodense/mixed intra-axial mass with surrounding oedema, away from the skull."""
-    radius_px = rng.uniform(0.05, 0.1) * size
-    center = head.polar(rng.uniform(0.2, 0.62 - radius_px / head.semi_x), rng.uniform(0, 2 * np.pi))
-    dx, dy = head.grid_x - center[0], head.grid_y - center[1]
-    theta, distance = np.arctan2(dy, dx), np.hypot(dx, dy)
-    lobes = sum(rng.uniform(0.06, 0.16) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in range(2, 7))
-    boundary = radius_px * (1 + lobes + 0.12 * smooth_noise(rng, hu.shape, 1.5))
-    mask = (distance < boundary) & head.brain
+    """Lobulated, ragged, hypodense/mixed intra-axial mass with surrounding oedema, in the hemispheres: away from the
+    skull and not hidden in a ventricle (a placement that is mostly CSF is drawn again)."""
+    radius_px = rng.uniform(0.055, 0.1) * size
+    csf = hu < CSF_HU + 1
+    for _ in range(_PLACEMENT_TRIES):
+        center = head.polar(rng.uniform(0.2, 0.62 - radius_px / head.semi_x), rng.uniform(0, 2 * np.pi))
+        dx, dy = head.grid_x - center[0], head.grid_y - center[1]
+        theta, distance = np.arctan2(dy, dx), np.hypot(dx, dy)
+        lobes = sum(rng.uniform(0.06, 0.16) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in range(2, 7))
+        boundary = radius_px * (1 + lobes + 0.12 * _smooth_noise(rng, hu.shape, 1.5))
+        mask = (distance < boundary) & head.brain
+        if (mask & csf).sum() <= _MAX_GLIOMA_CSF_SHARE * mask.sum():
+            break
     oedema_extent = rng.uniform(1.6, 2.3)
     oedema = np.clip((oedema_extent - distance / boundary) / (oedema_extent - 1), 0, 1) * (head.brain & ~mask)
-    hu -= (rng.uniform(6, 14) * oedema).astype(np.float32)
-    core = rng.uniform(10, 22) + rng.uniform(3, 8) * smooth_noise(rng, hu.shape, 2.0)
+    hu -= (rng.uniform(8, 16) * oedema).astype(np.float32)
+    core = rng.uniform(6, 18) + rng.uniform(3, 8) * _smooth_noise(rng, hu.shape, 2.0)
     hu[mask] = core[mask]
     return mask
 
@@ -149,17 +174,17 @@ def _meningioma(rng: np.random.Generator, head: _Head, hu: np.ndarray, size: int
     outward = np.arctan2(anchor[1] - head.center_y, anchor[0] - head.center_x)
     dome = _ellipse(head, anchor, (radial, radial * rng.uniform(1.3, 1.8)), outward)
     mask = (dome < 1) & head.brain
-    density = rng.uniform(50, 70) + 2.0 * smooth_noise(rng, hu.shape, 2.0)
+    density = rng.uniform(50, 70) + 2.0 * _smooth_noise(rng, hu.shape, 2.0)
     hu[mask] = density[mask]
     return mask
 
 
 def _pituitary(rng: np.random.Generator, head: _Head, hu: np.ndarray, size: int) -> np.ndarray:
     """Small round/oval mildly hyperdense midline mass above the sella."""
-    center = head.at(rng.uniform(-0.02, 0.02), rng.uniform(0.6, 0.66))
-    semi = (rng.uniform(0.03, 0.05) * size, rng.uniform(0.025, 0.04) * size)
+    center = head.at(rng.uniform(-0.02, 0.02), rng.uniform(0.58, 0.64))
+    semi = (rng.uniform(0.04, 0.06) * size, rng.uniform(0.03, 0.045) * size)
     mask = (_ellipse(head, center, semi, head.angle + rng.uniform(-0.3, 0.3)) < 1) & head.brain
-    density = rng.uniform(46, 60) + rng.uniform(0, 2) * smooth_noise(rng, hu.shape, 1.5)
+    density = rng.uniform(48, 62) + rng.uniform(0, 2) * _smooth_noise(rng, hu.shape, 1.5)
     hu[mask] = density[mask]
     return mask
 
@@ -175,7 +200,7 @@ def generate_ct_slice(rng: np.random.Generator, label: str, size: int = 256) -> 
     hu = _normal_head(rng, head, size)
     mask = _LESIONS[label](rng, head, hu, size) if label in _LESIONS else np.zeros((size, size), dtype=bool)
     hu += rng.uniform(3, 8) * rng.standard_normal(hu.shape).astype(np.float32)
-    return hu.astype(np.float32), mask
+    return np.maximum(hu, LOWEST_HU).astype(np.float32), mask
 
 
 def generate_ct_dataset(
@@ -188,9 +213,7 @@ def generate_ct_dataset(
     rng = np.random.default_rng(seed)
     labels = np.tile(np.arange(len(CT_CLASSES), dtype=np.int64), n_per_class)
     slices = [generate_ct_slice(rng, CT_CLASSES[label], size) for label in labels]
-    images = np.stack([hu for hu, _ in slices]) if slices else np.zeros((0, size, size), np.float32)
-    masks = np.stack([mask for _, mask in slices]) if slices else np.zeros((0, size, size), bool)
-    return images, masks, labels
+    return np.stack([hu for hu, _ in slices]), np.stack([mask for _, mask in slices]), labels
 
 
 def write_ct_dicom(hu: np.ndarray, path: str | Path, patient_id: str = "P000001") -> None:
@@ -198,7 +221,7 @@ def write_ct_dicom(hu: np.ndarray, path: str | Path, patient_id: str = "P000001"
     if not re.fullmatch(get_settings().patient_id_pattern, patient_id):
         raise ValueError(f"patient id {patient_id!r} is not an anonymised id like 'P000001'")
     rows, columns = hu.shape
-    stored = np.clip(np.rint(hu - _DICOM_INTERCEPT), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    stored = np.clip(np.rint(hu - LOWEST_HU), 0, np.iinfo(np.uint16).max).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -217,7 +240,7 @@ def write_ct_dicom(hu: np.ndarray, path: str | Path, patient_id: str = "P000001"
     ds.PixelSpacing = [FIELD_OF_VIEW_MM / rows, FIELD_OF_VIEW_MM / columns]
     ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, 0.0]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _DICOM_INTERCEPT, 1.0, "HU"
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = LOWEST_HU, 1.0, "HU"
     ds.WindowCenter, ds.WindowWidth = 40, 80
     ds.set_pixel_data(stored, photometric_interpretation="MONOCHROME2", bits_stored=16)
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -19,7 +19,14 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 from monai.networks.nets import ResNet
-from monai.transforms import Compose, EnsureType, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    RandAffine,
+    RandFlip,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
 
 from core import store
 from core.cards import (
@@ -57,19 +64,23 @@ _TRAIN_STREAM, _HELDOUT_STREAM, _SHUFFLE_STREAM = 0, 1, 2
 class TrainingConfig:
     """Data sizes and optimisation settings; the defaults are the demo model's."""
 
-    n_train_per_class: int = 160
+    n_train_per_class: int = 200
     n_test_per_class: int = HELDOUT_PER_CLASS
     image_size: int = 256
     input_spec: ImageInputSpec = field(default_factory=ImageInputSpec)
-    epochs: int = 6
-    batch_size: int = 32
+    epochs: int = 10
+    batch_size: int = 16
     learning_rate: float = 3e-3
     threads: int = 2
 
 
 QUICK_CONFIG = TrainingConfig(
-    n_train_per_class=3, n_test_per_class=2, image_size=64, input_spec=ImageInputSpec(height=64, width=64),
-    epochs=1, batch_size=6,
+    n_train_per_class=3,
+    n_test_per_class=2,
+    image_size=64,
+    input_spec=ImageInputSpec(height=64, width=64),
+    epochs=1,
+    batch_size=6,
 )
 """A few tiny images and one epoch: exercises the whole path in seconds (unit tests)."""
 
@@ -130,7 +141,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, config: TrainingCon
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     steps_per_epoch = math.ceil((len(images) - 1) / config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch
+        optimiser, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
     )
     model.train()
     for epoch in range(config.epochs):
@@ -228,7 +239,9 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
     config = config or TrainingConfig()
     started = time.perf_counter()
     with torch_threads(config.threads), TemporaryDirectory() as scratch:
-        train_hu, _, train_labels = generate_ct_dataset(config.n_train_per_class, (seed, _TRAIN_STREAM), config.image_size)
+        train_hu, _, train_labels = generate_ct_dataset(
+            config.n_train_per_class, (seed, _TRAIN_STREAM), config.image_size
+        )
         test_hu, _, test_labels = heldout_set(seed, config.n_test_per_class, config.image_size)
         train_images = prepare_ct_batch(train_hu, config.input_spec)
         test_images = prepare_ct_batch(test_hu, config.input_spec)
