@@ -67,7 +67,8 @@ class TrainingConfig:
     n_train_per_class: int = 200
     n_test_per_class: int = HELDOUT_PER_CLASS
     image_size: int = 256
-    input_spec: ImageInputSpec = field(default_factory=ImageInputSpec)
+    input_spec: ImageInputSpec = field(default_factory=lambda: ImageInputSpec(modalities=["CT", "MR"]))
+    """CT first (what it was trained on); MR slices are accepted and answered with a modality warning."""
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 3e-3
