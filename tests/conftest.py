@@ -26,3 +26,31 @@ def ct_model() -> str:
     from training_export.demo import ensure_demo_models
 
     return ensure_demo_models(["neuronova-ct"])["neuronova-ct"]
+
+
+IN_PROCESS_SECRET = "inprocess-secret-0123456789-abcdefghij"
+
+
+@pytest.fixture(scope="session")
+def inprocess_client(demo_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """NeuroNova's ASGI app in this process (runners too), once per session: BentoML registers its Prometheus
+    metrics per app, so a second app in one process fails. Carries a valid clinician token."""
+    import time
+
+    import jwt
+
+    os.environ["NEURONOVA_AUTH__SECRET"] = IN_PROCESS_SECRET
+    os.environ["NEURONOVA_DATA_DIR"] = str(tmp_path_factory.mktemp("inprocess-data"))
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    from _bentoml_impl.tasks import Sqlite3Store
+    from starlette.testclient import TestClient
+
+    from api.tasks import bentoml_result_store_path
+    from service import NeuroNova
+
+    Sqlite3Store.init_db(str(bentoml_result_store_path()))
+    token = jwt.encode({"sub": "tests", "exp": int(time.time()) + 3600}, IN_PROCESS_SECRET, algorithm="HS256")
+    with TestClient(NeuroNova.to_asgi(), headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client

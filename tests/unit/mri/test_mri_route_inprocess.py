@@ -7,13 +7,11 @@ import base64
 import gzip
 import io
 import json
-import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
-import jwt
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -23,27 +21,12 @@ from tests.unit.mri.mri_inputs import case_dicom_files, four_d_nifti, zip_bytes
 from training_export.synthetic_mri import synthetic_case
 from training_export.train_mri import dice
 
-SECRET = "inprocess-secret-0123456789-abcdefghij"
 ROUTE = "/predict/mri_segmentation"
 
 
 @pytest.fixture(scope="module")
-def client(mri_model_tag, demo_models, tmp_path_factory):
-    os.environ["NEURONOVA_AUTH__SECRET"] = SECRET
-    os.environ.setdefault("BENTOML_RESULT_STORE", str(tmp_path_factory.mktemp("tasks") / "tasks.db"))
-    from core.settings import get_settings
-
-    get_settings.cache_clear()
-    from _bentoml_impl.tasks import Sqlite3Store
-    from starlette.testclient import TestClient
-
-    from api.tasks import bentoml_result_store_path
-    from service import NeuroNova
-
-    Sqlite3Store.init_db(str(bentoml_result_store_path()))
-    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
-    with TestClient(NeuroNova.to_asgi(), headers={"Authorization": f"Bearer {token}"}) as test_client:
-        yield test_client
+def client(inprocess_client):
+    return inprocess_client
 
 
 @pytest.fixture(scope="module")

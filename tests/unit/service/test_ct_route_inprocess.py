@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import io
-import os
-import time
 
-import jwt
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-SECRET = "inprocess-secret-0123456789-abcdefghij"
 
 
 @pytest.fixture(scope="module")
-def client(ct_model, tmp_path_factory):
-    os.environ["NEURONOVA_AUTH__SECRET"] = SECRET
-    os.environ["BENTOML_RESULT_STORE"] = str(tmp_path_factory.mktemp("tasks") / "tasks.db")
-    os.environ["NEURONOVA_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
-    from core.settings import get_settings
-
-    get_settings.cache_clear()
-    from _bentoml_impl.tasks import Sqlite3Store
-    from starlette.testclient import TestClient
-
-    from service import NeuroNova
-
-    Sqlite3Store.init_db(os.environ["BENTOML_RESULT_STORE"])
-    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
-    with TestClient(NeuroNova.to_asgi(), headers={"Authorization": f"Bearer {token}"}) as test_client:
-        yield test_client
+def client(inprocess_client):
+    return inprocess_client
 
 
 def png(array: np.ndarray) -> bytes:
