@@ -88,12 +88,12 @@ class NeuroNova:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
-        data_dir = Path(settings.data_dir)
-        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds)
-        self.feedback_store = FeedbackStore(data_dir / "feedback")
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
+        data_dir = Path(settings.data_dir)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
+        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds)
+        self.feedback_store = FeedbackStore(data_dir / "feedback")
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
