@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_PROCESS_SECRET = "inprocess-secret-0123456789-abcdefghij"
+# Before anything imports the service (whose settings are read once per process): one data dir and JWT secret
+# for every in-process test, whichever module imports the service first.
 os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml-test"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+os.environ.setdefault("NEURONOVA_DATA_DIR", tempfile.mkdtemp(prefix="neuronova-test-data-"))
+os.environ.setdefault("NEURONOVA_AUTH__SECRET", IN_PROCESS_SECRET)
 
 import pytest  # noqa: E402
 
@@ -28,22 +34,14 @@ def ct_model() -> str:
     return ensure_demo_models(["neuronova-ct"])["neuronova-ct"]
 
 
-IN_PROCESS_SECRET = "inprocess-secret-0123456789-abcdefghij"
-
-
 @pytest.fixture(scope="session")
-def inprocess_client(demo_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+def inprocess_client(demo_models: dict[str, str]):
     """NeuroNova's ASGI app in this process (runners too), once per session: BentoML registers its Prometheus
     metrics per app, so a second app in one process fails. Carries a valid clinician token."""
     import time
 
     import jwt
 
-    os.environ["NEURONOVA_AUTH__SECRET"] = IN_PROCESS_SECRET
-    os.environ["NEURONOVA_DATA_DIR"] = str(tmp_path_factory.mktemp("inprocess-data"))
-    from core.settings import get_settings
-
-    get_settings.cache_clear()
     from _bentoml_impl.tasks import Sqlite3Store
     from starlette.testclient import TestClient
 

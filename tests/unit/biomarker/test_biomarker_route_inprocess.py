@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 
 import pytest
 from biomarker_inputs import SPEC_EXAMPLE
@@ -14,19 +13,11 @@ from biomarker_inputs import SPEC_EXAMPLE
 from core.schemas import BiomarkerResponse, BiomarkerXaiOptions, ShapOptions
 from runners.biomarker import LoadedTabular
 
-INPROCESS_SECRET = "inprocess-secret-0123456789-abcdefghij"
-"""tests/unit/service's JWT secret: `service` reads its settings once, on first import, whichever suite imports it."""
-
-
 @pytest.fixture(scope="module")
 def service():
     from training_export.demo import ensure_demo_models
 
     ensure_demo_models(["neuronova-biomarker"])
-    os.environ.setdefault("NEURONOVA_AUTH__SECRET", INPROCESS_SECRET)
-    from core.settings import get_settings
-
-    get_settings.cache_clear()
     from service import NeuroNova
 
     return NeuroNova()
