@@ -265,8 +265,11 @@ def _server_rss_mb() -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS)
-NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
-NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
+# Outermost first (BentoML stacks them in the order added): every error in the SPEC schema; who is calling;
+# how often; how much they send; then the MRI task routes' own handling (which drops the token before BentoML
+# stores the request).
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
+NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
+NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS)
+NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), data_dir=settings.data_dir)
