@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import bentoml
 import psutil
+import torch
 from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse
@@ -86,6 +87,8 @@ class NeuroNova:
     mri_runner = bentoml.depends(MRISegmenter)
 
     def __init__(self) -> None:
+        # Preprocessing resizes with torch: one thread per API worker, the workers themselves use the cores.
+        torch.set_num_threads(1)
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ class RequestCache:
                 "input_sha256": entry.input_sha256, "facts": entry.facts}
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
         path = self._path(entry.request_id)
-        temp = path.with_suffix(".tmp")
+        temp = path.with_suffix(f".{os.getpid()}.tmp")
         temp.write_bytes(buffer.getvalue())
         temp.replace(path)
         self._evict()
@@ -73,8 +74,15 @@ class RequestCache:
                              arrays, meta["facts"])
 
     def _evict(self) -> None:
-        entries = sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+        """Drop expired entries and the oldest beyond the bound (other workers may be deleting at the same time)."""
+        entries = []
+        for path in self.directory.glob("*.npz"):
+            try:
+                entries.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue
+        entries.sort()
         now = time.time()
-        for index, path in enumerate(entries):
-            if len(entries) - index > self.max_entries or now - path.stat().st_mtime > self.ttl_seconds:
+        for index, (mtime, path) in enumerate(entries):
+            if len(entries) - index > self.max_entries or now - mtime > self.ttl_seconds:
                 path.unlink(missing_ok=True)

@@ -89,14 +89,16 @@ def main() -> None:
                     label = f"service, batching on, xai={'on' if xai else 'off'}"
                     table.append(row(label, result))
                     loads[f"batched_xai{int(xai)}_c{clients}"] = result.__dict__ | {"throughput": result.throughput}
-        with served({**env, "NEURONOVA_CT_MAX_BATCH_SIZE": "1"}, Path(tmp) / "unbatched.log") as url:
+        with served({**env, "NEURONOVA_CT_ADAPTIVE_BATCHING": "false"}, Path(tmp) / "unbatched.log") as url:
             for clients in (1, 32):
                 result = service_load(url, data, False, clients, args.requests, {})
                 table.append(row("service, batching off, xai=off", result))
                 loads[f"unbatched_xai0_c{clients}"] = result.__dict__ | {"throughput": result.throughput}
         results["service"] = loads
     best_raw = raw["batch_32"]["images_per_s"]
+    raw_pipeline = 1000.0 / (raw["decode_prepare"]["p50_ms"] + raw["batch_1"]["p50_ms"])
     ratios = {
+        "service_c32_vs_raw_decode_prepare_predict": loads["batched_xai0_c32"]["throughput"] / raw_pipeline,
         "service_c32_vs_raw_batch32": loads["batched_xai0_c32"]["throughput"] / best_raw,
         "service_c32_vs_raw_batch1": loads["batched_xai0_c32"]["throughput"] / raw["batch_1"]["images_per_s"],
         "batched_vs_unbatched_c32": loads["batched_xai0_c32"]["throughput"] / loads["unbatched_xai0_c32"]["throughput"],

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     mri: ModelSlot = ModelSlot(model_tag="neuronova-mri:latest")
     biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
-    ct_max_batch_size: int = Field(default=32, ge=1, description="1 turns adaptive batching off (for comparison)")
+    ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
     xai_cache_entries: int = 256
     xai_cache_ttl_seconds: int = 3600
     data_dir: str = "var"

@@ -78,7 +78,7 @@ class CTClassifier:
     def __init__(self) -> None:
         self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
 
-    @bentoml.api(batchable=True, max_batch_size=settings.ct_max_batch_size, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=32, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K + 1): probabilities in the card's label order,
         then the generation of the model that computed them."""
@@ -88,7 +88,7 @@ class CTClassifier:
         self.served.record_timing(started, len(batch))
         return np.concatenate([probabilities, np.full((len(batch), 1), generation, np.float32)], axis=1)
 
-    @bentoml.api(batchable=True, max_batch_size=min(16, settings.ct_max_batch_size), max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=16, max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, batch: np.ndarray) -> np.ndarray:
         """Prepared slices -> (N, H, W) Grad-CAM maps in [0, 1] for each slice's top class."""
         return self.served.get()[0].explain(batch)
