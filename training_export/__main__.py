@@ -102,6 +102,21 @@ def _import_classifier(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _configure_import_segmenter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="the segmenter's ONNX file")
+    parser.add_argument("--card", type=Path, required=True, help="its segmentation card (.yaml, .yml or .json)")
+    parser.add_argument("--name", default="neuronova-mri", help="model store name (default: neuronova-mri)")
+
+
+@command("import-segmenter", "check a hospital's ONNX MRI segmenter against its card and store it",
+         _configure_import_segmenter)
+def _import_segmenter(args: argparse.Namespace) -> int:
+    from training_export.import_segmenter import import_segmenter
+
+    print(import_segmenter(args.model, args.card, name=args.name))
+    return EXIT_OK
+
+
 class _AnyCard(CardBase):
     """The fields every task's card shares; the task-specific ones are ignored."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +19,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import ValidationError
 
 from core import store
+from core.cards.base import CardBase
 from core.cards.classification import ClassificationCard
 from core.errors import ImageTooLarge, InvalidImageFormat, ModelCardError
 from core.imaging import DecodedSlice, ImageSource
@@ -32,6 +34,7 @@ from training_export.train_ct import (
 )
 
 log = logging.getLogger(__name__)
+CardT = TypeVar("CardT", bound=CardBase)
 
 _ORT_ERRORS = (
     ort_state.Fail,
@@ -46,9 +49,9 @@ _SMOKE_BATCH = 2
 _VALIDATION_BATCH = 32
 
 
-def load_card(card: ClassificationCard | Path) -> ClassificationCard:
-    """A card object as is, or a card read from a .json / .yaml / .yml file and validated."""
-    if isinstance(card, ClassificationCard):
+def load_card(card: CardT | Path, card_type: type[CardT] = ClassificationCard) -> CardT:
+    """A card object as is, or a card of `card_type` read from a .json / .yaml / .yml file and validated."""
+    if isinstance(card, card_type):
         return card
     path = Path(card)
     if path.suffix.lower() not in {".json", ".yaml", ".yml"}:
@@ -56,7 +59,7 @@ def load_card(card: ClassificationCard | Path) -> ClassificationCard:
     try:
         text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        return ClassificationCard.model_validate(raw)
+        return card_type.model_validate(raw)
     except (OSError, ValueError, yaml.YAMLError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
         raise ModelCardError(f"invalid model card {path.name}: {_describe(exc)}") from exc
 
