@@ -8,7 +8,7 @@ export BENTOML_DO_NOT_TRACK := True
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
 COVERAGE_FLOOR ?= 90
 
-.PHONY: install serve test bench models bento clean
+.PHONY: install serve test bench models bento bento-gpu clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: models  ## benchmarks (see docs/performance.md)
 
 bento: models  ## build the Bento (then: bentoml containerize neuronova:latest)
 	$(BIN)/bentoml build
+
+bento-gpu: models  ## the GPU Bento (CUDA base image; then: bentoml containerize neuronova-gpu:latest)
+	$(BIN)/python deploy/build_gpu_bento.py
 
 clean:
 	rm -rf $(VENV) .bentoml-test .pytest_cache .coverage

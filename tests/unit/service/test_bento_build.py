@@ -31,3 +31,19 @@ def test_bento_builds_with_pinned_models_and_dockerfile(demo_models):
         assert not re.search(r"NEURONOVA_AUTH__SECRET=(?!\$NEURONOVA_AUTH__SECRET)", dockerfile)  # no baked value
     finally:
         bentoml.delete(tag)
+
+
+def test_cpu_bento_takes_torch_cpu_build_and_gpu_bento_a_cuda_base_image(demo_models):
+    from deploy.build_gpu_bento import CUDA_VERSION, build_gpu_bento
+
+    cpu_config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert "https://download.pytorch.org/whl/cpu" in cpu_config["python"]["extra_index_url"]
+    bento = build_gpu_bento()
+    try:
+        path = Path(bento.path)
+        dockerfile = (path / "env" / "docker" / "Dockerfile").read_text()
+        assert f"FROM nvidia/cuda:{CUDA_VERSION}-cudnn-runtime" in dockerfile
+        assert "download.pytorch.org/whl/cpu" not in (path / "env" / "python" / "requirements.txt").read_text()
+        assert bento.info.labels["accelerator"] == "nvidia-gpu"
+    finally:
+        bentoml.delete(str(bento.tag))
