@@ -45,6 +45,14 @@ class LimitSettings(BaseModel):
     archive_max_uncompressed_bytes: int = 1 * 2**30
 
 
+class FeedbackSettings(BaseModel):
+    """Where doctors' feedback is stored."""
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL, e.g. postgresql://user:password@host:5432/neuronova; "
+        "unset: SQLite file <data_dir>/feedback/feedback.sqlite3 with inputs as files beside it")
+
+
 class ModelSlot(BaseModel):
     """Which model-store tag a runner loads at start-up."""
 
@@ -55,13 +63,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEURONOVA_", env_nested_delimiter="__", extra="ignore")
 
     version: str = "0.1.0"
-    patient_id_pattern: str = r"^P[0-9A-Za-z_-]{1,32}$"
+    patient_id_pattern: str = Field(
+        default=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="what an anonymised patient id looks like (Python regex); names, whitespace and dates are refused "
+                    "whatever it says (api/phi.py)",
+    )
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
     ct: ModelSlot = ModelSlot(model_tag="neuronova-ct:latest")
     mri: ModelSlot = ModelSlot(model_tag="neuronova-mri:latest")
     biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
+    feedback: FeedbackSettings = FeedbackSettings()
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
     ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
     xai_cache_entries: int = 256

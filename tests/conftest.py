@@ -17,6 +17,8 @@ os.environ.setdefault("NEURONOVA_AUTH__SECRET", IN_PROCESS_SECRET)
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.postgres"]  # the `postgres_server` fixture: a real PostgreSQL on loopback
+
 
 @pytest.fixture(scope="session")
 def demo_models() -> dict[str, str]:

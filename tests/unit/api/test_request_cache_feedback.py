@@ -1,15 +1,13 @@
-"""The shared request cache (bounded, expiring) and the durable feedback store."""
+"""The shared request cache (bounded, expiring); the feedback store's tests are in test_feedback_store.py."""
 
 import os
 import time
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 
-from api.feedback import FeedbackRequest, FeedbackStore
 from api.request_cache import CachedRequest, RequestCache
-from core.errors import InvalidRequest, NotFound
+from core.errors import NotFound
 
 
 def entry(request_id: str, value: float = 1.0) -> CachedRequest:
@@ -50,25 +48,3 @@ def test_cache_entries_expire(tmp_path):
     os.utime(cache._path("old"), (time.time() - 60, time.time() - 60))
     with pytest.raises(NotFound, match="expired"):
         cache.get("old")
-
-
-def test_feedback_is_stored_and_builds_a_fine_tuning_set(tmp_path):
-    store = FeedbackStore(tmp_path)
-    receipt = store.record(FeedbackRequest(request_id="r1", verdict="accept", reviewer_id="dr_7"), entry("r1", 1.0))
-    assert receipt.feedback_id == 1 and receipt.model_version == "neuronova-ct:v1"
-    store.record(FeedbackRequest(request_id="r2", verdict="correct", corrected_label="No Tumor", reviewer_id="dr_7",
-                                 comment="artefact"), entry("r2", 2.0))
-    store.record(FeedbackRequest(request_id="r3", verdict="reject", reviewer_id="dr_7"), entry("r3", 3.0))
-    labelled = FeedbackStore(tmp_path).labelled_inputs("ct_classification")  # a new store object: durable on disk
-    assert [label for _, label in labelled] == ["Glioma", "No Tumor"]
-    assert labelled[1][0].shape == (1, 4, 4)
-
-
-def test_feedback_validation(tmp_path):
-    with pytest.raises(ValidationError, match="corrected_label"):
-        FeedbackRequest(request_id="r", verdict="correct", reviewer_id="dr")
-    with pytest.raises(ValidationError):
-        FeedbackRequest(request_id="r", verdict="maybe", reviewer_id="dr")
-    with pytest.raises(InvalidRequest, match="one of"):
-        FeedbackStore(tmp_path).record(
-            FeedbackRequest(request_id="r", verdict="correct", corrected_label="Astrocytoma", reviewer_id="dr"), entry("r"))

@@ -1,0 +1,104 @@
+"""The feedback database through SQLAlchemy Core: embedded SQLite by default, PostgreSQL by URL in production.
+
+Both API workers open the same database. SQLite runs in WAL mode with a busy timeout (one writer at a time, readers
+never blocked); PostgreSQL gives each record its own transaction. Schema creation is idempotent and serialised, so
+the workers may start together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+SQLITE_FILE = "feedback.sqlite3"
+SQLITE_BUSY_TIMEOUT_S = 30
+# pg_advisory_xact_lock key that serialises schema creation between workers (any constant unique to this schema).
+SCHEMA_LOCK_KEY = 0x4E4E_FB01
+SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+metadata = MetaData()
+
+feedback_records = Table(
+    "feedback", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("model_id", String(64), nullable=False),
+    Column("model_version", String(256), nullable=False),
+    Column("input_sha256", String(64), nullable=False),
+    Column("predicted", String(64)),
+    Column("verdict", String(16), nullable=False),
+    Column("corrected_label", String(64)),
+    Column("reviewer_id", String(64), nullable=False),
+    Column("comment", Text, nullable=False, server_default=""),
+    Column("input_file", String(128), nullable=False),
+    CheckConstraint("verdict IN ('accept', 'correct', 'reject')", name="feedback_verdict"),
+    Index("ix_feedback_model_id", "model_id"),
+    sqlite_autoincrement=True,  # ids are never reused, as in an append-only log
+)
+
+# Server databases keep the de-identified inputs themselves: every API host and the fine-tuning job reach them
+# through the URL alone, and a record commits together with its input. Keyed by `feedback_records.input_file`.
+feedback_inputs = Table(
+    "feedback_inputs", metadata,
+    Column("input_file", String(128), primary_key=True),
+    Column("npz", LargeBinary, nullable=False),
+)
+
+
+def default_database_url(directory: Path) -> str:
+    """The embedded database: an SQLite file in the feedback directory."""
+    return f"sqlite:///{(directory / SQLITE_FILE).resolve()}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def open_engine(database_url: str) -> Engine:
+    """An engine for `sqlite:///<file>` or `postgresql://…` (driven by psycopg 3), schema created if missing."""
+    url = make_url(database_url)
+    if url.get_backend_name() not in SUPPORTED_DIALECTS:
+        raise ValueError(f"feedback database must be one of {SUPPORTED_DIALECTS}, not {url.get_backend_name()}")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy's default would be psycopg2
+    sqlite = url.get_backend_name() == "sqlite"
+    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite else {})
+    if sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
+    create_schema(engine)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables and indexes; concurrent callers (the API workers starting together) are safe."""
+    tables = [feedback_records] if engine.dialect.name == "sqlite" else [feedback_records, feedback_inputs]
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # IF NOT EXISTS alone still races on PostgreSQL's catalog; the lock makes the second worker wait.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        for table in tables:
+            connection.execute(CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                connection.execute(CreateIndex(index, if_not_exists=True))

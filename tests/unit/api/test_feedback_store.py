@@ -1,0 +1,133 @@
+"""The durable feedback store, the same cases against embedded SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import func, select, text
+
+from api.feedback import FeedbackRequest, FeedbackStore, InputFiles
+from api.request_cache import CachedRequest
+from core.errors import InvalidRequest
+from core.feedback_db import feedback_inputs
+
+
+def entry(request_id: str, value: float = 1.0, model_id: str = "ct_classification", shape=(1, 4, 4)) -> CachedRequest:
+    return CachedRequest(
+        request_id=request_id, model_id=model_id, model_version="neuronova-ct:v1", input_sha256="ab" * 32,
+        arrays={"tensor": np.full(shape, value, np.float32), "display": np.zeros((8, 8), np.uint8)},
+        facts={"labels": ["Glioma", "No Tumor"], "predicted_class": "Glioma"},
+    )
+
+
+def accept(request_id: str) -> FeedbackRequest:
+    return FeedbackRequest(request_id=request_id, verdict="accept", reviewer_id="dr_7")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str | None:
+    """None: the embedded default (SQLite in the store's directory); else a fresh database on the test server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "feedback"
+
+
+def stored_inputs(store: FeedbackStore) -> int:
+    if isinstance(store.inputs, InputFiles):
+        return len(list(store.inputs.directory.glob("*.npz")))
+    with store.engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(feedback_inputs)).scalar_one()
+
+
+def test_verdicts_are_stored_and_build_a_fine_tuning_set(directory, database_url):
+    store = FeedbackStore(directory, database_url)
+    receipt = store.record(accept("r1"), entry("r1", 1.0))
+    assert receipt.feedback_id == 1 and receipt.model_version == "neuronova-ct:v1" and receipt.input_sha256 == "ab" * 32
+    second = store.record(FeedbackRequest(request_id="r2", verdict="correct", corrected_label="No Tumor",
+                                          reviewer_id="dr_7", comment="artefact"), entry("r2", 2.0))
+    assert second.feedback_id == 2 and second.verdict == "correct"
+    store.record(FeedbackRequest(request_id="r3", verdict="reject", reviewer_id="dr_7"), entry("r3", 3.0))
+    store.record(accept("b1"), entry("b1", 4.0, model_id="other_model"))
+    labelled = FeedbackStore(directory, database_url).labelled_inputs("ct_classification")  # a new store: durable
+    assert [label for _, label in labelled] == ["Glioma", "No Tumor"]
+    assert np.array_equal(labelled[1][0], np.full((1, 4, 4), 2.0, np.float32))
+    assert FeedbackStore(directory, database_url).labelled_inputs("never_reviewed") == []
+
+
+def test_an_input_is_stored_once_per_distinct_tensor(directory, database_url):
+    store = FeedbackStore(directory, database_url)
+    store.record(accept("r1"), entry("r1", 5.0))
+    store.record(accept("r2"), entry("r2", 5.0))  # the same tensor reviewed twice
+    assert stored_inputs(store) == 1
+    # The same upload (same input_sha256) prepared differently by another model version keeps its own tensor.
+    store.record(accept("r3"), entry("r3", 5.0, shape=(1, 8, 8)))
+    assert stored_inputs(store) == 2
+    assert [tensor.shape for tensor, _ in store.labelled_inputs("ct_classification")] == [(1, 4, 4)] * 2 + [(1, 8, 8)]
+
+
+def test_a_refused_correction_stores_nothing(directory, database_url):
+    store = FeedbackStore(directory, database_url)
+    with pytest.raises(InvalidRequest, match="one of"):
+        store.record(FeedbackRequest(request_id="r", verdict="correct", corrected_label="Astrocytoma",
+                                     reviewer_id="dr"), entry("r"))
+    assert store.labelled_inputs("ct_classification") == [] and stored_inputs(store) == 0
+
+
+def test_two_workers_start_and_write_at_once(directory, database_url):
+    """Two stores (as in the two API worker processes) created together on an empty database, then 2 x 20 writes."""
+    with ThreadPoolExecutor(2) as pool:
+        stores = list(pool.map(lambda _: FeedbackStore(directory, database_url), range(2)))
+        jobs = [(stores[index % 2], f"r{index}", float(index)) for index in range(40)]
+        receipts = list(pool.map(lambda job: job[0].record(accept(job[1]), entry(job[1], job[2])), jobs))
+    assert sorted(receipt.feedback_id for receipt in receipts) == list(range(1, 41))
+    tensors = stores[0].labelled_inputs("ct_classification")
+    assert sorted(float(tensor.flat[0]) for tensor, _ in tensors) == [float(index) for index in range(40)]
+
+
+def test_sqlite_runs_in_wal_mode(directory):
+    with FeedbackStore(directory).engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+
+
+def test_a_database_written_before_sqlalchemy_still_reads_and_appends(directory):
+    """The data dir of an earlier release: the same table written by sqlite3, inputs named by the upload's hash."""
+    (directory / "inputs").mkdir(parents=True)
+    np.savez_compressed(directory / "inputs" / f"{'cd' * 32}.npz", tensor=np.ones((1, 4, 4), np.float32))
+    with sqlite3.connect(directory / "feedback.sqlite3") as connection:
+        connection.execute(
+            "CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at TEXT NOT NULL, request_id TEXT NOT"
+            " NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL, input_sha256 TEXT NOT NULL, predicted TEXT,"
+            " verdict TEXT NOT NULL CHECK (verdict IN ('accept', 'correct', 'reject')), corrected_label TEXT,"
+            " reviewer_id TEXT NOT NULL, comment TEXT NOT NULL DEFAULT '', input_file TEXT NOT NULL)")
+        connection.execute(
+            "INSERT INTO feedback (created_at, request_id, model_id, model_version, input_sha256, predicted, verdict,"
+            " reviewer_id, input_file) VALUES ('2026-11-01T10:00:00+00:00', 'old', 'ct_classification', 'v0', ?,"
+            " 'No Tumor', 'accept', 'dr_1', ?)", ("cd" * 32, f"{'cd' * 32}.npz"))
+    connection.close()
+    store = FeedbackStore(directory)
+    assert store.record(accept("new"), entry("new", 2.0)).feedback_id == 2
+    assert [label for _, label in store.labelled_inputs("ct_classification")] == ["No Tumor", "Glioma"]
+
+
+def test_only_sqlite_and_postgresql_urls(directory):
+    with pytest.raises(ValueError, match="must be one of"):
+        FeedbackStore(directory, "mysql://reviewer@db.example/neuronova")
+
+
+def test_feedback_request_validation():
+    with pytest.raises(ValidationError, match="corrected_label"):
+        FeedbackRequest(request_id="r", verdict="correct", reviewer_id="dr")
+    with pytest.raises(ValidationError):
+        FeedbackRequest(request_id="r", verdict="maybe", reviewer_id="dr")
+    with pytest.raises(ValidationError):
+        FeedbackRequest(request_id="r", verdict="accept", reviewer_id="dr 7; DROP TABLE feedback")
