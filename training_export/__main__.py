@@ -117,6 +117,26 @@ def _import_segmenter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _configure_finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="neuronova-ct:latest", help="parent store tag (default: neuronova-ct:latest)")
+    parser.add_argument("--min-records", type=int, default=8, help="fewest reviewed inputs to train on (default: 8)")
+
+
+@command("finetune-ct", "fine-tune the CT classifier on reviewed feedback; store it only if not worse",
+         _configure_finetune)
+def _finetune_ct(args: argparse.Namespace) -> int:
+    from api.feedback import FeedbackStore
+    from core.settings import get_settings
+    from training_export.finetune_ct import FineTuneConfig, finetune_from_feedback
+
+    settings = get_settings()
+    feedback = FeedbackStore(Path(settings.data_dir) / "feedback", settings.feedback.database_url)
+    report = finetune_from_feedback(feedback.labelled_inputs("ct_classification"), args.model,
+                                    config=FineTuneConfig(min_records=args.min_records))
+    print(report.model_dump_json(indent=2))
+    return EXIT_OK if report.registered else EXIT_REFUSED
+
+
 class _AnyCard(CardBase):
     """The fields every task's card shares; the task-specific ones are ignored."""
 

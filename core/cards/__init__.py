@@ -1,6 +1,6 @@
 """Model cards: the one description of a model (ours or a hospital's) that every room reads its settings from."""
 
-from core.cards.base import DEMO_INTENDED_USE, CardBase, Provenance
+from core.cards.base import DEMO_INTENDED_USE, CardBase, Lineage, Provenance
 from core.cards.classification import CT_CLASSES, ClassificationCard, ImageInputSpec, TorchArchitecture, Window
 from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, HeadSpec, NumberFeature, TabularCard
 
@@ -9,6 +9,7 @@ __all__ = [
     "DEMO_INTENDED_USE",
     "BoolFeature",
     "CardBase",
+    "Lineage",
     "CategoryFeature",
     "ClassificationCard",
     "FeatureSpec",

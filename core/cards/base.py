@@ -19,6 +19,20 @@ class Provenance(BaseModel):
     synthetic_data: bool = Field(description="true when trained on generated, not patient, data")
 
 
+class Lineage(BaseModel):
+    """How a model was derived from a stored parent, and the comparison that let it into the store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent_tag: str = Field(description="store tag of the model this one was fine-tuned from")
+    method: str
+    feedback_records: int = Field(ge=0, description="reviewed feedback records used for training")
+    evaluation: dict[str, dict[str, float]] = Field(
+        description="evaluation set -> metrics, e.g. {'reference/parent': {...}, 'reference/candidate': {...}}"
+    )
+    non_inferiority_margin: float = Field(ge=0, description="accuracy the child could lose and still be registered")
+
+
 class CardBase(BaseModel):
     """Fields shared by every task's card. A card is stored as the `card` entry of the model's store metadata."""
 
@@ -31,3 +45,4 @@ class CardBase(BaseModel):
     intended_use: str
     provenance: Provenance
     metrics: dict[str, float] = Field(default_factory=dict, description="held-out metrics from training or import")
+    lineage: Lineage | None = Field(default=None, description="set on versions fine-tuned from a parent")
