@@ -117,6 +117,8 @@ def test_settings_and_tokens_match_the_service() -> None:
         ClientSettings.from_mapping({"URL": "http://x"})
     with pytest.raises(ImproperlyConfigured, match="TIMEOUT"):
         ClientSettings.from_mapping({"URL": "http://x", "JWT_SECRET": "s", "TIMEOUT": 3})
+    with pytest.raises(ImproperlyConfigured, match="REVIEWER_ID_PREFIX"):
+        ClientSettings.from_mapping({"URL": "http://x", "JWT_SECRET": "s", "REVIEWER_ID_PREFIX": "dr house/"})
     config = ClientSettings.from_mapping({"URL": "http://x", "JWT_SECRET": "s" * 32, "JWT_AUDIENCE": "neuronova",
                                           "JWT_ISSUER": "django", "TOKEN_TTL_SECONDS": 60})
     token = NeuroNovaClient(config).token("django-user-7")
@@ -156,8 +158,20 @@ def test_ct_and_biomarker_through_the_views_then_review(neuronova) -> None:
     assert answer.json()["result"]["result"]["tumor_type"]["predicted_class"] == "Prostate"
 
     review = reverse("neuronova_client:review", args=[stored.pk])
-    assert neuronova.post(review).json()["reviewed_by"] == "dr_house"
-    assert neuronova.post(review).status_code == 409
+    for refused in ({"verdict": "correct"}, {"verdict": "correct", "corrected_label": "Astrocytoma"},
+                    {"verdict": "accept", "corrected_label": "Glioma"}, {"verdict": "maybe"}):
+        answer = neuronova.post(review, refused)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "INVALID_REQUEST", refused
+    correction = {"verdict": "correct", "corrected_label": "Meningioma", "comment": "enhancing dural tail"}
+    reviewed = neuronova.post(review, correction).json()
+    doctor = User.objects.get(username="dr_house")
+    assert reviewed["status"] == "reviewed" and reviewed["reviewed_by"] == f"django-user-{doctor.pk}"
+    assert isinstance(reviewed["feedback_id"], int) and reviewed["feedback_id"] == reviewed["feedback_receipt"][
+        "feedback_id"]
+    assert {key: reviewed["feedback_receipt"][key] for key in ("request_id", "model_version", "verdict")} == {
+        "request_id": stored.request_id, "model_version": stored.model_version, "verdict": "correct"}
+    assert (reviewed["corrected_label"], reviewed["review_comment"]) == ("Meningioma", "enhancing dural tail")
+    assert neuronova.post(review, correction).status_code == 409
     assert neuronova.get(reverse("neuronova_client:prediction", args=[stored.pk])).json()["status"] == "reviewed"
     assert Client().post(reverse("neuronova_client:ct")).status_code == 403  # not logged in
     stored.refresh_from_db()
@@ -166,6 +180,22 @@ def test_ct_and_biomarker_through_the_views_then_review(neuronova) -> None:
     queue.force_login(User.objects.create_superuser("chief", password=None))
     listed = queue.get("/admin/neuronova_client/prediction/", {"status__exact": "reviewed"})
     assert listed.status_code == 200 and stored.request_id in listed.content.decode()
+
+
+def test_a_review_the_service_refuses_leaves_the_prediction_awaiting_review(neuronova) -> None:
+    """The service keeps requests for feedback a bounded time: an unknown (or expired) one is its NOT_FOUND; an
+    unreachable service is SERVICE_UNAVAILABLE. Neither marks the prediction reviewed."""
+    expired = Prediction.objects.create(request_id="dj-expired", model_id="ct_classification", patient_id="P000111",
+                                        result={"result": {"probabilities": {"Glioma": 0.9, "No Tumor": 0.1}}})
+    review = reverse("neuronova_client:review", args=[expired.pk])
+    answer = neuronova.post(review, {"verdict": "correct", "corrected_label": "No Tumor"})
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "NOT_FOUND"
+    with override_settings(NEURONOVA={"URL": f"http://127.0.0.1:{free_port()}", "JWT_SECRET": JWT_SECRET,
+                                      "BACKOFF_SECONDS": 0.01}):
+        answer = neuronova.post(review, {"verdict": "reject"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    expired.refresh_from_db()
+    assert (expired.status, expired.feedback_id, expired.verdict, expired.reviewed_by) == ("pending", None, "", "")
 
 
 def test_requests_the_views_refuse_before_calling_the_service(neuronova) -> None:

@@ -1,6 +1,6 @@
 """The NeuroNova calls a Django site makes, through BentoML's `SyncHTTPClient`.
 
-- CT classification and biomarker prediction: the client's generated methods (`predict_ct_classification`, ...).
+- CT classification, biomarker prediction and a doctor's verdict (`POST /feedback`): the client's generated methods.
 - MRI segmentation is a BentoML task. `SyncHTTPClient.<task>.submit()` raises in BentoML 1.4.40 *after* the server
   has started the task (`_opened_files` missing in its `finally:` block, notes G3), which would orphan the job. So
   `submit_mri` posts to the task's `/submit` route through the same client's `request()` and reads the task id from
@@ -123,6 +123,14 @@ class NeuroNovaClient:
         if not isinstance(task_id, str) or not task_id:
             raise ServiceError(502, "INTERNAL_SERVER_ERROR", f"task submit answered without a task id: {body!r}")
         return task_id
+
+    def submit_feedback(self, request_id: str, verdict: str, *, reviewer_id: str, subject: str,
+                        corrected_label: str | None = None, comment: str = "") -> dict[str, Any]:
+        """`POST /feedback`: a doctor's verdict on an earlier result; returns the service's receipt (`feedback_id`,
+        `model_version`, `input_sha256`). Each call is a new record, so it is retried only where the service cannot
+        have recorded it (connection refused, a 429 or 503 refusal), never after a timeout."""
+        return self._api("feedback", subject, request_id=request_id, verdict=verdict, reviewer_id=reviewer_id,
+                         comment=comment, **_given(corrected_label=corrected_label))
 
     def task_status(self, task_id: str, *, subject: str) -> dict[str, Any]:
         """`GET /task/<id>`: status, progress, current step, and the result (or SPEC error) once finished."""

@@ -8,16 +8,21 @@ Keys are the upper-case names of `ClientSettings` fields; `URL` and `JWT_SECRET`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+# The service's `reviewer_id` is `^[A-Za-z0-9_.-]+$`, at most 64 characters: the prefix leaves 20 for the user's pk.
+REVIEWER_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,44}")
+
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """Where the service is, how to sign its tokens (its `NEURONOVA_AUTH__*` settings), timeouts and retries."""
+    """Where the service is, how to sign its tokens (its `NEURONOVA_AUTH__*` settings), timeouts and retries, and
+    the prefix of the anonymised reviewer id sent with a doctor's verdict (`<prefix><user pk>`, never a name)."""
 
     url: str
     jwt_secret: str
@@ -32,6 +37,7 @@ class ClientSettings:
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
     poll_interval_seconds: float = 2.0
+    reviewer_id_prefix: str = "django-user-"
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> ClientSettings:
@@ -44,6 +50,8 @@ class ClientSettings:
         missing = [name.upper() for name in ("url", "jwt_secret") if not values.get(name)]
         if missing:
             raise ImproperlyConfigured(f"NEURONOVA: {missing} must be set")
+        if not REVIEWER_PREFIX.fullmatch(values.get("reviewer_id_prefix", "")):
+            raise ImproperlyConfigured("NEURONOVA: REVIEWER_ID_PREFIX must be at most 44 of A-Z a-z 0-9 _ . -")
         return cls(**values)
 
 

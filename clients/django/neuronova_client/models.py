@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import models
 from django.utils import timezone
+
+
+@dataclass(frozen=True)
+class Review:
+    """A doctor's verdict on a result, as the service's `POST /feedback` takes it."""
+
+    verdict: str
+    corrected_label: str | None = None
+    comment: str = ""
 
 
 class Prediction(models.Model):
@@ -16,6 +26,11 @@ class Prediction(models.Model):
         PENDING = "pending", "awaiting review"
         REVIEWED = "reviewed", "reviewed"
         FAILED = "failed", "failed"
+
+    class Verdict(models.TextChoices):
+        ACCEPT = "accept", "accept"
+        CORRECT = "correct", "correct (with the right label)"
+        REJECT = "reject", "reject"
 
     request_id = models.CharField(max_length=128, unique=True)
     model_id = models.CharField(max_length=64)
@@ -28,8 +43,16 @@ class Prediction(models.Model):
     error = models.JSONField(null=True, blank=True, help_text="the service's SPEC error: code, message, details")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
-    reviewed_by = models.CharField(max_length=150, blank=True)
+    reviewed_by = models.CharField(max_length=150, blank=True,
+                                   help_text="the anonymised reviewer id sent to the service (no names)")
     reviewed_at = models.DateTimeField(null=True, blank=True)
+    verdict = models.CharField(max_length=8, choices=Verdict.choices, blank=True)
+    corrected_label = models.CharField(max_length=64, blank=True)
+    review_comment = models.TextField(blank=True)
+    feedback_id = models.PositiveBigIntegerField(null=True, blank=True, db_index=True,
+                                                 help_text="the service's record of the verdict (POST /feedback)")
+    feedback_receipt = models.JSONField(null=True, blank=True,
+                                        help_text="the service's receipt: model version and input hash judged")
 
     class Meta:
         ordering = ("-created",)
@@ -62,13 +85,26 @@ class Prediction(models.Model):
         self.status = self.Status.FAILED
         self.save()
 
-    def mark_reviewed(self, reviewer: str) -> None:
-        """A doctor has looked at the result (the verdict itself goes to the service's `POST /feedback`)."""
+    def labels(self) -> list[str]:
+        """The classes a correction may name: those of the answer's probabilities (the model's contract classes)."""
+        probabilities = ((self.result or {}).get("result") or {}).get("probabilities")
+        return list(probabilities) if isinstance(probabilities, dict) else []
+
+    def ensure_reviewable(self) -> None:
+        """Raise ValueError unless the result awaits review."""
         if self.status != self.Status.PENDING:
             raise ValueError(f"only a prediction awaiting review can be reviewed (this one is {self.status})")
+
+    def mark_reviewed(self, review: Review, reviewer_id: str, receipt: dict[str, Any]) -> None:
+        """The service has recorded the doctor's verdict (`receipt`, its `POST /feedback` answer): keep both."""
+        self.ensure_reviewable()
         self.status = self.Status.REVIEWED
-        self.reviewed_by = reviewer
+        self.verdict, self.corrected_label = review.verdict, review.corrected_label or ""
+        self.review_comment = review.comment
+        self.reviewed_by = reviewer_id
         self.reviewed_at = timezone.now()
+        self.feedback_id = int(receipt["feedback_id"])
+        self.feedback_receipt = {key: value for key, value in receipt.items() if key != "success"}
         self.save()
 
     def as_json(self) -> dict[str, Any]:
@@ -77,5 +113,7 @@ class Prediction(models.Model):
             "model_version": self.model_version, "patient_id": self.patient_id, "task_id": self.task_id,
             "status": self.status, "progress": self.progress, "result": self.result, "error": self.error,
             "created": self.created.isoformat(), "reviewed_by": self.reviewed_by,
-            "reviewed_at": self.reviewed_at.isoformat() if self.reviewed_at else None,
+            "reviewed_at": self.reviewed_at.isoformat() if self.reviewed_at else None, "verdict": self.verdict,
+            "corrected_label": self.corrected_label, "review_comment": self.review_comment,
+            "feedback_id": self.feedback_id, "feedback_receipt": self.feedback_receipt,
         }

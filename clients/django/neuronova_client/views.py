@@ -1,4 +1,5 @@
-"""JSON views: CT and biomarker answered in the request, MRI submitted (202) and collected by `neuronova_poll`.
+"""JSON views: CT and biomarker answered in the request, MRI submitted (202) and collected by `neuronova_poll`; a
+review sends the doctor's verdict to the service (`reviews.py`).
 
 Service errors keep their SPEC body; the status stays for the caller's own mistakes (4xx) and becomes 502 for
 the service's failures and for a refused token (a configuration problem of this site, not of the user).
@@ -20,6 +21,7 @@ from neuronova_client.client import get_client
 from neuronova_client.errors import ServiceError, ServiceUnreachable
 from neuronova_client.jobs import submit_mri
 from neuronova_client.models import Prediction
+from neuronova_client.reviews import ReviewForm, reviewer_id, submit_review
 
 View = Callable[..., JsonResponse]
 CALLER_STATUSES = frozenset({400, 404, 409, 413, 429})
@@ -37,8 +39,9 @@ def _service_errors(view: View) -> View:
     return wrapped
 
 
-def _error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse({"success": False, "error": {"code": code, "message": message, "details": {}}}, status=status)
+def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> JsonResponse:
+    return JsonResponse({"success": False, "error": {"code": code, "message": message, "details": details or {}}},
+                        status=status)
 
 
 def _subject(request: HttpRequest) -> str:
@@ -98,11 +101,18 @@ def prediction_detail(request: HttpRequest, pk: int) -> JsonResponse:
 
 @require_POST
 @permission_required("neuronova_client.change_prediction", raise_exception=True)
+@_service_errors
 def review_prediction(request: HttpRequest, pk: int) -> JsonResponse:
-    """Mark a result awaiting review as reviewed by the current user."""
+    """form: `verdict` (accept / correct / reject), `corrected_label` (for correct), `comment`. The verdict goes to the
+    service's `POST /feedback` under the user's anonymised reviewer id; reviewed once the service has recorded it."""
     prediction = get_object_or_404(Prediction, pk=pk)
+    form = ReviewForm(request.POST, labels=prediction.labels())
+    if not form.is_valid():
+        return _error(400, "INVALID_REQUEST", "invalid review", {"fields": form.errors.get_json_data()})
+    client = get_client()
     try:
-        prediction.mark_reviewed(request.user.get_username())
+        prediction = submit_review(client, prediction, form.review(), subject=_subject(request),
+                                   reviewer=reviewer_id(request.user, client.config.reviewer_id_prefix))
     except ValueError as error:
         return _error(409, "INVALID_REQUEST", str(error))
     return JsonResponse(prediction.as_json())
