@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -12,15 +13,36 @@ from api.models import ModelSlot, RunnerModel
 from api.request_cache import CachedRequest
 from api.shaping import heatmap_explanation
 from core.cards.classification import ClassificationCard
-from core.errors import InvalidRequest, ModelInferenceError, XaiGenerationError
+from core.errors import InvalidRequest, ModelInferenceError
 from core.imaging import DecodedSlice
-from core.schemas import CTClassificationResponse, ExplainResponse
+from core.ood import ood_warnings
+from core.schemas import CTClassificationResponse, ExplainResponse, HeatmapExplanation
 from preprocessing.decode import decode_slice
 from preprocessing.transforms import PreparedSlice, prepare_slice
 from xai.render import DEFAULT_COLORMAP, colorize
 
 ATTEMPTS = 2
 """A model switch between reading the card and running the batch costs one retry, never a failed request."""
+GRAD_CAM, OCCLUSION = "grad_cam", "occlusion"
+RUNNER_METHODS = {GRAD_CAM: "explain", OCCLUSION: "occlude"}
+"""Each XAI method and the runner method that computes its maps."""
+
+
+def requested_methods(xai_methods: Sequence[str] | str) -> list[str]:
+    """The caller's xai_methods as a list, or InvalidRequest naming the unsupported ones."""
+    methods = [xai_methods] if isinstance(xai_methods, str) else list(xai_methods)
+    unsupported = sorted(set(methods) - set(RUNNER_METHODS))
+    if unsupported:
+        raise InvalidRequest(f"unsupported xai_methods {unsupported}; supported: {list(RUNNER_METHODS)}")
+    return methods
+
+
+def xai_methods_for(model: RunnerModel[ClassificationCard], requested: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The methods to run on this model and the warnings to give: Grad-CAM needs the model's torch weights, and an
+    imported ONNX model without them is explained by occlusion sensitivity instead."""
+    if GRAD_CAM not in requested or model.describe.get("gradcam_layer"):
+        return list(dict.fromkeys(requested)), []
+    return [OCCLUSION], [f"{model.tag} has no differentiable weights for Grad-CAM; explained by occlusion sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -31,15 +53,16 @@ class Classified:
     decoded: DecodedSlice
     prepared: PreparedSlice
     probabilities: np.ndarray
-    heatmap: np.ndarray | None
+    heatmaps: dict[str, np.ndarray]
+    warnings: list[str] = field(default_factory=list)
 
 
-async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filename: str | None, *, explain: bool,
-                         max_pixels: int) -> Classified:
-    """Decode and prepare with the served model's card, predict (and Grad-CAM) in the batched runner.
+async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filename: str | None, *,
+                         xai_methods: Sequence[str], max_pixels: int) -> Classified:
+    """Decode and prepare with the served model's card, predict (and explain by each method) in the batched runner.
 
-    The runner tags each output row with its model generation; when that differs from the card used to prepare the
-    input (a switch happened in between), the slice is prepared again with the new card.
+    The runner tags each output row with its OOD score and model generation; when the generation differs from the
+    card used to prepare the input (a switch happened in between), the slice is prepared again with the new card.
     """
     for _ in range(ATTEMPTS):
         model = await slot.loaded()
@@ -48,13 +71,27 @@ async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filen
                                modalities=card.input.modalities)
         prepared = prepare_slice(decoded, card.input)
         batch = prepared.tensor[None]
-        calls = [slot.call("predict", batch)] + ([slot.call("explain", batch)] if explain else [])
-        outputs = await asyncio.gather(*calls)
-        probabilities, generation = outputs[0][0, :-1], int(outputs[0][0, -1])
-        if generation == model.describe.get("generation"):
-            return Classified(model, decoded, prepared, probabilities, outputs[1][0] if explain else None)
+        methods, warnings = xai_methods_for(model, xai_methods)
+        outputs = await asyncio.gather(slot.call("predict", batch), *(slot.call(RUNNER_METHODS[m], batch) for m in methods))
+        row = outputs[0][0]
+        if int(row[-1]) == model.describe.get("generation"):
+            heatmaps = {method: maps[0] for method, maps in zip(methods, outputs[1:])}
+            warnings += ood_warnings(float(row[-2]), card.ood)
+            return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings)
         slot.forget()
     raise ModelInferenceError("the CT model was switched repeatedly during the request; retry it")
+
+
+def explanations(model: RunnerModel[ClassificationCard], heatmaps: dict[str, np.ndarray], display: np.ndarray,
+                 target_class: str, colormaps: Mapping[str, str] | None = None) -> dict[str, HeatmapExplanation]:
+    """Each method's map rendered in the input's geometry, keyed and labelled by the method that made it."""
+    layer, colormaps = model.describe.get("gradcam_layer"), colormaps or {}
+    return {
+        method: heatmap_explanation(heatmap, display, method=method, target_class=target_class,
+                                    colormap=colormaps.get(method, DEFAULT_COLORMAP),
+                                    layer_name=layer if method == GRAD_CAM else None)
+        for method, heatmap in heatmaps.items()
+    }
 
 
 class GradCamOptions(BaseModel):
@@ -62,8 +99,13 @@ class GradCamOptions(BaseModel):
     colormap: str = DEFAULT_COLORMAP
 
 
+class OcclusionOptions(BaseModel):
+    colormap: str = DEFAULT_COLORMAP
+
+
 class ExplainOptions(BaseModel):
     grad_cam: GradCamOptions = Field(default_factory=GradCamOptions)
+    occlusion: OcclusionOptions = Field(default_factory=OcclusionOptions)
 
 
 def cached_classification(response: CTClassificationResponse, out: Classified) -> CachedRequest:
@@ -77,26 +119,29 @@ def cached_classification(response: CTClassificationResponse, out: Classified) -
 
 
 async def explain_cached(slot: ModelSlot[ClassificationCard], model: RunnerModel[ClassificationCard],
-                         cached: CachedRequest, options: GradCamOptions) -> ExplainResponse:
-    """Grad-CAM of a cached CT input with the served model (warning when it is not the version that answered)."""
+                         cached: CachedRequest, xai_methods: Sequence[str], options: ExplainOptions) -> ExplainResponse:
+    """Maps of a cached CT input by each method with the served model (warning when it is not the version that
+    answered, or when occlusion stands in for Grad-CAM)."""
     layer = model.describe.get("gradcam_layer")
     if cached.model_id != slot.model_id:
         raise InvalidRequest(f"request {cached.request_id!r} was a {cached.model_id} request")
-    if layer is None:
-        raise XaiGenerationError(f"{model.tag} has no differentiable weights for Grad-CAM")
-    if options.layer_name not in (None, layer):
-        raise InvalidRequest(f"Grad-CAM is served on layer {layer!r} only", {"layer_name": options.layer_name})
-    try:
-        colorize(np.zeros((1, 1), np.float32), options.colormap)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
-    heatmap = (await slot.call("explain", cached.arrays["tensor"][None]))[0]
+    if layer is not None and options.grad_cam.layer_name not in (None, layer):
+        raise InvalidRequest(f"Grad-CAM is served on layer {layer!r} only", {"layer_name": options.grad_cam.layer_name})
+    methods, warnings = xai_methods_for(model, xai_methods)
+    if not methods:
+        raise InvalidRequest("xai_methods is empty")
+    colormaps = {GRAD_CAM: options.grad_cam.colormap, OCCLUSION: options.occlusion.colormap}
+    for method in methods:
+        try:
+            colorize(np.zeros((1, 1), np.float32), colormaps[method])
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+    tensor = cached.arrays["tensor"][None]
+    maps = await asyncio.gather(*(slot.call(RUNNER_METHODS[method], tensor) for method in methods))
     display = cached.arrays["display"].astype(np.float32) / 255.0
-    labels = model.card.contract_labels()
-    warnings = [] if model.tag == cached.model_version else [
-        f"explained with {model.tag}; the prediction was made by {cached.model_version}"
-    ]
-    explanation = heatmap_explanation(heatmap, display, method="grad_cam", layer_name=layer, colormap=options.colormap,
-                                      target_class=cached.facts.get("predicted_class", labels[0]))
+    target = cached.facts.get("predicted_class", model.card.contract_labels()[0])
+    if model.tag != cached.model_version:
+        warnings.append(f"explained with {model.tag}; the prediction was made by {cached.model_version}")
+    xai = explanations(model, {method: heatmap[0] for method, heatmap in zip(methods, maps)}, display, target, colormaps)
     return ExplainResponse(request_id=cached.request_id, model_id=slot.model_id, model_version=model.tag,
-                           intended_use=model.card.intended_use, warnings=warnings, xai={"grad_cam": explanation})
+                           intended_use=model.card.intended_use, warnings=warnings, xai=xai)

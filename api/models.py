@@ -38,7 +38,7 @@ def classification_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any
         "type": "classification",
         "input_format": ["dicom", "png", "jpeg"],
         "output_classes": card.contract_labels(),
-        "xai_supported": ["grad_cam"] if describe.get("gradcam_layer") else [],
+        "xai_supported": (["grad_cam"] if describe.get("gradcam_layer") else []) + ["occlusion"],
     }
 
 

@@ -1,11 +1,11 @@
-"""CTClassifier: the slice classifier from the model store, batched, with batched Grad-CAM."""
+"""CTClassifier: the slice classifier from the model store, batched, with batched Grad-CAM and occlusion maps."""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import bentoml
@@ -15,10 +15,12 @@ from core import store
 from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
 from core.networks import load_module
+from core.ood import ood_scores
 from core.settings import get_settings
 from runners.common import RUNNER_CONNECTION, Engine, select_engine, softmax
 from runners.switching import SwitchableModel
 from xai.gradcam import GradCamExplainer
+from xai.occlusion import DEFAULT_STEPS, occlusion_maps
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -32,11 +34,19 @@ class LoadedClassifier:
     card: ClassificationCard
     engine: Engine
     explainer: GradCamExplainer | None
-    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    occlusion_steps: int = DEFAULT_STEPS
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, len(card.labels)) in the model's label order."""
+        return self._probabilities(self.engine.run(batch))
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and each image's OOD score (higher = less like the training data, see core.ood)."""
         outputs = self.engine.run(batch)
+        return self._probabilities(outputs), ood_scores(outputs, self.card.output_kind)
+
+    def _probabilities(self, outputs: np.ndarray) -> np.ndarray:
         return softmax(outputs) if self.card.output_kind == "logits" else outputs.astype(np.float32)
 
     def explain(self, batch: np.ndarray) -> np.ndarray:
@@ -46,6 +56,11 @@ class LoadedClassifier:
         nchw = np.moveaxis(batch, -1, 1) if self.card.input.layout == "NHWC" else batch
         return self.explainer.explain(nchw)
 
+    def occlude(self, batch: np.ndarray) -> np.ndarray:
+        """Occlusion-sensitivity maps (N, H, W) in [0, 1] for each image's top class; perturbed copies run through
+        `predict` in chunks, so any model can be explained."""
+        return occlusion_maps(self.predict, batch, self.card.input.layout, steps=self.occlusion_steps)
+
 
 def load_classifier(model: bentoml.Model) -> LoadedClassifier:
     """Build the engine and explainer for a stored classifier and warm both up with a blank input."""
@@ -53,7 +68,8 @@ def load_classifier(model: bentoml.Model) -> LoadedClassifier:
     module = load_module(card.torch, model.path_of(card.torch.weights_file)) if card.torch else None
     engine = select_engine(model.path_of(card.model_file), module)
     explainer = GradCamExplainer(module, card.torch.gradcam_layer, engine.device) if module is not None else None
-    loaded = LoadedClassifier(tag=str(model.tag), card=card, engine=engine, explainer=explainer)
+    loaded = LoadedClassifier(tag=str(model.tag), card=card, engine=engine, explainer=explainer,
+                              occlusion_steps=settings.occlusion_steps)
     spec = card.input
     shape = (1, spec.channels, spec.height, spec.width) if spec.layout == "NCHW" else (1, spec.height, spec.width, spec.channels)
     loaded.predict(np.zeros(shape, np.float32))
@@ -80,18 +96,23 @@ class CTClassifier:
 
     @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=32, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K + 1): probabilities in the card's label order,
-        then the generation of the model that computed them."""
+        """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K + 2): probabilities in the card's label order,
+        the OOD score, then the generation of the model that computed them."""
         started = time.perf_counter()
         model, generation = self.served.get()
-        probabilities = model.predict(batch)
+        probabilities, scores = model.predict_scored(batch)
         self.served.record_timing(started, len(batch))
-        return np.concatenate([probabilities, np.full((len(batch), 1), generation, np.float32)], axis=1)
+        return np.concatenate([probabilities, scores[:, None], np.full((len(batch), 1), generation, np.float32)], axis=1)
 
     @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=16, max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, batch: np.ndarray) -> np.ndarray:
         """Prepared slices -> (N, H, W) Grad-CAM maps in [0, 1] for each slice's top class."""
         return self.served.get()[0].explain(batch)
+
+    @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=4, max_latency_ms=settings.batch_max_latency_ms)
+    def occlude(self, batch: np.ndarray) -> np.ndarray:
+        """Prepared slices -> (N, H, W) occlusion-sensitivity maps in [0, 1] for each slice's top class (any model)."""
+        return self.served.get()[0].occlude(batch)
 
     @bentoml.api
     def describe(self) -> dict[str, Any]:

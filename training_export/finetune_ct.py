@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -203,7 +203,7 @@ def register(module: torch.nn.Module, parent_card: ClassificationCard, report: F
         weights_path = Path(scratch) / parent_card.torch.weights_file
         torch.save(module.state_dict(), weights_path)
         provenance = parent_card.provenance.model_copy(update={
-            "training_date": datetime.now(timezone.utc).date().isoformat(),
+            "training_date": datetime.now(UTC).date().isoformat(),
             "data_description": f"{parent_card.provenance.data_description} Fine-tuned on {report.n_train} reviewed "
                                 f"feedback inputs ({report.n_holdout} held out).",
         })

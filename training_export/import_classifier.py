@@ -1,8 +1,9 @@
 """How a hospital brings its own slice classifier: an ONNX file plus a model card, checked before anything is stored.
 
 The card is validated against the graph (input rank, layout, size, channels, output width), the model runs on a
-prepared blank slice, and an optional labelled folder measures accuracy; only then is the model saved. A refused
-import raises ModelCardError naming the mismatch and leaves the model store unchanged.
+prepared blank slice, and an optional labelled folder measures accuracy, per-class recall, the confusion matrix and
+calibration error, and calibrates the out-of-distribution warning (core.ood); only then is the model saved. A
+refused import raises ModelCardError naming the mismatch and leaves the model store unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import onnxruntime as ort
 import yaml
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import ValidationError
+from scipy.special import softmax
 
 from core import store
 from core.cards.base import CardBase
 from core.cards.classification import ClassificationCard
 from core.errors import ImageTooLarge, InvalidImageFormat, ModelCardError
 from core.imaging import DecodedSlice, ImageSource
+from core.ood import calibrate_ood
 from core.settings import get_settings
 from preprocessing.decode import decode_slice
 from preprocessing.transforms import prepare_slice
@@ -47,6 +50,7 @@ _ORT_ERRORS = (
 _PROBABILITY_TOLERANCE = 1e-3
 _SMOKE_BATCH = 2
 _VALIDATION_BATCH = 32
+ECE_BINS = 15
 
 
 def load_card(card: CardT | Path, card_type: type[CardT] = ClassificationCard) -> CardT:
@@ -188,10 +192,10 @@ def _prepared_images(card: ClassificationCard, folder: Path) -> list[np.ndarray]
     return tensors
 
 
-def validation_metrics(
+def validation_outputs(
     session: ort.InferenceSession, card: ClassificationCard, validation_dir: Path
-) -> dict[str, float]:
-    """validation_accuracy, _macro_f1, _recall_<class>, _n and _confusion_<true>_as_<predicted> on a labelled folder."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw model outputs (N, K) on a labelled folder prepared as the card says, and each image's true output index."""
     tensors, truth = [], []
     for folder, class_index in _class_folders(card, validation_dir).items():
         images = _prepared_images(card, folder)
@@ -200,22 +204,42 @@ def validation_metrics(
     if not tensors:
         raise ModelCardError(f"validation folder {validation_dir} holds no images in class sub-folders")
     batch = np.stack(tensors)
-    predicted = np.concatenate(
-        [
-            _run(session, batch[i : i + _VALIDATION_BATCH]).argmax(axis=1)
-            for i in range(0, len(batch), _VALIDATION_BATCH)
-        ]
-    )
+    outputs = [_run(session, batch[i : i + _VALIDATION_BATCH]) for i in range(0, len(batch), _VALIDATION_BATCH)]
+    return np.concatenate(outputs), np.asarray(truth)
+
+
+def expected_calibration_error(probabilities: np.ndarray, truth: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the image-weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == truth
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * np.sum(which == b)
+            for b in np.unique(which)]
+    return float(np.sum(gaps) / len(truth))
+
+
+def validation_metrics(card: ClassificationCard, outputs: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """validation_accuracy, _macro_f1, _recall_<class>, _ece, _n and _confusion_<true>_as_<predicted>."""
+    probabilities = softmax(outputs, axis=1) if card.output_kind == "logits" else outputs
     names = [metric_key(name) for name in card.contract_labels()]
-    confusion = confusion_matrix(np.asarray(truth), predicted, len(names))
+    confusion = confusion_matrix(truth, probabilities.argmax(axis=1), len(names))
     metrics = {
         f"validation_{key}": value for key, value in classification_metrics(confusion, card.contract_labels()).items()
     }
+    metrics["validation_ece"] = expected_calibration_error(probabilities, truth)
     metrics["validation_n"] = float(len(truth))
     for i, true_name in enumerate(names):
         for j, predicted_name in enumerate(names):
             metrics[f"validation_confusion_{true_name}_as_{predicted_name}"] = float(confusion[i, j])
     return metrics
+
+
+def validated_card(session: ort.InferenceSession, card: ClassificationCard, validation_dir: Path) -> ClassificationCard:
+    """The card with the folder's validation metrics added and its OOD interval calibrated on the folder's images."""
+    outputs, truth = validation_outputs(session, card, validation_dir)
+    return card.model_copy(update={
+        "metrics": {**card.metrics, **validation_metrics(card, outputs, truth)},
+        "ood": calibrate_ood(outputs, card.output_kind),
+    })
 
 
 def import_classifier(
@@ -236,9 +260,7 @@ def import_classifier(
     check_graph_against_card(session, card)
     smoke_test(session, card)
     if validation_dir is not None:
-        card = card.model_copy(
-            update={"metrics": {**card.metrics, **validation_metrics(session, card, Path(validation_dir))}}
-        )
+        card = validated_card(session, card, Path(validation_dir))
     tag = store.save_model(name, card, files={card.model_file: model_path}, labels={"origin": "import"})
     log.info("imported %s as %s", model_path.name, tag)
     return tag

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.cards.base import CardBase
+from core.ood import OodCalibration
 
 CT_CLASSES: tuple[str, ...] = ("Glioma", "Meningioma", "Pituitary", "No Tumor")
 
@@ -41,7 +42,7 @@ class ImageInputSpec(BaseModel):
     allow_multiframe: bool = False
 
     @model_validator(mode="after")
-    def _mean_std_fit_channels(self) -> "ImageInputSpec":
+    def _mean_std_fit_channels(self) -> ImageInputSpec:
         if self.scaling == "mean_std" and not (len(self.mean) == len(self.std) and len(self.mean) in (1, self.channels)):
             raise ValueError("mean and std need one value, or one per channel")
         if self.scaling == "mean_std" and any(s <= 0 for s in self.std):
@@ -67,9 +68,10 @@ class ClassificationCard(CardBase):
     labels: list[str] = Field(min_length=2, description="the model's own output labels, in output order")
     label_map: dict[str, str] = Field(default_factory=dict, description="model label -> contract class")
     torch: TorchArchitecture | None = None
+    ood: OodCalibration | None = Field(default=None, description="OOD score threshold from in-distribution images")
 
     @model_validator(mode="after")
-    def _labels_map_to_contract(self) -> "ClassificationCard":
+    def _labels_map_to_contract(self) -> ClassificationCard:
         mapped = self.contract_labels()
         unknown = sorted(set(mapped) - set(CT_CLASSES))
         if unknown:

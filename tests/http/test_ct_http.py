@@ -136,7 +136,7 @@ def test_health_model_info_and_metrics(http, server_url):
     assert ct["loaded"] is True and ct["version"].startswith("neuronova-ct:") and ct["engine"]
     assert health["memory_usage_mb"] > 0 and health["uptime_seconds"] >= 0
     info = {m["model_id"]: m for m in http.get("/model_info").json()["models"]}["ct_classification"]
-    assert set(info["output_classes"]) == CLASSES and info["xai_supported"] == ["grad_cam"]
+    assert set(info["output_classes"]) == CLASSES and info["xai_supported"] == ["grad_cam", "occlusion"]
     assert info["metrics"]["accuracy"] >= 0.9 and info["intended_use"] == "demo, not for clinical use"
     assert info["card"]["provenance"]["synthetic_data"] is True and info["model_size_mb"] > 0
     metrics = http.get("/metrics").text

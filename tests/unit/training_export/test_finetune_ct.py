@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import bentoml
 import numpy as np
 import pytest
@@ -9,7 +11,11 @@ import pytest
 from api.feedback import FeedbackStore
 from core import store
 from core.cards import ClassificationCard
-from training_export.finetune_ct import FineTuneConfig, finetune_from_feedback, split_feedback
+from training_export.finetune_ct import (
+    FineTuneConfig,
+    finetune_from_feedback,
+    split_feedback,
+)
 from training_export.synthetic_ct import generate_ct_dataset, write_ct_dicom
 
 PARENT = "test-finetune-ct"
@@ -106,3 +112,11 @@ def test_split_is_deterministic_and_keeps_the_latest_label_of_a_repeated_input()
     again, _ = split_feedback(examples, 0.25)
     assert [tensor.tobytes() for tensor, _ in again] == [tensor.tobytes() for tensor, _ in train]
     assert [label for tensor, label in train + holdout if np.array_equal(tensor, tensors[0])] == ["Meningioma"]
+
+
+def test_cli_reads_the_configured_feedback_store_and_reports_json(parent_tag, reviewed_feedback, capsys):
+    from training_export.__main__ import EXIT_REFUSED, main
+
+    assert main(["finetune-ct", "--model", parent_tag, "--min-records", "1000"]) == EXIT_REFUSED
+    report = json.loads(capsys.readouterr().out)
+    assert report["registered"] is False and report["n_train"] >= 8 and "need at least 1000" in report["reasons"][0]
