@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from api.models import ModelSlot
+from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
 from core.schemas import (
@@ -83,9 +86,10 @@ class ModelOutput:
 
 
 async def segment_mri(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, limits: LimitSettings
+    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, limits: LimitSettings,
+    cache: RequestCache | None = None,
 ) -> MRISegmentationResponse:
-    """Run one segmentation end to end and shape the response."""
+    """Run one segmentation end to end and shape the response; what `/feedback` needs of it goes into `cache`."""
     started = time.perf_counter()
     model = await slot.loaded()
     card = model.card
@@ -118,12 +122,38 @@ async def segment_mri(
     if request.xai and not explainable:
         warnings.append("this model has no differentiable weights, so no Grad-CAM map was made")
     described = await asyncio.to_thread(describe_volume, volume, prepared, uploads)
-    return MRISegmentationResponse(
+    response = MRISegmentationResponse(
         request_id=request.request_id, task_id=request.task_id, model_id=slot.model_id, model_version=model.tag,
         intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), warnings=warnings,
         result=result, volume=described,
         xai={GRAD_CAM: explanation} if explanation is not None else None, metadata=response_metadata(),
     )
+    if cache is not None:
+        await asyncio.to_thread(lambda: cache.put(cached_segmentation(response, volume, prepared)))
+    return response
+
+
+def cached_segmentation(response: MRISegmentationResponse, volume: DecodedVolume, prepared: PreparedVolume) -> CachedRequest:
+    """What `/feedback` needs of a segmentation later: the de-identified model input as float16 (clipped to its range;
+    three significant digits of z-scored intensities are plenty for fine-tuning) with its model-grid affine, the mask and
+    the input's affine (the grid a corrected mask comes back on), the mask's label values, and the uploads' hash (one
+    file: its sha256; several: the sha256 of their sha256s, newline-joined in upload order)."""
+    largest = float(np.finfo(np.float16).max)
+    hashes = response.volume.sha256
+    input_sha256 = hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    mask = response.result.mask
+    return CachedRequest(
+        request_id=response.request_id, model_id=response.model_id, model_version=response.model_version,
+        input_sha256=input_sha256,
+        arrays={"tensor": np.clip(prepared.tensor, -largest, largest).astype(np.float16), "affine": prepared.affine,
+                "mask": delivered_labels(mask), "input_affine": volume.affine},
+        facts={"mask_labels": mask.labels},
+    )
+
+
+def delivered_labels(mask: MaskOutput) -> np.ndarray:
+    """The label volume exactly as the response delivers it (uint8, input grid)."""
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(mask.data_base64))).dataobj)
 
 
 def build_result(

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -56,8 +57,17 @@ feedback_records = Table(
     sqlite_autoincrement=True,  # ids are never reused, as in an append-only log
 )
 
+# The reviewed mask of a segmentation record ('correct': the doctor's; 'accept': the model's), named like an input
+# file. A table of its own, so databases written before masks were reviewed need no migration.
+feedback_masks = Table(
+    "feedback_masks", metadata,
+    Column("feedback_id", Integer, ForeignKey("feedback.id"), primary_key=True),
+    Column("mask_file", String(128), nullable=False),
+)
+
 # Server databases keep the de-identified inputs themselves: every API host and the fine-tuning job reach them
-# through the URL alone, and a record commits together with its input. Keyed by `feedback_records.input_file`.
+# through the URL alone, and a record commits together with its input. Keyed by `feedback_records.input_file` (and
+# `feedback_masks.mask_file`).
 feedback_inputs = Table(
     "feedback_inputs", metadata,
     Column("input_file", String(128), primary_key=True),
@@ -93,7 +103,7 @@ def open_engine(database_url: str) -> Engine:
 
 def create_schema(engine: Engine) -> None:
     """Create missing tables and indexes; concurrent callers (the API workers starting together) are safe."""
-    tables = [feedback_records] if engine.dialect.name == "sqlite" else [feedback_records, feedback_inputs]
+    tables = [feedback_records, feedback_masks] + ([] if engine.dialect.name == "sqlite" else [feedback_inputs])
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             # IF NOT EXISTS alone still races on PostgreSQL's catalog; the lock makes the second worker wait.

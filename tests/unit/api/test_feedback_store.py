@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +14,12 @@ from sqlalchemy import func, select, text
 
 from api.feedback import FeedbackRequest, FeedbackStore, InputFiles
 from api.request_cache import CachedRequest
-from core.errors import InvalidRequest
+from core.cards.segmentation import VolumeInputSpec
+from core.errors import InvalidImageFormat, InvalidRequest
 from core.feedback_db import feedback_inputs
+from postprocessing.outputs import mask_nifti_gz
+from preprocessing.volumes import prepare_labels, prepare_volume
+from training_export.synthetic_mri import SyntheticCase, synthetic_case
 
 
 def entry(request_id: str, value: float = 1.0, model_id: str = "ct_classification", shape=(1, 4, 4)) -> CachedRequest:
@@ -23,6 +28,34 @@ def entry(request_id: str, value: float = 1.0, model_id: str = "ct_classificatio
         arrays={"tensor": np.full(shape, value, np.float32), "display": np.zeros((8, 8), np.uint8)},
         facts={"labels": ["Glioma", "No Tumor"], "predicted_class": "Glioma"},
     )
+
+
+MASK_LABELS = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing_tumor": 4}
+
+
+@pytest.fixture(scope="module")
+def case() -> SyntheticCase:
+    """A small case on a 3 mm grid, so the model grid (2 mm) differs from the input's."""
+    return synthetic_case(7, (32, 32, 20), (3.0, 3.0, 3.0))
+
+
+def segmentation(request_id: str, case: SyntheticCase) -> CachedRequest:
+    """A cached MRI request as api/mri.py `cached_segmentation` builds it (the truth standing in for the prediction)."""
+    prepared = prepare_volume(case.volume, VolumeInputSpec(), 2**24)
+    return CachedRequest(
+        request_id=request_id, model_id="mri_segmentation", model_version="neuronova-mri:v1", input_sha256="ef" * 32,
+        arrays={"tensor": prepared.tensor.astype(np.float16), "affine": prepared.affine, "mask": case.labels,
+                "input_affine": case.volume.affine},
+        facts={"mask_labels": MASK_LABELS},
+    )
+
+
+def nifti_b64(labels: np.ndarray, affine: np.ndarray) -> str:
+    return base64.b64encode(mask_nifti_gz(labels, affine)).decode()
+
+
+def correct_mask(request_id: str, mask: str) -> FeedbackRequest:
+    return FeedbackRequest(request_id=request_id, verdict="correct", corrected_mask=mask, reviewer_id="dr_9")
 
 
 def accept(request_id: str) -> FeedbackRequest:
@@ -124,9 +157,57 @@ def test_only_sqlite_and_postgresql_urls(directory):
         FeedbackStore(directory, "mysql://reviewer@db.example/neuronova")
 
 
+def test_segmentation_verdicts_keep_the_reviewed_mask_for_fine_tuning(directory, database_url, case):
+    store = FeedbackStore(directory, database_url)
+    cached = segmentation("m1", case)
+    corrected = np.where(case.labels == 2, 0, case.labels).astype(np.uint8)  # the reviewer erases the oedema
+    receipt = store.record(correct_mask("m1", nifti_b64(corrected, case.volume.affine)), cached)
+    assert receipt.model_id == "mri_segmentation" and receipt.input_sha256 == "ef" * 32
+    store.record(accept("m1"), cached)  # the model's own mask stands
+    store.record(FeedbackRequest(request_id="m1", verdict="reject", reviewer_id="dr_9"), cached)  # no mask to learn
+    volumes = list(FeedbackStore(directory, database_url).labelled_volumes("mri_segmentation"))
+    assert len(volumes) == 2 and stored_inputs(store) == 3  # one input, two distinct masks
+    spec = VolumeInputSpec()
+    for volume, truth in zip(volumes, (corrected, case.labels)):
+        assert volume.tensor.dtype == np.float32 and volume.tensor.shape[1:] == volume.labels.shape
+        np.testing.assert_array_equal(volume.affine, cached.arrays["affine"])
+        np.testing.assert_array_equal(volume.tensor, cached.arrays["tensor"].astype(np.float32))
+        # exactly the label map the training pipeline prepares from a mask on the input's grid
+        np.testing.assert_array_equal(volume.labels, prepare_labels(truth, case.volume.affine, spec))
+    assert 2 in volumes[1].labels and 2 not in volumes[0].labels
+    assert list(store.labelled_volumes("ct_classification")) == []
+
+
+def test_a_refused_mask_or_label_stores_nothing(directory, case):
+    store = FeedbackStore(directory)
+    cached, affine = segmentation("m", case), case.volume.affine
+    shifted = affine.copy()
+    shifted[0, 3] += 1.5
+    refusals = {
+        "not valid base64": (InvalidRequest, "###"),
+        "not a NIfTI": (InvalidImageFormat, base64.b64encode(b"a PNG, perhaps").decode()),
+        "has shape \\[32, 32, 19\\]": (InvalidRequest, nifti_b64(case.labels[..., :19], affine)),
+        "on the request's grid": (InvalidRequest, nifti_b64(np.zeros((40, 40, 20), np.uint8), affine)),
+        "affine differs": (InvalidRequest, nifti_b64(case.labels, shifted)),
+        "values \\[3\\]": (InvalidRequest, nifti_b64(np.where(case.labels == 4, 3, case.labels), affine)),
+    }
+    for message, (error, mask) in refusals.items():
+        with pytest.raises(error, match=message):
+            store.record(correct_mask("m", mask), cached)
+    with pytest.raises(InvalidRequest, match="correct it with corrected_mask"):
+        store.record(FeedbackRequest(request_id="m", verdict="correct", corrected_label="Glioma", reviewer_id="dr"), cached)
+    with pytest.raises(InvalidRequest, match="corrected_mask is for segmentation requests"):
+        store.record(correct_mask("r", nifti_b64(case.labels, affine)), entry("r"))
+    assert list(store.labelled_volumes("mri_segmentation")) == [] and stored_inputs(store) == 0
+
+
 def test_feedback_request_validation():
     with pytest.raises(ValidationError, match="corrected_label"):
         FeedbackRequest(request_id="r", verdict="correct", reviewer_id="dr")
+    with pytest.raises(ValidationError, match="one of corrected_label"):
+        FeedbackRequest(request_id="r", verdict="correct", corrected_label="Glioma", corrected_mask="AAAA", reviewer_id="d")
+    with pytest.raises(ValidationError, match="corrected_mask goes with a 'correct' verdict only"):
+        FeedbackRequest(request_id="r", verdict="accept", corrected_mask="AAAA", reviewer_id="dr")
     with pytest.raises(ValidationError):
         FeedbackRequest(request_id="r", verdict="maybe", reviewer_id="dr")
     with pytest.raises(ValidationError):

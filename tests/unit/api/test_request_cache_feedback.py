@@ -19,7 +19,7 @@ def entry(request_id: str, value: float = 1.0) -> CachedRequest:
 
 
 def test_cache_round_trip_and_unknown_ids(tmp_path):
-    cache = RequestCache(tmp_path, max_entries=4, ttl_seconds=60)
+    cache = RequestCache(tmp_path, max_entries=4, ttl_seconds=60, max_bytes=2**20)
     cache.put(entry("req/1 with ../odd chars", 3.0))
     got = cache.get("req/1 with ../odd chars")
     assert got.model_version == "neuronova-ct:v1" and got.facts["predicted_class"] == "Glioma"
@@ -30,7 +30,7 @@ def test_cache_round_trip_and_unknown_ids(tmp_path):
 
 
 def test_cache_evicts_oldest_beyond_bound(tmp_path):
-    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=60)
+    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=60, max_bytes=2**20)
     for index in range(5):
         cache.put(entry(f"r{index}"))
         path = cache._path(f"r{index}")
@@ -43,8 +43,23 @@ def test_cache_evicts_oldest_beyond_bound(tmp_path):
 
 
 def test_cache_entries_expire(tmp_path):
-    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=5)
+    cache = RequestCache(tmp_path, max_entries=3, ttl_seconds=5, max_bytes=2**20)
     cache.put(entry("old"))
     os.utime(cache._path("old"), (time.time() - 60, time.time() - 60))
     with pytest.raises(NotFound, match="expired"):
         cache.get("old")
+
+
+def test_cache_is_bounded_in_bytes_but_keeps_the_newest(tmp_path):
+    """MRI entries are tens of MB: the byte bound evicts the oldest, never the entry just written."""
+    cache = RequestCache(tmp_path, max_entries=100, ttl_seconds=60, max_bytes=3 * 2**20)
+    big = np.zeros((2**20,), np.float16)  # 2 MiB
+    for index in range(3):
+        cache.put(CachedRequest(f"mri{index}", "mri_segmentation", "v1", "cd" * 32, {"tensor": big}, {}))
+        os.utime(cache._path(f"mri{index}"), (time.time() - 10 + index, time.time() - 10 + index))
+    with pytest.raises(NotFound):
+        cache.get("mri1")  # two 2 MiB entries exceed the 3 MiB bound
+    assert cache.get("mri2").arrays["tensor"].nbytes == 2**21 and len(list(tmp_path.glob("*.npz"))) == 1
+    huge = CachedRequest("huge", "mri_segmentation", "v1", "cd" * 32, {"tensor": np.zeros((2**21,), np.float16)}, {})
+    cache.put(huge)  # larger than the whole bound: kept alone until the next entry
+    assert cache.get("huge").request_id == "huge" and len(list(tmp_path.glob("*.npz"))) == 1
