@@ -1,5 +1,6 @@
 """NeuroNova Inference: the public API. Validation, auth, response shaping; the models live in `runners/`."""
 
+import asyncio
 import logging
 import os
 import time
@@ -13,20 +14,28 @@ from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse
 
+from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware
-from api.classification import ExplainOptions, cached_classification, classify_slice, explain_cached
+from api.classification import (
+    ExplainOptions,
+    cached_classification,
+    classify_slice,
+    explain_cached,
+    explanations,
+    requested_methods,
+)
 from api.errors import ErrorSchemaMiddleware, handles_errors
 from api.feedback import FeedbackReceipt, FeedbackRequest, FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri import SegmentationRequest, segment_mri
+from api.phi import PatientId
 from api.request_cache import RequestCache
 from api.shaping import (
     class_probabilities,
     describe_slice,
     elapsed_ms,
-    heatmap_explanation,
     modality_warnings,
     new_request_id,
     response_metadata,
@@ -39,6 +48,7 @@ from api.tasks import (
     run_tracked,
     task_status,
 )
+from api.uploads import UploadGuardMiddleware, file_fields_by_path
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import SegmentationCard
 from core.cards.tabular import TabularCard
@@ -71,7 +81,6 @@ quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
 ops = FastAPI(title="NeuroNova operations", openapi_url=None, docs_url=None, redoc_url=None)
 
-PATIENT_ID = Field(pattern=settings.patient_id_pattern, description="anonymised patient id, e.g. P123456")
 GRAD_CAM = "grad_cam"
 SHAP = "shap"
 MRI_ROUTE = "/predict/mri_segmentation"
@@ -95,39 +104,34 @@ class NeuroNova:
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
         data_dir = Path(settings.data_dir)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
-        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds)
-        self.feedback_store = FeedbackStore(data_dir / "feedback")
+        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
+                                     settings.xai_cache_max_bytes)
+        self.feedback_store = FeedbackStore(data_dir / "feedback", settings.feedback.database_url)
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
     async def predict_ct_classification(
         self,
         image: Path,
-        patient_id: str = PATIENT_ID,
+        patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         xai: bool = False,
         xai_methods: list[str] | str = Field(default_factory=lambda: [GRAD_CAM]),
         metadata: dict[str, Any] | None = None,
     ) -> CTClassificationResponse:
-        """Classify one CT (or MR, as the model's card allows) slice; Grad-CAM on request."""
+        """Classify one CT (or MR, as the model's card allows) slice; Grad-CAM (or, for a model without torch weights,
+        occlusion sensitivity) on request; a warning when the input looks unlike the model's training data."""
         started = time.perf_counter()
-        methods = [xai_methods] if isinstance(xai_methods, str) else xai_methods
-        if xai and set(methods) - {GRAD_CAM}:
-            raise InvalidRequest(f"unsupported xai_methods {sorted(set(methods) - {GRAD_CAM})}; supported: ['grad_cam']")
+        methods = requested_methods(xai_methods) if xai else []
         data = image.read_bytes()
-        out = await classify_slice(self.ct, data, image.name, explain=xai, max_pixels=settings.limits.max_image_pixels)
+        out = await classify_slice(self.ct, data, image.name, xai_methods=methods, max_pixels=settings.limits.max_image_pixels)
         card = out.model.card
         result = class_probabilities(out.probabilities, card.contract_labels())
-        explanation = None
-        if out.heatmap is not None:
-            explanation = {GRAD_CAM: heatmap_explanation(
-                out.heatmap, out.prepared.display, method=GRAD_CAM, target_class=result.predicted_class,
-                layer_name=out.model.describe.get("gradcam_layer"),
-            )}
         response = CTClassificationResponse(
             request_id=new_request_id(request_id), model_id=self.ct.model_id, model_version=out.model.tag,
-            intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), result=result, xai=explanation,
-            warnings=modality_warnings(out.decoded, card.input.modalities),
+            intended_use=card.intended_use, inference_time_ms=elapsed_ms(started), result=result,
+            xai=explanations(out.model, out.heatmaps, out.prepared.display, result.predicted_class) or None,
+            warnings=modality_warnings(out.decoded, card.input.modalities) + out.warnings,
             metadata=response_metadata(describe_slice(out.decoded, data), metadata),
         )
         self.requests.put(cached_classification(response, out))
@@ -138,7 +142,7 @@ class NeuroNova:
     async def predict_biomarker_prediction(
         self,
         biomarkers: dict[str, Any],
-        patient_id: str = PATIENT_ID,
+        patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         xai: bool = False,
         xai_methods: list[Literal["shap"]] = Field(default_factory=lambda: [SHAP]),
@@ -167,20 +171,21 @@ class NeuroNova:
         self,
         request_id: str = Field(min_length=1, max_length=128),
         model_id: Literal["ct_classification"] = "ct_classification",
-        xai_methods: list[Literal["grad_cam"]] = Field(default_factory=lambda: [GRAD_CAM]),
+        xai_methods: list[Literal["grad_cam", "occlusion"]] = Field(default_factory=lambda: [GRAD_CAM]),
         options: ExplainOptions = Field(default_factory=ExplainOptions),
     ) -> ExplainResponse:
-        """Grad-CAM for an earlier CT prediction, from the bounded, expiring cache of prepared inputs."""
+        """Grad-CAM or occlusion maps for an earlier CT prediction, from the bounded, expiring cache of prepared inputs."""
         cached = self.requests.get(request_id)
         model = await self.ct.loaded()
-        return await explain_cached(self.ct, model, cached, options.grad_cam)
+        return await explain_cached(self.ct, model, cached, xai_methods, options)
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
     @handles_errors
     async def feedback(self, **review: Any) -> FeedbackReceipt:
-        """A doctor accepts, corrects or rejects an earlier result; stored durably for fine-tuning."""
+        """A doctor accepts, corrects (a CT label, an MRI mask) or rejects an earlier result; stored durably for
+        fine-tuning (in a thread: an MRI input is tens of MB to load and compress)."""
         verdict = FeedbackRequest(**review)
-        return self.feedback_store.record(verdict, self.requests.get(verdict.request_id))
+        return await asyncio.to_thread(lambda: self.feedback_store.record(verdict, self.requests.get(verdict.request_id)))
 
     @bentoml.api(route="/update_model")
     @handles_errors
@@ -210,7 +215,7 @@ class NeuroNova:
     async def predict_mri_segmentation(
         self,
         image: list[Path],
-        patient_id: str = PATIENT_ID,
+        patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         sequence_type: list[str] | str | None = None,
         xai: bool = False,
@@ -223,7 +228,7 @@ class NeuroNova:
             sequence_type=sequence_type, xai=xai, post_processing=post_processing,
         )
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
-                                 lambda: segment_mri(self.mri, self.tasks, request, settings.limits), ctx)
+                                 lambda: segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)
@@ -268,11 +273,13 @@ def _server_rss_mb() -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-# Outermost first (BentoML stacks them in the order added): every error in the SPEC schema; who is calling;
-# how often; how much they send; then the MRI task routes' own handling (which drops the token before BentoML
-# stores the request).
+# Outermost first (BentoML stacks them in the order added): the JSON access log line; every error in the SPEC
+# schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id; then the MRI
+# task routes' own handling (which drops the token before BentoML stores the request).
+NeuroNova.add_asgi_middleware(AccessLogMiddleware)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
 NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS)
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
+NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis))
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), data_dir=settings.data_dir)

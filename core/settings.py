@@ -77,8 +77,12 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
     ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
+    occlusion_steps: int = Field(default=7, ge=2, le=16, description="occlusion grid per side: steps² extra forward "
+                                 "passes per explained image (lower it for heavy models; docs/performance.md)")
     xai_cache_entries: int = 256
     xai_cache_ttl_seconds: int = 3600
+    xai_cache_max_bytes: int = Field(default=4 * 2**30, description="disk bound of the request cache (an MRI entry "
+                                     "is tens of MB: api/request_cache.py)")
     data_dir: str = "var"
 
 

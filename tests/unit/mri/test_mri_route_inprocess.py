@@ -156,8 +156,7 @@ def test_failures_carry_the_error_schema(client) -> None:
     traversal = submit(client, [("image", ("evil.zip", zip_bytes({"../../etc/x.dcm": b"x"})))])
     assert client.get(f"/task/{traversal}").json()["error"]["code"] == "INVALID_REQUEST"
     invalid = client.post(f"{ROUTE}/submit", files=[("image", ("x.nii", b"x"))], data={"patient_id": "John Doe"})
-    polled = client.get(f"/task/{invalid.json()['task_id']}").json()
-    assert polled["status"] == "failed" and polled["error"]["code"] == "INVALID_REQUEST"
+    assert invalid.status_code == 400 and invalid.json()["error"]["code"] == "INVALID_REQUEST"  # refused before storing
     missing = client.get("/task/no-such-task")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
     assert client.delete("/task/no-such-task").status_code == 404

@@ -1,0 +1,207 @@
+"""Upload routes, checked while the body streams in, before BentoML parses it (or, for a task, stores it):
+
+- uploads must be uploads: BentoML downloads a file field given as a string (a multipart text part or a form
+  field) and a body that is a bare URL; both are refused, so the service never fetches an address a client names;
+- the `patient_id` form field must look anonymised (`api.phi`): a task route would otherwise keep a name or birth
+  date in BentoML's task store and fail only later.
+
+Refusals are 400 INVALID_REQUEST."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_response
+from api.phi import check_patient_id
+from core.errors import InvalidRequest
+
+PATIENT_FIELD = "patient_id"
+MAX_ID_BYTES = 1024
+
+
+def file_fields_by_path(apis: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """Request path → names of its file fields, from BentoML's API methods (a task's fields apply to `/submit`)."""
+    paths: dict[str, frozenset[str]] = {}
+    for method in apis.values():
+        fields = frozenset(method.input_spec.multipart_fields)
+        if fields:
+            paths[method.route] = fields
+            if getattr(method, "is_task", False):
+                paths[f"{method.route}/submit"] = fields
+    return paths
+
+
+def _not_a_file(field: str) -> InvalidRequest:
+    return InvalidRequest(f"{field!r} must be an uploaded file (multipart with a filename); URLs and paths are not "
+                          "fetched", {"field": field})
+
+
+def _patient_id_error(raw: bytes) -> InvalidRequest | None:
+    """The refusal of a form's patient id (decoded as BentoML does: JSON if it parses), or None."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    try:
+        check_patient_id(str(value))
+    except ValueError as exc:
+        return InvalidRequest(str(exc), {"field": PATIENT_FIELD})
+    return None
+
+
+class _PartInspector:
+    """Pushes a multipart body through python-multipart and notes the first refusal: a file field sent as a text
+    part (no `filename`: Starlette then hands BentoML a string, which BentoML downloads), or a patient id that does
+    not look anonymised."""
+
+    def __init__(self, boundary: bytes, fields: frozenset[str]) -> None:
+        self.fields = fields
+        self.error: InvalidRequest | None = None
+        self.broken = False
+        self._name = b""
+        self._value = b""
+        self._disposition = b""
+        self._patient_id: bytearray | None = None
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        })
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken or self.error is not None or not chunk:
+            return
+        try:
+            self.parser.write(chunk)
+        except Exception:  # noqa: BLE001 - a malformed body is Starlette's to refuse; stop inspecting it
+            self.broken = True
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._name.lower() == b"content-disposition":
+            self._disposition = self._value
+        self._name, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name in self.fields and b"filename" not in options:
+            self.error = self.error or _not_a_file(name)
+        self._patient_id = bytearray() if name == PATIENT_FIELD and b"filename" not in options else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._patient_id is not None:
+            self._patient_id += data[start:min(end, start + MAX_ID_BYTES - len(self._patient_id))]
+
+    def _part_end(self) -> None:
+        if self._patient_id is not None:
+            self.error = self.error or _patient_id_error(bytes(self._patient_id))
+            self._patient_id = None
+
+
+def _whole_body_error(body: bytes, content_type: bytes, fields: frozenset[str]) -> InvalidRequest | None:
+    """For a whole non-multipart body: a file field or bad patient id in a urlencoded form, or a bare URL body."""
+    if content_type.lower().startswith(b"application/x-www-form-urlencoded"):
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        named_file = min(form.keys() & fields, default=None)
+        if named_file is not None:
+            return _not_a_file(named_file)
+        return _patient_id_error(form[PATIENT_FIELD].encode()) if PATIENT_FIELD in form else None
+    text = body.strip().strip(b"\"'").decode("utf-8", "replace")
+    return _not_a_file(min(fields)) if urlsplit(text).scheme and "://" in text else None
+
+
+class UploadGuardMiddleware:
+    """400 INVALID_REQUEST on an upload route when a file field arrives as a string (a URL BentoML would download)
+    or the form's patient id does not look anonymised."""
+
+    def __init__(self, app: ASGIApp, file_fields: dict[str, frozenset[str]]) -> None:
+        self.app = app
+        self.file_fields = file_fields
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fields = self.file_fields.get(scope["path"]) if scope["type"] == "http" else None
+        if not fields or scope["method"] not in ("POST", "PUT"):
+            await self.app(scope, receive, send)
+            return
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if content_type.lower().startswith(b"multipart/"):
+            await self._multipart(scope, receive, send, content_type, fields)
+        else:
+            await self._whole_body(scope, receive, send, content_type, fields)
+
+    async def _whole_body(self, scope: Scope, receive: Receive, send: Send, content_type: bytes,
+                          fields: frozenset[str]) -> None:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        error = _whole_body_error(body, content_type, fields)
+        if error is not None:
+            await error_response(error)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _multipart(self, scope: Scope, receive: Receive, send: Send, content_type: bytes,
+                         fields: frozenset[str]) -> None:
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            await self.app(scope, receive, send)
+            return
+        inspector = _PartInspector(boundary, fields)
+        answered = False
+
+        async def inspecting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                inspector.feed(message.get("body", b""))
+                if inspector.error is not None:
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if inspector.error is None:
+                await send(message)
+            elif message["type"] == "http.response.start" and not answered:
+                answered = True
+                await error_response(inspector.error)(scope, receive, send)
+
+        try:
+            await self.app(scope, inspecting_receive, guarded_send)
+        except Exception:
+            if inspector.error is None:
+                raise
+        if inspector.error is not None and not answered:
+            await error_response(inspector.error)(scope, receive, send)

@@ -1,0 +1,165 @@
+"""PHI floor on patient ids, uploads that must not be URLs, and the JSON access log (small Starlette apps)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from api.access_log import (
+    ACCESS_LOGGER,
+    AccessLogMiddleware,
+    JsonLineFormatter,
+    route_model,
+)
+from api.phi import PatientId, check_patient_id, looks_like_date
+from api.uploads import UploadGuardMiddleware, file_fields_by_path
+
+PATIENT_ID = TypeAdapter(PatientId)
+
+ANONYMISED = ["P123456", "P1", "P000001", "anon-7f3a9c", "SUBJ_0042", "1.2.840.10008", "A" * 64, "12345"]
+IDENTIFYING = [
+    "John Smith", "Smith^John", "SMITH^JOHN^^DR", "Smith, John", " P1", "P1\t", "1980-01-31", "19800131",
+    "31.01.1980", "01-31-1980", "2024_12_01", "31011980", "", "A" * 65, "P1/../../etc", "P1;DROP", "émile",
+]
+
+
+@pytest.mark.parametrize("value", ANONYMISED)
+def test_anonymised_ids_pass(value: str) -> None:
+    assert PATIENT_ID.validate_python(value) == value
+
+
+@pytest.mark.parametrize("value", IDENTIFYING)
+def test_names_dates_and_odd_values_are_refused_without_echo(value: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        PATIENT_ID.validate_python(value)
+    messages = " ".join(e["msg"] for e in refused.value.errors(include_input=False))
+    assert value.strip() == "" or value not in messages.replace("e.g. P123456", "")
+
+
+def test_dates_are_real_calendar_dates() -> None:
+    assert looks_like_date("20240229") and not looks_like_date("20230229") and not looks_like_date("P20240101")
+
+
+def test_the_configured_pattern_cannot_loosen_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "patient_id_pattern", r"^.{1,64}$")
+    assert check_patient_id("P1?x") == "P1?x"
+    for identifying in ("Any Thing", "Doe^Jane", "1980-01-31"):
+        with pytest.raises(ValueError):
+            check_patient_id(identifying)
+    monkeypatch.setattr(get_settings(), "patient_id_pattern", r"^(?!TEST)P\d{6}$")
+    assert check_patient_id("P123456") == "P123456"
+    with pytest.raises(ValueError, match="configured"):
+        check_patient_id("P12")
+
+
+async def echo_form(request: Request) -> JSONResponse:
+    form = await request.form()
+    items = [(k, v if isinstance(v, str) else f"file:{v.filename}") for k, v in form.multi_items()]
+    return JSONResponse({k: [v for key, v in items if key == k] for k in form})
+
+
+async def echo_body(request: Request) -> JSONResponse:
+    return JSONResponse({"size": len(await request.body())})
+
+
+def guarded() -> TestClient:
+    app = Starlette(routes=[Route("/upload", echo_form, methods=["POST"]), Route("/raw", echo_body, methods=["POST"]),
+                            Route("/plain", echo_body, methods=["POST"])])
+    return TestClient(UploadGuardMiddleware(app, {"/upload": frozenset({"image"}), "/raw": frozenset({"image"})}))
+
+
+def assert_not_a_file(response, field: str = "image") -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_REQUEST" and error["details"] == {"field": field}
+
+
+def test_a_real_upload_passes_and_a_string_file_field_is_refused() -> None:
+    client = guarded()
+    ok = client.post("/upload", files={"image": ("ct.png", b"\x89PNG")}, data={"patient_id": "P1"})
+    assert ok.json() == {"image": ["file:ct.png"], "patient_id": ["P1"]}
+    assert_not_a_file(client.post("/upload", files={"x": ("a", b"1")}, data={"image": "http://169.254.169.254/latest"}))
+    assert_not_a_file(client.post("/upload", data={"image": "https://example.org/ct.dcm"}))
+
+
+@pytest.mark.parametrize("value", ["Smith^John", "1980-01-31", '"John Smith"'])
+def test_a_named_or_dated_patient_id_is_refused_before_the_form_is_parsed(value: str) -> None:
+    client = guarded()
+    for response in (client.post("/upload", files={"image": ("ct.png", b"1")}, data={"patient_id": value}),
+                     client.post("/upload", data={"patient_id": value})):
+        assert response.status_code == 400 and response.json()["error"]["details"] == {"field": "patient_id"}
+        assert value.strip('"') not in response.text
+    assert client.post("/upload", files={"image": ("ct.png", b"1")}, data={"patient_id": '"P1"'}).status_code == 200
+
+
+def test_a_bare_url_body_is_refused_and_json_is_replayed() -> None:
+    client = guarded()
+    assert_not_a_file(client.post("/raw", content=b'"http://10.0.0.1/ct.dcm"', headers={"content-type": "application/json"}))
+    assert client.post("/raw", json={"model_id": "ct"}).json() == {"size": len(b'{"model_id":"ct"}')}
+    assert client.post("/plain", content=b"http://x/y").json() == {"size": 10}
+
+
+def test_large_multipart_upload_streams_through() -> None:
+    client = guarded()
+    ok = client.post("/upload", files=[("image", ("a.nii", b"\0" * 300_000)), ("image", ("b.nii", b"1"))])
+    assert ok.status_code == 200 and ok.json()["image"] == ["file:a.nii", "file:b.nii"]
+
+
+def test_file_fields_come_from_bentoml_api_methods() -> None:
+    class Spec:
+        def __init__(self, fields: list[str]) -> None:
+            self.multipart_fields = fields
+
+    class Method:
+        def __init__(self, route: str, fields: list[str], is_task: bool = False) -> None:
+            self.route, self.input_spec, self.is_task = route, Spec(fields), is_task
+
+    apis = {"a": Method("/ct", ["image"]), "b": Method("/mri", ["image"], is_task=True), "c": Method("/json", [])}
+    assert file_fields_by_path(apis) == {"/ct": {"image"}, "/mri": {"image"}, "/mri/submit": {"image"}}
+
+
+async def model_response(request: Request) -> JSONResponse:
+    if request.path_params.get("fail"):
+        return JSONResponse({"success": False, "error": {"code": "INVALID_REQUEST", "message": "m"}}, status_code=400)
+    return JSONResponse({"success": True, "request_id": "req_abc", "model_id": "ct_classification",
+                         "model_version": "neuronova-ct:v1", "result": {}})
+
+
+def test_one_json_line_per_request_with_whitelisted_fields() -> None:
+    app = Starlette(routes=[Route("/predict/ct_classification", model_response, methods=["POST"]),
+                            Route("/predict/ct_classification/{fail}", model_response, methods=["POST"])])
+    client = TestClient(AccessLogMiddleware(app))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLineFormatter())
+    logging.getLogger(ACCESS_LOGGER).addHandler(handler)
+    try:
+        client.post("/predict/ct_classification", data={"patient_id": "P987654"}, headers={"Authorization": "Bearer tok.en.x"})
+        client.post("/predict/ct_classification/1", headers={"X-Request-ID": "django-42"})
+        client.get("/livez")
+    finally:
+        logging.getLogger(ACCESS_LOGGER).removeHandler(handler)
+    text = stream.getvalue()
+    ok, failed = (json.loads(line) for line in text.splitlines())
+    assert ok["request_id"] == "req_abc" and ok["model"] == "ct_classification" and ok["version"] == "neuronova-ct:v1"
+    assert ok["status"] == 200 and ok["outcome"] == "ok" and ok["route"] == "/predict/ct_classification"
+    assert ok["latency_ms"] >= 0 and ok["error_code"] is None and ok["method"] == "POST"
+    assert failed["request_id"] == "django-42" and failed["error_code"] == "INVALID_REQUEST"
+    assert failed["outcome"] == "client_error" and failed["version"] is None
+    assert "P987654" not in text and "tok.en.x" not in text
+
+
+def test_route_model_map() -> None:
+    assert route_model("/predict/mri_segmentation/submit") == "mri_segmentation"
+    assert route_model("/xai/explain") == "ct_classification" and route_model("/health") is None
