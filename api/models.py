@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from core.schemas import ModelInfo, ModelStatus
 CardT = TypeVar("CardT", bound=CardBase)
 DESCRIBE_TTL_SECONDS = 2.0
 """How long a runner's description is reused: a model switched in the runner is seen by the API within this time."""
+DESCRIBE_TIMEOUT_SECONDS = 10.0
+"""How long /health and the routes wait for a runner to describe itself before calling it unreachable (a runner
+process that BentoML is restarting does not answer for 20-40 s)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class ModelSlot(Generic[CardT]):
     async def describe(self) -> dict[str, Any]:
         """The runner's own description; `loaded: False` with the reason when it cannot be reached."""
         try:
-            return await self.runner.to_async.describe()
+            return await asyncio.wait_for(self.runner.to_async.describe(), DESCRIBE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - an unreachable runner is a status, not a crash
             return {"loaded": False, "error": f"runner unreachable: {type(exc).__name__}"}
 
