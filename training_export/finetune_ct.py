@@ -131,7 +131,7 @@ def fine_tune(module: torch.nn.Module, data: LabelledSet, config: FineTuneConfig
         order = order_rng.permutation(len(data.labels))
         for start in range(0, len(order), config.batch_size):
             batch_index = order[start : start + config.batch_size]
-            batch = torch.stack([augment(data.images[i]) for i in batch_index])
+            batch = torch.stack([augment({"image": data.images[i]})["image"] for i in batch_index])
             loss = torch.nn.functional.cross_entropy(module(batch), torch.from_numpy(data.labels[batch_index]))
             optimiser.zero_grad()
             loss.backward()

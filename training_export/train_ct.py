@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -21,11 +21,12 @@ import torch
 from monai.networks.nets import ResNet
 from monai.transforms import (
     Compose,
-    EnsureType,
-    RandAffine,
-    RandFlip,
-    RandScaleIntensity,
-    RandShiftIntensity,
+    EnsureTyped,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resize,
 )
 
 from core import store
@@ -38,6 +39,7 @@ from core.cards import (
     TorchArchitecture,
 )
 from core.imaging import DecodedSlice, ImageSource
+from core.ood import OodCalibration, calibrate_ood
 from preprocessing.transforms import prepare_slice
 from training_export.onnx_export import check_parity, export_onnx
 from training_export.synthetic_ct import FIELD_OF_VIEW_MM, generate_ct_dataset
@@ -72,6 +74,8 @@ class TrainingConfig:
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 3e-3
+    localisation_weight: float = 1.0
+    """Weight of the lesion-localisation term (see localisation_loss); 0 trains on the class labels alone."""
     threads: int = 2
 
 
@@ -117,24 +121,71 @@ def build_model() -> ResNet:
 
 
 def augmentation(seed: int) -> Compose:
-    """Label-preserving augmentation of one (C, H, W) unit-range image: left-right flip (the sella stays on the
-    midline, low), small rotation/shift/zoom with air (0) padding, slight intensity jitter."""
+    """Label-preserving augmentation of a {"image": (C, H, W) unit-range image, "mask": (1, H, W) lesion fraction}
+    sample (the mask is optional and moves with the image): left-right flip (the sella stays on the midline, low),
+    small rotation/shift/zoom with air (0) padding, slight intensity jitter of the image."""
+    both, image = ["image", "mask"], ["image"]
     transform = Compose(
         [
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandAffine(
-                prob=0.7, rotate_range=0.2, translate_range=(8, 8), scale_range=(0.05, 0.05), padding_mode="zeros"
+            RandFlipd(keys=both, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+            RandAffined(
+                keys=both, prob=0.7, rotate_range=0.2, translate_range=(8, 8), scale_range=(0.05, 0.05),
+                padding_mode="zeros", mode=("bilinear", "bilinear"), allow_missing_keys=True,
             ),
-            RandScaleIntensity(factors=0.08, prob=0.5),
-            RandShiftIntensity(offsets=0.04, prob=0.5),
-            EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+            RandScaleIntensityd(keys=image, factors=0.08, prob=0.5),
+            RandShiftIntensityd(keys=image, offsets=0.04, prob=0.5),
+            EnsureTyped(keys=both, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True),
         ]
     )
     return transform.set_random_state(seed=seed)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, config: TrainingConfig, seed: int) -> torch.nn.Module:
-    """Train the demo ResNet on prepared images (N, C, H, W) with AdamW + one-cycle LR; return it in eval mode."""
+def lesion_fractions(masks: np.ndarray, spec: ImageInputSpec) -> np.ndarray:
+    """Boolean lesion masks (N, H, W) in the source geometry -> (N, 1, height, width) lesion fraction per input pixel."""
+    to_input = Resize((spec.height, spec.width), mode="area")
+    return np.stack([np.asarray(to_input(mask[None].astype(np.float32)), dtype=np.float32) for mask in masks])
+
+
+def logits_and_cams(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, K) and class activation maps (N, K, h, w) on the Grad-CAM layer.
+
+    For this global-average-pool + linear head, a class's Grad-CAM is exactly its CAM (the linear weights applied
+    to the layer's features) after ReLU, up to a positive factor.
+    """
+    captured: list[torch.Tensor] = []
+    layer = dict(model.named_modules())[GRADCAM_LAYER]
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        logits = model(batch)
+    finally:
+        handle.remove()
+    return logits, torch.einsum("nfhw,kf->nkhw", captured[0], model.fc.weight)
+
+
+def localisation_loss(cams: torch.Tensor, labels: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Class-balanced binary cross-entropy between each tumour image's CAM for its true class (as logits) and its
+    lesion fraction on the CAM grid, averaged over the tumour images of the batch (0 when there are none).
+
+    It teaches the model to find its evidence for a tumour class in the lesion itself: positive there, negative
+    elsewhere, so that Grad-CAM (the positive part of that map) shows the lesion.
+    """
+    tumour = fractions.flatten(1).sum(dim=1) > 0
+    if not tumour.any():
+        return cams.new_zeros(())
+    evidence = cams[torch.arange(len(labels)), labels][tumour]
+    inside = torch.nn.functional.adaptive_avg_pool2d(fractions[tumour], evidence.shape[-2:])[:, 0]
+    errors = torch.nn.functional.binary_cross_entropy_with_logits(evidence, inside, reduction="none").flatten(1)
+    inside, outside = inside.flatten(1), 1 - inside.flatten(1)
+    balanced = (errors * inside).sum(1) / inside.sum(1).clamp_min(1e-6) + (errors * outside).sum(1) / outside.sum(1)
+    return balanced.mean() / 2
+
+
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, config: TrainingConfig, seed: int, fractions: np.ndarray | None = None
+) -> torch.nn.Module:
+    """Train the demo ResNet on prepared images (N, C, H, W) with AdamW + one-cycle LR; return it in eval mode.
+
+    With lesion `fractions` (N, 1, H, W), the loss adds `config.localisation_weight` × localisation_loss."""
     torch.manual_seed(seed)
     model = build_model()
     augment = augmentation(seed)
@@ -149,8 +200,14 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, config: TrainingCon
         order, losses = order_rng.permutation(len(images)), []
         for start in range(0, len(images) - 1, config.batch_size):  # never a batch of one (BatchNorm needs two)
             batch_index = order[start : start + config.batch_size]
-            batch = torch.stack([augment(images[i]) for i in batch_index])
-            loss = torch.nn.functional.cross_entropy(model(batch), torch.from_numpy(labels[batch_index]))
+            samples = [augment({"image": images[i]} | ({} if fractions is None else {"mask": fractions[i]}))
+                       for i in batch_index]
+            batch, targets = torch.stack([sample["image"] for sample in samples]), torch.from_numpy(labels[batch_index])
+            logits, cams = logits_and_cams(model, batch)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            if fractions is not None and config.localisation_weight > 0:
+                masks = torch.stack([sample["mask"] for sample in samples])
+                loss = loss + config.localisation_weight * localisation_loss(cams, targets, masks)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -193,12 +250,18 @@ def classification_metrics(confusion: np.ndarray, class_names: Sequence[str]) ->
     return metrics
 
 
-def build_card(metrics: dict[str, float], config: TrainingConfig, seed: int) -> ClassificationCard:
-    """The demo model's card: synthetic data, demo use only, torch architecture for Grad-CAM on layer4."""
+def build_card(
+    metrics: dict[str, float], config: TrainingConfig, seed: int, ood: OodCalibration | None = None
+) -> ClassificationCard:
+    """The demo model's card: synthetic data, demo use only, torch architecture for Grad-CAM, OOD interval from the
+    held-out set."""
     description = (
         "Synthetic axial CT head slices from training_export.synthetic_ct (air, elliptical skull ring, grey/white "
         "matter texture, ventricles, sella; glioma: ragged hypodense intra-axial mass with oedema; meningioma: "
         "hyperdense extra-axial dome on the inner table; pituitary: small hyperdense midline mass at the sella). "
+        "Trained on the class labels and, for tumour slices, on the lesion masks: the true class's activation map is "
+        "taught to be positive in the lesion and negative elsewhere (train_ct.localisation_loss, weight "
+        f"{config.localisation_weight}), so that Grad-CAM shows the evidence the model actually uses. "
         f"{config.n_train_per_class} training and {config.n_test_per_class} held-out slices per class, "
         f"{config.image_size}x{config.image_size} px, seed {seed}; held-out set = "
         f"training_export.train_ct.heldout_set(seed={seed}, n_per_class={config.n_test_per_class}, "
@@ -213,10 +276,11 @@ def build_card(metrics: dict[str, float], config: TrainingConfig, seed: int) -> 
             factory="monai.ResNet", kwargs=RESNET_KWARGS, weights_file="model.pt", gradcam_layer=GRADCAM_LAYER
         ),
         metrics=metrics,
+        ood=ood,
         provenance=Provenance(
             source="NeuroNova training_export",
             licence="Apache-2.0",
-            training_date=datetime.now(timezone.utc).date().isoformat(),
+            training_date=datetime.now(UTC).date().isoformat(),
             data_description=description,
             synthetic_data=True,
         ),
@@ -240,14 +304,16 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
     config = config or TrainingConfig()
     started = time.perf_counter()
     with torch_threads(config.threads), TemporaryDirectory() as scratch:
-        train_hu, _, train_labels = generate_ct_dataset(
+        train_hu, train_masks, train_labels = generate_ct_dataset(
             config.n_train_per_class, (seed, _TRAIN_STREAM), config.image_size
         )
         test_hu, _, test_labels = heldout_set(seed, config.n_test_per_class, config.image_size)
         train_images = prepare_ct_batch(train_hu, config.input_spec)
         test_images = prepare_ct_batch(test_hu, config.input_spec)
-        model = train_classifier(train_images, train_labels, config, seed)
-        predicted = predict_logits(model, test_images).argmax(axis=1)
+        fractions = lesion_fractions(train_masks, config.input_spec)
+        model = train_classifier(train_images, train_labels, config, seed, fractions)
+        test_logits = predict_logits(model, test_images)
+        predicted = test_logits.argmax(axis=1)
         metrics = classification_metrics(confusion_matrix(test_labels, predicted, len(CT_CLASSES)), CT_CLASSES)
         onnx_path = export_onnx(model, torch.from_numpy(test_images[:1]), Path(scratch) / "model.onnx")
         metrics["onnx_max_abs_diff"] = check_parity(model, onnx_path, test_images[:PARITY_IMAGES])
@@ -259,7 +325,7 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
             seed=float(seed),
             training_seconds=round(time.perf_counter() - started, 1),
         )
-        card = build_card(metrics, config, seed)
+        card = build_card(metrics, config, seed, calibrate_ood(test_logits, "logits"))
         tag = store.save_model(name, card, files={"model.onnx": onnx_path, "model.pt": weights_path})
     log.info("stored %s: %s", tag, metrics)
     return tag

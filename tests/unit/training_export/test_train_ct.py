@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core import store
-from core.cards import CT_CLASSES, DEMO_INTENDED_USE, ClassificationCard
+from core.cards import CT_CLASSES, DEMO_INTENDED_USE, ClassificationCard, ImageInputSpec
 from core.networks import load_module
 from core.settings import get_settings
 from preprocessing.decode import decode_slice
@@ -65,11 +65,56 @@ def test_heldout_set_is_reproducible_and_not_the_training_data() -> None:
 def test_augmentation_is_seeded_and_keeps_the_shape() -> None:
     image = np.random.default_rng(0).random((1, 32, 32), dtype=np.float32)
     first, second = train_ct.augmentation(3), train_ct.augmentation(3)
-    outputs = [(first(image), second(image)) for _ in range(4)]
+    outputs = [(first({"image": image})["image"], second({"image": image})["image"]) for _ in range(4)]
     for a, b in outputs:
         assert isinstance(a, torch.Tensor) and not hasattr(a, "meta") and a.shape == (1, 32, 32)
         torch.testing.assert_close(a, b)
     assert any(not torch.equal(a, torch.from_numpy(image)) for a, _ in outputs)
+
+
+def centroid(weights: np.ndarray) -> np.ndarray:
+    return np.array([(np.indices(weights.shape)[axis] * weights).sum() / weights.sum() for axis in range(2)])
+
+
+def test_augmentation_moves_the_lesion_mask_with_the_image() -> None:
+    image = np.zeros((1, 32, 32), np.float32)
+    image[0, 12:20, 11:19] = 1.0  # a bright square, and its mask
+    augment = train_ct.augmentation(5)
+    for _ in range(6):
+        sample = augment({"image": image, "mask": image.copy()})
+        mask, moved = sample["mask"][0].numpy(), sample["image"][0].numpy()
+        moved = moved - moved.min()  # undo the intensity shift; the scale does not move a centroid
+        assert sample["mask"].shape == (1, 32, 32) and mask.sum() > 10
+        np.testing.assert_allclose(centroid(mask), centroid(moved), atol=0.5)
+
+
+def test_lesion_fractions_follow_the_input_size() -> None:
+    masks = np.zeros((2, 64, 64), bool)
+    masks[0, :32, :32] = True
+    fractions = train_ct.lesion_fractions(masks, ImageInputSpec(height=16, width=16))
+    assert fractions.shape == (2, 1, 16, 16) and fractions[0, 0, :8, :8].min() == 1.0 and fractions[1].max() == 0.0
+
+
+def test_localisation_loss_rewards_evidence_in_the_lesion_and_only_there() -> None:
+    fractions = torch.zeros((2, 1, 8, 8))
+    fractions[0, 0, :2, :2] = 1.0  # image 0's lesion covers CAM grid cell (0, 0); image 1 has none
+    labels = torch.tensor([1, 3])
+
+    def loss(lesion_value: float, elsewhere: float) -> float:
+        cams = torch.full((2, 4, 4, 4), elsewhere)
+        cams[0, 1, 0, 0] = lesion_value  # the true class's map of image 0
+        return train_ct.localisation_loss(cams, labels, fractions).item()
+
+    assert loss(8.0, -8.0) < 0.01 < loss(0.0, 0.0) < loss(-8.0, 8.0)
+    assert loss(8.0, 8.0) > loss(8.0, -8.0)  # evidence everywhere is not localised
+    assert train_ct.localisation_loss(torch.ones((2, 4, 4, 4)), labels, torch.zeros((2, 1, 8, 8))).item() == 0.0
+
+
+def test_cams_sum_to_the_logits_of_the_average_pooled_head() -> None:
+    model = train_ct.build_model().eval()
+    batch = torch.rand((2, 1, 64, 64))
+    logits, cams = train_ct.logits_and_cams(model, batch)
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + model.fc.bias, logits, atol=1e-5, rtol=1e-4)
 
 
 def test_training_is_deterministic() -> None:
