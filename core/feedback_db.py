@@ -7,6 +7,8 @@ the workers may start together.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30
+WAL_SWITCH_ATTEMPTS = 100
 # pg_advisory_xact_lock key that serialises schema creation between workers (any constant unique to this schema).
 SCHEMA_LOCK_KEY = 0x4E4E_FB01
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
@@ -81,9 +84,21 @@ def default_database_url(directory: Path) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Put the database in WAL mode (persistent in the file). Switching journal modes answers "database is locked"
+    at once, without SQLite's busy handler, when another worker switches it at the same moment: retry briefly."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
+    try:
+        for attempt in range(WAL_SWITCH_ATTEMPTS):
+            try:
+                if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05)
+    finally:
+        cursor.close()
 
 
 def open_engine(database_url: str) -> Engine:
