@@ -66,14 +66,15 @@ def separation(model: LoadedClassifier, n_per_class: int) -> dict[str, object]:
     distance of the score from the interval's centre (a one-sided score cannot see over-confident inputs)."""
     calibration_images = prepare_ct_batch(heldout_set(0, n_per_class)[0], model.card.input)
     fresh_images = prepare_ct_batch(heldout_set(1, n_per_class)[0], model.card.input)
-    calibration = calibrate_ood(model.engine.run(calibration_images), model.card.output_kind)
-    inside = ood_scores(model.engine.run(fresh_images), model.card.output_kind)
+    score = model.card.ood.score if model.card.ood else None
+    calibration = calibrate_ood(model.engine.run(calibration_images), model.card.output_kind, score=score)
+    inside = ood_scores(model.engine.run(fresh_images), model.card.output_kind, score)
     rows: dict[str, object] = {
         "calibration": calibration.model_dump(),
         "in_distribution": {"n": len(inside), "flagged": float(np.mean([calibration.flags(s) for s in inside]))},
     }
     for kind, batch in foreign_inputs(model, np.random.default_rng(0)).items():
-        outside = ood_scores(model.engine.run(batch), model.card.output_kind)
+        outside = ood_scores(model.engine.run(batch), model.card.output_kind, score)
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         distance = np.abs(np.r_[inside, outside] - (calibration.low + calibration.high) / 2)
         rows[kind] = {"n": len(outside), "auroc": round(float(roc_auc_score(truth, distance)), 3),

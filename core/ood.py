@@ -20,7 +20,7 @@ from scipy.special import logsumexp
 OOD_WARNING = "input unlike the model's training data"
 DEFAULT_COVERAGE = 95.0
 OutputKind = Literal["probabilities", "logits"]
-ScoreKind = Literal["energy", "max_softmax"]
+ScoreKind = Literal["energy", "max_softmax", "mean_logit"]
 
 
 class OodCalibration(BaseModel):
@@ -44,22 +44,35 @@ def score_kind(output_kind: OutputKind) -> ScoreKind:
     return "energy" if output_kind == "logits" else "max_softmax"
 
 
-def ood_scores(outputs: np.ndarray, output_kind: OutputKind) -> np.ndarray:
-    """(N, K) raw model outputs -> (N,) float32 scores, higher = less like the training data."""
+def ood_scores(outputs: np.ndarray, output_kind: OutputKind, score: ScoreKind | None = None) -> np.ndarray:
+    """(N, K) raw model outputs -> (N,) float32 scores, higher = less like the training data.
+
+    `score` defaults to the output kind's (score_kind); "mean_logit" (−mean of the logits: the model's overall
+    activation) suits models whose logits are all pushed negative away from the evidence, as our lesion-supervised
+    demo model's are (docs/performance.md).
+    """
+    kind = score or score_kind(output_kind)
+    if kind != "max_softmax" and output_kind != "logits":
+        raise ValueError(f"the {kind} score needs a model that outputs logits")
     values = np.asarray(outputs, dtype=np.float64)
-    if output_kind == "logits":
+    if kind == "energy":
         return (-logsumexp(values, axis=1)).astype(np.float32)
-    return (1.0 - values.max(axis=1)).astype(np.float32)
+    if kind == "mean_logit":
+        return (-values.mean(axis=1)).astype(np.float32)
+    probabilities = np.exp(values - logsumexp(values, axis=1, keepdims=True)) if output_kind == "logits" else values
+    return (1.0 - probabilities.max(axis=1)).astype(np.float32)
 
 
-def calibrate_ood(outputs: np.ndarray, output_kind: OutputKind, coverage: float = DEFAULT_COVERAGE) -> OodCalibration:
-    """The interval holding the central `coverage` % of the scores of in-distribution raw outputs (N, K)."""
-    scores = ood_scores(outputs, output_kind)
+def calibrate_ood(
+    outputs: np.ndarray, output_kind: OutputKind, coverage: float = DEFAULT_COVERAGE, score: ScoreKind | None = None
+) -> OodCalibration:
+    """The interval holding the central `coverage` % of the `score`s of in-distribution raw outputs (N, K)."""
+    scores = ood_scores(outputs, output_kind, score)
     if len(scores) == 0:
         raise ValueError("OOD calibration needs at least one in-distribution image")
     tail = (100.0 - coverage) / 2.0
     low, high = np.percentile(scores, [tail, 100.0 - tail])
-    return OodCalibration(score=score_kind(output_kind), low=float(low), high=float(high), coverage=coverage,
+    return OodCalibration(score=score or score_kind(output_kind), low=float(low), high=float(high), coverage=coverage,
                           n_images=len(scores))
 
 

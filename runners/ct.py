@@ -44,7 +44,8 @@ class LoadedClassifier:
     def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and each image's OOD score (higher = less like the training data, see core.ood)."""
         outputs = self.engine.run(batch)
-        return self._probabilities(outputs), ood_scores(outputs, self.card.output_kind)
+        score = self.card.ood.score if self.card.ood else None
+        return self._probabilities(outputs), ood_scores(outputs, self.card.output_kind, score)
 
     def _probabilities(self, outputs: np.ndarray) -> np.ndarray:
         return softmax(outputs) if self.card.output_kind == "logits" else outputs.astype(np.float32)

@@ -51,3 +51,13 @@ def test_calibration_needs_images_and_cards_reject_bad_intervals() -> None:
                                                            "n_images": 3}})
     stored = ClassificationCard.model_validate({**card, "ood": calibrate_ood(np.eye(2) * 3, "logits").model_dump()})
     assert stored.ood is not None and stored.ood.low <= stored.ood.high
+
+
+def test_mean_logit_and_max_softmax_scores_on_logits():
+    logits = np.array([[-1.0, -3.0], [-5.0, -7.0]])
+    np.testing.assert_allclose(ood_scores(logits, "logits", "mean_logit"), [2.0, 6.0], rtol=1e-6)
+    np.testing.assert_allclose(ood_scores(logits, "logits", "max_softmax"), 1 - 1 / (1 + np.exp(-2.0)), rtol=1e-6)
+    calibration = calibrate_ood(logits, "logits", score="mean_logit")
+    assert calibration.score == "mean_logit" and calibration.low < calibration.high
+    with pytest.raises(ValueError, match="needs a model that outputs logits"):
+        ood_scores(np.array([[0.9, 0.1]]), "probabilities", "mean_logit")
