@@ -35,6 +35,7 @@ from core.feedback_db import (
     feedback_records,
     open_engine,
 )
+from core.settings import Settings
 from preprocessing.nifti import decode_nifti
 from preprocessing.volumes import resample_to_grid
 
@@ -198,6 +199,11 @@ class FeedbackStore:
             directory.mkdir(parents=True, exist_ok=True)
         self.engine = open_engine(database_url or default_database_url(directory))
         self.inputs: InputStore = InputFiles(directory / "inputs") if self.engine.dialect.name == "sqlite" else InputRows()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FeedbackStore:
+        """The store the configuration chooses: `<data_dir>/feedback`, or the database URL when one is set."""
+        return cls(Path(settings.data_dir) / "feedback", settings.feedback.database_url)
 
     def record(self, feedback: FeedbackRequest, cached: CachedRequest) -> FeedbackReceipt:
         """Store the verdict with the request's model version, input hash, de-identified input and, for a

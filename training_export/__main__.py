@@ -129,8 +129,7 @@ def _finetune_ct(args: argparse.Namespace) -> int:
     from core.settings import get_settings
     from training_export.finetune_ct import FineTuneConfig, finetune_from_feedback
 
-    settings = get_settings()
-    feedback = FeedbackStore(Path(settings.data_dir) / "feedback", settings.feedback.database_url)
+    feedback = FeedbackStore.from_settings(get_settings())
     report = finetune_from_feedback(feedback.labelled_inputs("ct_classification"), args.model,
                                     config=FineTuneConfig(min_records=args.min_records))
     print(report.model_dump_json(indent=2))
