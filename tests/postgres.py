@@ -79,12 +79,17 @@ def missing_prerequisites(path: str | None, debian_root: Path = DEBIAN_ROOT) -> 
     return None
 
 
+def under_ci() -> bool:
+    """`CI` set (and not `false`/`0`), as CI services set it and `.ci/run` does."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
 def require_server(path: str | None = None, debian_root: Path = DEBIAN_ROOT) -> Path:
-    """The binaries' directory; otherwise skip the test, or fail it under CI (`CI` set and not `false`/`0`)."""
+    """The binaries' directory; otherwise skip the test, or fail it under CI."""
     reason = missing_prerequisites(path, debian_root)
     if reason is None:
         return binary_dir(path, debian_root)  # type: ignore[return-value]
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+    if under_ci():
         pytest.fail(f"CI is set and PostgreSQL cannot run: {reason}", pytrace=False)
     pytest.skip(reason)
 
@@ -128,3 +133,12 @@ def postgres_server() -> Iterator[PostgresServer]:
         if (data / "postmaster.pid").exists():
             _run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def service_database_url(request: pytest.FixtureRequest) -> str | None:
+    """`NEURONOVA_FEEDBACK__DATABASE_URL` for a service under test: a fresh database on the session server where
+    PostgreSQL can run (always under CI, see `require_server`); None elsewhere, leaving the service on its default
+    SQLite file. The tests that claim PostgreSQL ask for `postgres_server` themselves, so they skip (or fail) there."""
+    if missing_prerequisites(None) is not None and not under_ci():
+        return None
+    return request.getfixturevalue("postgres_server").new_database()

@@ -68,9 +68,12 @@ def test_ct_small_dicom_with_gradcam_matches_the_contract(http):
     assert gradcam["method"] == "grad_cam" and gradcam["layer_name"] == "layer4"
     assert decode_png(gradcam["heatmap_base64"]).size == (128, 128)  # CT_small.dcm is 128×128
     assert decode_png(gradcam["overlay_base64"]).size == (128, 128)
-    for region in gradcam["important_regions"]:
-        assert region["x"] >= 0 and region["y"] >= 0
+    regions = gradcam["important_regions"]
+    assert regions  # a [0, 1]-normalised map has a hot area (>= 0.7, >= 100 px) on a 128 x 128 slice
+    for region in regions:
+        assert region["x"] >= 0 and region["y"] >= 0 and region["width"] * region["height"] >= 100
         assert region["x"] + region["width"] <= 128 and region["y"] + region["height"] <= 128
+        assert 0.7 <= region["importance"] <= 1.0
     described = body["metadata"]["input"]
     assert described["format"] == "dicom" and described["modality"] == "CT" and described["rows"] == 128
     assert body["inference_time_ms"] > 0
