@@ -1,5 +1,6 @@
 """MRI segmentation over HTTP against the real served process (runner in its own process): a BraTS-size case with
-BentoML's client, a DICOM series zip with a SEG, cross-process cancel (runner frozen while it holds the task), hostile archives."""
+BentoML's client, a DICOM series zip with a SEG, cross-process cancel (runner frozen while it holds the task),
+hostile archives."""
 
 from __future__ import annotations
 
