@@ -88,7 +88,8 @@ def main() -> None:
     print("\n| OOD score | AUROC foreign vs held-out |\n|---|---|")
     for name, value in aurocs.items():
         print(f"| {name} | {value:.3f} |")
-    print(f"\nthreshold {model.card.ood.threshold:.2f}\n| foreign study | distance | warned | tumour voxels |\n|---|---|---|---|")
+    print(f"\nthreshold {model.card.ood.threshold:.2f}")
+    print("| foreign study | distance | warned | tumour voxels |\n|---|---|---|---|")
     for row in foreign:
         if "refused" in row:
             print(f"| {row['study']} | refused ({row['refused']}) | | |")

@@ -1,8 +1,9 @@
 """Studies an MRI tumour segmenter trained on our synthetic cases should warn about (the OOD checks' negatives):
 real files nobody here wrote (nibabel's healthy head `anatomical.nii` and `standard.nii.gz`, pydicom's `MR_small.dcm`),
 a CT head volume in Hounsfield units sent as MR, noise, a blank volume, and synthetic cases sent wrongly: one sequence
-sent as all four, the sequences mislabelled (T2 as T1, FLAIR as T1ce, ...), a header with the wrong voxel size. Each file is sent as every sequence the model needs (a real study missing sequences is refused
-before the model runs), one upload per sequence with its `sequence_type`.
+sent as all four, the sequences mislabelled (T2 as T1, FLAIR as T1ce, ...), a header with the wrong voxel size.
+Each file is sent as every sequence the model needs (a study missing sequences is refused before the model runs),
+one upload per sequence with its `sequence_type`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Train the demo MRI tumour segmenter (a small MONAI SegResNet) on synthetic cases, export it and store it.
 
 Every case goes through preprocessing.volumes.prepare_volume / prepare_labels with the card's input spec, exactly as
-the service prepares an upload, so training and serving see the same tensors. Held-out Dice (whole tumour, tumour
-core, enhancing tumour) is measured with sliding-window inference on cases never trained on.
+the service prepares an upload, so training and serving see the same tensors. After training, further cases calibrate
+the out-of-distribution threshold (core.volume_ood) and the uncertainty volume-interval margins
+(postprocessing.uncertainty); held-out cases never used for either give the card's metrics: Dice (whole tumour,
+tumour core, enhancing tumour) by sliding-window inference as served, the uncertainty map's AUROC for wrong voxels,
+the WT interval's coverage and the OOD false-alarm rate.
 """
 
 from __future__ import annotations
