@@ -37,7 +37,7 @@ from core.schemas import (
 )
 from core.settings import LimitSettings
 from core.tasks import TaskStore
-from core.volume_ood import volume_descriptors
+from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
 from postprocessing.masks import (
     PostProcessingOptions,
@@ -233,8 +233,7 @@ def check_ood(prepared: PreparedVolume, probabilities: np.ndarray, card: Segment
     """The model's out-of-distribution check of this input (None when its card has no calibration)."""
     if card.ood is None:
         return None
-    voxel_ml = abs(float(np.linalg.det(prepared.affine[:3, :3]))) / 1000.0
-    descriptors = volume_descriptors(prepared.tensor, probabilities, voxel_ml)
+    descriptors = volume_descriptors(prepared.tensor, probabilities, voxel_ml(prepared.affine))
     distance = card.ood.distance(descriptors)
     return OodCheck(score=card.ood.score, distance=round(distance, 4) if np.isfinite(distance) else None,
                     threshold=round(card.ood.threshold, 4), flagged=card.ood.flags(descriptors))
@@ -250,10 +249,9 @@ def uncertainty_result(
     in_input = np.clip(resample_to_grid(on_model_grid[None], prepared.affine, volume.affine, volume.shape,
                                         "bilinear")[0], 0.0, 1.0)
     plane = display_plane(in_input, volume.affine, axial.axis, axial.index)
-    voxel_ml = abs(float(np.linalg.det(prepared.affine[:3, :3]))) / 1000.0
     margins = card.volume_interval.margins if card.volume_interval is not None else {}
     intervals = {}
-    for region, volumes in pass_region_volumes(output.passes, card, voxel_ml).items():
+    for region, volumes in pass_region_volumes(output.passes, card, voxel_ml(prepared.affine)).items():
         low, high = volume_interval(volumes, margins.get(region, 0.0))
         intervals[region] = VolumeInterval(low=round(low, 2), high=round(high, 2), percentiles=INTERVAL_PERCENTILES,
                                            margin=margins.get(region, 0.0))

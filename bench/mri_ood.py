@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from api.mri import check_ood
 from core import store
 from core.settings import get_settings
-from core.volume_ood import volume_descriptors
+from core.volume_ood import volume_descriptors, voxel_ml
 from preprocessing.volumes import decode_upload, prepare_volume
 from runners.mri import LoadedSegmenter, load_segmenter_model
 from training_export.foreign_volumes import foreign_studies
@@ -46,9 +46,9 @@ def foreign_rows(model: LoadedSegmenter) -> list[dict]:
             rows.append({"study": study.name, "refused": type(exc).__name__})
             continue
         probabilities = model.segment(prepared.tensor, lambda *_: None)
-        voxel_ml = abs(float(np.linalg.det(prepared.affine[:3, :3]))) / 1000.0
         checked = check_ood(prepared, probabilities, model.card)
-        rows.append({"study": study.name, "descriptors": volume_descriptors(prepared.tensor, probabilities, voxel_ml),
+        descriptors = volume_descriptors(prepared.tensor, probabilities, voxel_ml(prepared.affine))
+        rows.append({"study": study.name, "descriptors": descriptors,
                      "distance": checked.distance, "flagged": checked.flagged,
                      "tumour_voxels": int((probabilities.argmax(0) > 0).sum())})
     return rows

@@ -28,6 +28,11 @@ OUTLIER_Z = 4.0
 MIN_CALIBRATION_STUDIES = 10
 
 
+def voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel of a grid, in mL."""
+    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
 def descriptor_names(sequences: list[str] | tuple[str, ...]) -> list[str]:
     """The descriptor order for a model with these input sequences."""
     pairs = [f"corr_{a}_{b}" for a, b in itertools.combinations(sequences, 2)]

@@ -26,6 +26,7 @@ from core.volume_ood import (
     calibrate_volume_ood,
     descriptor_names,
     volume_descriptors,
+    voxel_ml,
 )
 from preprocessing.volumes import decode_upload, prepare_volume
 from training_export.import_classifier import load_card, open_session
@@ -65,8 +66,8 @@ def calibrate_on_studies(session: ort.InferenceSession, card: SegmentationCard, 
     for study in studies:
         prepared = prepare_volume(decode_upload(study_uploads(study), card.input, limits), card.input,
                                   limits.max_volume_voxels)
-        voxel_ml = abs(float(np.linalg.det(prepared.affine[:3, :3]))) / 1000.0
-        rows.append(volume_descriptors(prepared.tensor, segment_with_session(session, card, prepared.tensor), voxel_ml))
+        rows.append(volume_descriptors(prepared.tensor, segment_with_session(session, card, prepared.tensor),
+                                       voxel_ml(prepared.affine)))
         if rows[-1] is None:
             raise ModelCardError(f"validation study {study.name} has no signal")
     return calibrate_volume_ood(rows, descriptor_names(card.input.sequences))

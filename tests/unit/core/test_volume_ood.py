@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from core.volume_ood import VolumeOodCalibration, calibrate_volume_ood, descriptor_names, volume_descriptors
+from core.volume_ood import (
+    VolumeOodCalibration,
+    calibrate_volume_ood,
+    descriptor_names,
+    volume_descriptors,
+    voxel_ml,
+)
 
 
 def test_descriptors_of_a_volume_and_of_nothing() -> None:
@@ -20,6 +26,7 @@ def test_descriptors_of_a_volume_and_of_nothing() -> None:
     assert descriptor_names(["A", "B"]) == ["log_brain_ml", "mean_max_softmax", "outlier_fraction", "corr_A_B"]
     np.testing.assert_allclose(values, [np.log1p(216 * 0.5), 0.7, 0.0, -1.0], atol=1e-3)
     assert volume_descriptors(np.zeros((2, 4, 4, 4)), probabilities[:, :4, :4, :4], 1.0) is None
+    assert voxel_ml(np.diag([2.0, -2.0, 3.0, 1.0])) == pytest.approx(0.012)
 
 
 def test_calibration_threshold_is_a_leave_one_out_percentile_and_flags_far_studies() -> None:
