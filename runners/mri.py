@@ -26,6 +26,7 @@ from core.errors import ModelNotLoaded
 from core.networks import load_module
 from core.settings import get_settings
 from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, TaskStore, task_store_path
+from postprocessing.uncertainty import FLIPS, flip_passes
 from runners.common import RUNNER_CONNECTION, cuda_available, onnx_session
 from runners.switching import SwitchableModel
 from xai.segmentation_cam import SegmentationGradCam
@@ -117,6 +118,17 @@ class LoadedSegmenter:
                 output = torch.softmax(output.float(), dim=0)
         return output.to(torch.float16).cpu().numpy()
 
+    def segment_passes(self, volume: np.ndarray, hook: ProgressHook) -> np.ndarray:
+        """(C, X, Y, Z) -> (passes, K, X, Y, Z) float16 probabilities of the test-time-augmentation passes (the first
+        unmirrored); progress runs once over all passes."""
+        def run(mirrored: np.ndarray, index: int) -> np.ndarray:
+            def pass_hook(done: int, total: int, seconds_per_window: float) -> None:
+                hook(index * total + done, len(FLIPS) * total, seconds_per_window)
+
+            return self.segment(mirrored, pass_hook)
+
+        return flip_passes(run, volume)
+
     def explain(self, volume: np.ndarray) -> np.ndarray:
         """(C, X, Y, Z) prepared volume -> (X, Y, Z) Grad-CAM map of the tumour prediction in [0, 1]."""
         if self.explainer is None:
@@ -180,6 +192,12 @@ class MRISegmenter:
         probabilities = self.served.get()[0].segment(volume, self._progress_hook(task_id))
         self.served.record_timing(started, 1)
         return probabilities
+
+    @bentoml.api
+    def segment_passes(self, volume: np.ndarray, task_id: str = "") -> np.ndarray:
+        """(C, X, Y, Z) prepared volume -> (8, K, X, Y, Z) float16 probabilities of the mirrored passes (uncertainty; not in
+        the live timing, which stays one plain pass per volume)."""
+        return self.served.get()[0].segment_passes(volume, self._progress_hook(task_id))
 
     @bentoml.api
     def explain(self, volume: np.ndarray, task_id: str = "") -> np.ndarray:

@@ -58,7 +58,8 @@ def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tm
 
     async def submit_poll_get() -> tuple[dict, list[int]]:
         async with bentoml.AsyncHTTPClient(server_url, token=token, timeout=TASK_DEADLINE_S) as client:
-            task = await client.predict_mri_segmentation.submit(image=[path], patient_id="P000042", xai=False)
+            task = await client.predict_mri_segmentation.submit(image=[path], patient_id="P000042", xai=False,
+                                                                uncertainty=True)
             progress = []
             while (await task.get_status()).value == "in_progress":
                 progress.append(http.get(f"/task/{task.id}").json()["progress"])
@@ -72,6 +73,10 @@ def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tm
     labels = np.asarray(mask.dataobj)
     assert labels.shape == (240, 240, 155) and dice(labels > 0, case.labels > 0) > 0.7
     assert body["result"]["tumor_volume_ml"]["total"] == pytest.approx((labels > 0).sum() / 1000, abs=1e-3)
+    uncertainty = body["result"]["uncertainty"]  # 8 mirrored passes through the runner process
+    assert uncertainty["passes"] == 8 and uncertainty["map"]["shape"] == [240, 240, 155]
+    wt = uncertainty["volume_interval_ml"]["WT"]  # its coverage is measured on many cases in test_mri_trust
+    assert 0 < wt["low"] < wt["high"] and wt["margin"] > 0
 
 
 def test_dicom_series_zip_with_seg_and_cancel_across_processes(http, server_url) -> None:
