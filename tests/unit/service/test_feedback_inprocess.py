@@ -8,7 +8,7 @@ import bentoml
 import numpy as np
 from PIL import Image
 
-from api.feedback import FeedbackStore
+from core.feedback import FeedbackStore
 from core.settings import Settings
 
 
