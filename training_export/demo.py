@@ -1,9 +1,17 @@
-"""Train the demo models into the local model store when they are missing (used by `make serve` and the tests)."""
+"""The demo models: shipped with the repository as exported models (`demo_models/<name>.bentomodel`), imported into
+the local model store when it lacks them (`make serve`, the tests), retrained from code on request (`make models`),
+and exported back into `demo_models/` from the store (`python -m training_export export-demo`)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import yaml
 
 from core import store
 
@@ -15,16 +23,61 @@ DEMO_TRAINERS: dict[str, str] = {
     "neuronova-glioma-grade": "training_export.train_glioma:train_and_save",
     "neuronova-mri": "training_export.train_mri:train_and_save",
 }
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_models"
+"""Where the shipped exports live (absolute: `bentoml models import` needs an absolute path, docs/bentoml-pitfalls.md
+G15)."""
 
 
-def ensure_demo_models(names: list[str] | None = None) -> dict[str, str]:
-    """Train each named demo model (all by default) that has no stored version; return name -> status."""
+def shipped_path(name: str) -> Path:
+    """The exported file of demo model `name` in the repository."""
+    return DEMO_DIR / f"{name}.bentomodel"
+
+
+def shipped_metadata(name: str) -> dict[str, Any]:
+    """The metadata (model card included, under `card`) of the shipped export, read from the archive without
+    importing it."""
+    with tarfile.open(shipped_path(name)) as archive:
+        member = next(m for m in archive.getmembers() if Path(m.name).name == "model.yaml")
+        info = yaml.safe_load(archive.extractfile(member).read())
+    return info["metadata"]
+
+
+def train(name: str) -> str:
+    """Train demo model `name` from code into the store (a new version); return its tag."""
+    module_name, func_name = DEMO_TRAINERS[name].split(":")
+    log.info("training demo model %s", name)
+    return getattr(importlib.import_module(module_name), func_name)()
+
+
+def ensure_demo_models(names: list[str] | None = None, retrain: bool = False) -> dict[str, str]:
+    """Make each named demo model (all by default) available in the store; return name -> what was done.
+
+    A name with a stored version is left alone ("present"); otherwise its shipped export is imported
+    ("imported <tag>"), or, when none is shipped, it is trained ("trained <tag>"). `retrain` trains every named model
+    anew whatever the store holds.
+    """
     status = {}
     for name in names or list(DEMO_TRAINERS):
-        if store.has_model(name):
+        if retrain:
+            status[name] = f"trained {train(name)}"
+        elif store.has_model(name):
             status[name] = "present"
-            continue
-        module_name, func_name = DEMO_TRAINERS[name].split(":")
-        log.info("training demo model %s", name)
-        status[name] = getattr(importlib.import_module(module_name), func_name)()
+        elif shipped_path(name).is_file():
+            status[name] = f"imported {bentoml.models.import_model(str(shipped_path(name).resolve())).tag}"
+        else:
+            status[name] = f"trained {train(name)}"
     return status
+
+
+def export_demo_models(names: list[str] | None = None) -> dict[str, str]:
+    """Write the store's latest version of each named demo model (all by default) to `demo_models/`; return name ->
+    the exported tag and file size."""
+    DEMO_DIR.mkdir(exist_ok=True)
+    exported = {}
+    for name in names or list(DEMO_TRAINERS):
+        model = store.get_model(f"{name}:latest")
+        path = shipped_path(name)
+        path.unlink(missing_ok=True)
+        bentoml.models.export_model(model.tag, str(path.resolve()))
+        exported[name] = f"{model.tag} -> {path.relative_to(DEMO_DIR.parent)} ({path.stat().st_size / 2**20:.2f} MB)"
+    return exported
