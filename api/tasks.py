@@ -2,9 +2,9 @@
 and keeping credentials and results of BentoML's own task store private.
 
 BentoML 1.4 runs a task as a background job of the worker that accepted `/submit` and stores it in SQLite
-(wiped at every start, kept with the whole request, cancel unsupported: docs/bentoml-pitfalls.md G4-G7). The task body therefore
-records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation is
-cooperative through that store's flag.
+(wiped at every start, kept with the whole request, cancel unsupported: docs/bentoml-pitfalls.md G4-G7). The task
+body therefore records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation
+is cooperative through that store's flag.
 """
 
 from __future__ import annotations

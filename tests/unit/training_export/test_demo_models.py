@@ -6,10 +6,10 @@ exported file itself, so re-exporting a model re-targets its check):
 - `neuronova-biomarker` and `neuronova-glioma-grade` are retrained in full with the trainer's defaults (seconds;
   XGBoost with one thread is deterministic): every held-out metric of the shipped card is reproduced within
   TABULAR_TOLERANCE. This proves the shipped files are what this repository's code and data make.
-- `neuronova-ct` is retrained at reduced size (REDUCED_CT: a quarter of the training images, the same held-out set of
-  200 synthetic slices, the same epochs): its held-out accuracy and macro F1 come within CT_TOLERANCE of the shipped
-  card's. This proves the training code still learns the shipped model's task to near its quality; it does not prove
-  bit-identical weights (the full retrain, `make models`, takes ~3 min alone on 2 cores, ~12 min when shared).
+- `neuronova-ct` is retrained in full too (~3 min on 2 free cores; marked slow, still run by `make test`): its
+  held-out accuracy, macro F1 and per-class recalls on the same 200 synthetic slices come within CT_TOLERANCE
+  (4 slices) of the shipped card's. Torch on CPU is not bit-reproducible across thread schedules, hence a tolerance.
+  A reduced-size retrain proves little here: a quarter of the images gave accuracy 0.705 against the shipped 0.995.
 - `neuronova-mri` is not retrained here (a full retrain is 5-10 min); its training path is exercised in
   tests/unit/mri/test_train_mri.py and its card is checked below like the others.
 """
@@ -17,7 +17,6 @@ exported file itself, so re-exporting a model re-targets its check):
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,10 @@ from core.cards.tabular import TabularCard
 from training_export import demo, train_biomarker, train_ct, train_glioma
 
 TABULAR_TOLERANCE = 0.005
-CT_TOLERANCE = 0.05
-REDUCED_CT = replace(train_ct.TrainingConfig(), n_train_per_class=50)
+CT_TOLERANCE = 0.02
 MAX_SHIPPED_MB = 5.0
 """The repository's hook warns on files over 5 MB."""
-QUALITY_METRICS = ("accuracy", "macro_f1")
+CT_QUALITY = ("accuracy", "macro_f1", "recall_glioma", "recall_meningioma", "recall_pituitary", "recall_no_tumor")
 
 
 def shipped_card(name: str) -> dict:
@@ -88,9 +86,10 @@ def test_retraining_a_tabular_model_reproduces_the_shipped_metrics(private_store
         assert retrained[key] == pytest.approx(value, abs=TABULAR_TOLERANCE), key
 
 
-def test_a_reduced_ct_retrain_comes_near_the_shipped_metrics(private_store) -> None:
-    retrained = store.read_card(store.get_model(train_ct.train_and_save(config=REDUCED_CT)), ClassificationCard)
+@pytest.mark.slow
+def test_retraining_the_ct_model_reproduces_the_shipped_metrics(private_store) -> None:
+    retrained = store.read_card(store.get_model(train_ct.train_and_save()), ClassificationCard).metrics
     shipped = shipped_card("neuronova-ct")["metrics"]
-    assert retrained.metrics["n_test"] == shipped["n_test"]  # the same held-out set
-    for key in QUALITY_METRICS:
-        assert retrained.metrics[key] >= shipped[key] - CT_TOLERANCE, (key, retrained.metrics[key], shipped[key])
+    assert (retrained["n_train"], retrained["n_test"]) == (shipped["n_train"], shipped["n_test"])
+    for key in CT_QUALITY:
+        assert retrained[key] == pytest.approx(shipped[key], abs=CT_TOLERANCE), (key, retrained[key], shipped[key])
