@@ -33,13 +33,17 @@ def shipped_path(name: str) -> Path:
     return DEMO_DIR / f"{name}.bentomodel"
 
 
-def shipped_metadata(name: str) -> dict[str, Any]:
-    """The metadata (model card included, under `card`) of the shipped export, read from the archive without
-    importing it."""
+def shipped_info(name: str) -> dict[str, Any]:
+    """The shipped export's model.yaml (tag, metadata with the model card under `card`), read from the archive
+    without importing it."""
     with tarfile.open(shipped_path(name)) as archive:
         member = next(m for m in archive.getmembers() if Path(m.name).name == "model.yaml")
-        info = yaml.safe_load(archive.extractfile(member).read())
-    return info["metadata"]
+        return yaml.safe_load(archive.extractfile(member).read())
+
+
+def shipped_tag(name: str) -> str:
+    info = shipped_info(name)
+    return f"{info['name']}:{info['version']}"
 
 
 def train(name: str) -> str:
@@ -52,18 +56,23 @@ def train(name: str) -> str:
 def ensure_demo_models(names: list[str] | None = None, retrain: bool = False) -> dict[str, str]:
     """Make each named demo model (all by default) available in the store; return name -> what was done.
 
-    A name with a stored version is left alone ("present"); otherwise its shipped export is imported
-    ("imported <tag>"), or, when none is shipped, it is trained ("trained <tag>"). `retrain` trains every named model
-    anew whatever the store holds.
+    The shipped export's version is imported when the store lacks it ("imported <tag>"; "present" when it has it).
+    Without a shipped export, a name with any stored version is left alone ("present") and one without is trained
+    ("trained <tag>"). `retrain` trains every named model anew whatever the store holds. The store serves its newest
+    version (`<name>:latest`, by creation time), so a local retrain stays served over an older shipped model.
     """
     status = {}
     for name in names or list(DEMO_TRAINERS):
         if retrain:
             status[name] = f"trained {train(name)}"
+        elif shipped_path(name).is_file():
+            tag = shipped_tag(name)
+            if store.has_version(tag):
+                status[name] = "present"
+            else:
+                status[name] = f"imported {bentoml.models.import_model(str(shipped_path(name).resolve())).tag}"
         elif store.has_model(name):
             status[name] = "present"
-        elif shipped_path(name).is_file():
-            status[name] = f"imported {bentoml.models.import_model(str(shipped_path(name).resolve())).tag}"
         else:
             status[name] = f"trained {train(name)}"
     return status

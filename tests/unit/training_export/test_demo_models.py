@@ -37,7 +37,7 @@ CT_QUALITY = ("accuracy", "macro_f1", "recall_glioma", "recall_meningioma", "rec
 
 
 def shipped_card(name: str) -> dict:
-    raw = demo.shipped_metadata(name)["card"]
+    raw = demo.shipped_info(name)["metadata"]["card"]
     return json.loads(raw) if isinstance(raw, str) else raw
 
 
@@ -64,6 +64,7 @@ def test_missing_demo_models_are_imported_not_trained(private_store, monkeypatch
     assert all(value.startswith("imported ") for value in status.values()), status
     assert demo.ensure_demo_models(["neuronova-ct"]) == {"neuronova-ct": "present"}
     tag = status["neuronova-ct"].split()[1]
+    assert tag == demo.shipped_tag("neuronova-ct")
     assert store.read_card(store.get_model(tag), ClassificationCard).metrics == shipped_card("neuronova-ct")["metrics"]
 
 
@@ -93,3 +94,10 @@ def test_retraining_the_ct_model_reproduces_the_shipped_metrics(private_store) -
     assert (retrained["n_train"], retrained["n_test"]) == (shipped["n_train"], shipped["n_test"])
     for key in CT_QUALITY:
         assert retrained[key] == pytest.approx(shipped[key], abs=CT_TOLERANCE), (key, retrained[key], shipped[key])
+
+
+def test_the_shipped_version_joins_a_store_holding_another_and_the_newest_is_served(private_store) -> None:
+    local = train_glioma.train_and_save()  # a local retrain, newer than the shipped export
+    status = demo.ensure_demo_models(["neuronova-glioma-grade"])
+    assert status == {"neuronova-glioma-grade": f"imported {demo.shipped_tag('neuronova-glioma-grade')}"}
+    assert str(store.get_model("neuronova-glioma-grade:latest").tag) == local
