@@ -96,7 +96,7 @@ def test_dicom_series_zip_with_seg_and_cancel_across_processes(http) -> None:
 
 def test_the_base_route_answers_at_once_with_a_task(http) -> None:
     """`POST /predict/mri_segmentation` (the design's asynchronous route) → 202 and a task id at once (well before the
-    segmentation is done; ~0.3 s on an idle 2-core machine, 1.0 s at load average 5), and the task completes as one
+    segmentation is done; measured 1.0 s on the shared 2-core machine at load average 5), and the task completes as one
     submitted via /submit."""
     case = synthetic_case(13, (96, 96, 64), (2.0, 2.0, 2.0))
     started = time.monotonic()
