@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = "shared"
 FORBIDDEN = re.compile(
-    r"\.\./" + SHARED + r"\b"                      # a relative link or path: ../shared/...
+    r"\.\./" + SHARED + r"\b"                      # a relative link or path to the folder
     r"|/work/" + SHARED + r"\b"                    # the workspace's absolute path
-    r"|/\s*[\"']" + SHARED + r"[\"']"              # pathlib: parents[2] / "shared"
+    r"|/\s*[\"']" + SHARED + r"[\"']"              # a pathlib join with the folder name
     r"|" + SHARED + r"/(?:SPEC|notes|data|probes)/"  # any spelling of its contents
 )
 

@@ -85,6 +85,9 @@ def test_model_info_and_health_publish_the_schema(service):
     cea = features["tumor_markers.CEA"]
     assert (cea["type"], cea["unit"], cea["optional"], cea["min"]) == ("number", "ng/mL", True, 0)
     assert features["imaging_features.tumor_shape"]["categories"][0] == "none"
+    assert features["gender"]["codes"] == {"M": "male", "F": "female", "O": "other"}
+    numbers = {name for name, f in features.items() if f["type"] == "number"}
+    assert set(info.input_units) == numbers and info.input_units["blood_test.WBC"] == "/uL"
     health = json.loads(asyncio.run(service.health()).body)
     assert health["models"]["biomarker_prediction"]["loaded"] is True
 
