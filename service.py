@@ -107,7 +107,7 @@ class NeuroNova:
         self.tasks = TaskStore(task_store_path(settings.data_dir))
         self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
-        self.feedback_store = FeedbackStore.from_settings(settings)
+        self.feedback_store = FeedbackStore.from_settings(get_settings())
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors

@@ -75,7 +75,8 @@ def small_case(seed: int = 3):
 
 
 def temp_dir_entries() -> set[str]:
-    """What the system temp folder holds now (to prove nothing was written there)."""
+    """What the system temp folder holds now (to prove nothing was written there; use the `private_temp_dir` fixture
+    so that other processes' files do not show up)."""
     import tempfile
 
     return set(os.listdir(tempfile.gettempdir()))

@@ -9,7 +9,6 @@ import io
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -134,29 +133,45 @@ def test_credentials_are_not_kept_in_bentomls_task_store(client, nifti_run) -> N
     assert b"authorization" not in stored.lower() if isinstance(stored, bytes) else "authorization" not in stored.lower()
 
 
-def test_cancel_stops_a_running_task(client, case) -> None:
+def test_cancel_stops_a_running_task(client, case, monkeypatch) -> None:
+    """Deterministic: the runner's first window batch waits until the cancel has been answered (a spy on its engine,
+    as in test_mri_runner.py), so the cancel always lands while inference runs."""
+    import bentoml
+
     from core.settings import get_settings
     from core.tasks import STEP_PROGRESS, TaskStore, task_store_path
 
     tasks = TaskStore(task_store_path(get_settings().data_dir))
+    engine = bentoml.get_current_service().mri_runner.served.current.engine
+    predict, in_inference, cancel_answered, batches = engine.predict, threading.Event(), threading.Event(), []
+
+    def predict_after_the_cancel(windows):
+        batches.append(len(windows))
+        in_inference.set()
+        assert cancel_answered.wait(60)
+        return predict(windows)
+
+    monkeypatch.setattr(engine, "predict", predict_after_the_cancel)
     outcome = {}
 
-    def run() -> None:
+    def run() -> None:  # the in-process client returns from submit only when the task has ended
         outcome["task_id"] = submit(client, [("image", ("case.nii", four_d_nifti(case)))], request_id="req-cancel",
                                     xai="true")
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline, task_id = time.monotonic() + 60, None
-    while task_id is None and time.monotonic() < deadline:
+    try:
+        assert in_inference.wait(60)
         with sqlite3.connect(tasks.path) as connection:
-            row = connection.execute("SELECT task_id FROM tasks WHERE request_id = 'req-cancel' AND "
-                                     "current_step = 'inference'").fetchone()
-        task_id = row[0] if row else time.sleep(0.01)
-    cancelled = client.put(f"{ROUTE}/cancel", params={"task_id": task_id}).json()
+            [(task_id, step)] = connection.execute("SELECT task_id, current_step FROM tasks WHERE request_id = "
+                                                   "'req-cancel'").fetchall()
+        assert step == "inference"
+        cancelled = client.put(f"{ROUTE}/cancel", params={"task_id": task_id}).json()
+    finally:
+        cancel_answered.set()
+        worker.join(60)
     assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"]
-    worker.join(60)
-    assert outcome["task_id"] == task_id
+    assert outcome["task_id"] == task_id and batches == [batches[0]]  # stopped after its first window batch
     record = tasks.get(task_id)
     assert record.status == "cancelled" and record.result is None
     assert record.progress < STEP_PROGRESS["explaining"]  # stopped before Grad-CAM and post-processing

@@ -92,7 +92,7 @@ def test_nifti_and_dicom_series_give_the_same_volume(case, dicom_files) -> None:
     assert from_dicom.source_of("T1ce").series_uid and len(from_dicom.source_of("T1").headers) == case.volume.shape[2]
 
 
-def test_study_zip_matched_by_acquisition_tags_and_finest_duplicate(case, dicom_files) -> None:
+def test_study_zip_matched_by_acquisition_tags_and_finest_duplicate(case, dicom_files, private_temp_dir) -> None:
     from tests.unit.mri.test_dicom_series import edited
 
     anonymous = {s: [edited(f, SeriesDescription=None) for f in files] for s, files in dicom_files.items()}
