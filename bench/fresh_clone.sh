@@ -13,7 +13,10 @@ SLICE=$("$SOURCE/.venv/bin/python" -c "from pydicom.data import get_testdata_fil
 start=$(date +%s.%N)
 git clone -q "$SOURCE" "$WORK/repo"
 cd "$WORK/repo"
-env "$@" BENTOML_HOME="$WORK/bentoml-home" setsid make serve PORT="$PORT" > "$WORK/serve.log" 2>&1 &
+# Each log line is prefixed with the seconds since the clone began (where the time went: install, import, start).
+env "$@" BENTOML_HOME="$WORK/bentoml-home" START="$start" setsid bash -c 'make serve PORT='"$PORT"' 2>&1 |
+  while IFS= read -r line; do printf "%6.1f %s\n" "$(echo "$(date +%s.%N) - $START" | bc)" "$line"; done' \
+  > "$WORK/serve.log" 2>&1 &
 server=$!
 code=000
 while [ "$code" != 200 ] && kill -0 "$server" 2> /dev/null; do
@@ -25,4 +28,5 @@ end=$(date +%s.%N)
 echo "$LABEL: HTTP $code $(echo "$end - $start" | bc) s after git clone; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 grep -o '"predicted_class":"[^"]*"' "$WORK/response.json" | head -1
 kill -- -"$server" 2> /dev/null; sleep 3; kill -9 -- -"$server" 2> /dev/null
+grep -E "pip install|installed|ensure-demo|bentoml serve|initialized" "$WORK/serve.log" | grep -v WARNING | cut -c1-110
 echo "log: $WORK/serve.log"
