@@ -3,7 +3,7 @@
 # sibling reference folder, an empty BentoML home, a new .venv). Results in docs/performance.md ("Fresh clone").
 #   bench/fresh_clone.sh warm                      # pip's cache as it is
 #   bench/fresh_clone.sh cold PIP_NO_CACHE_DIR=1   # extra VAR=value pairs go to make's environment
-# Needs this checkout's .venv (for the test slice's path); kills the server it started.
+# Needs this checkout's .venv (for the test slice's path); kills the server it started and removes the clone.
 set -u
 LABEL=$1; shift
 SOURCE=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -29,4 +29,5 @@ echo "$LABEL: HTTP $code $(echo "$end - $start" | bc) s after git clone; load av
 grep -o '"predicted_class":"[^"]*"' "$WORK/response.json" | head -1
 kill -- -"$server" 2> /dev/null; sleep 3; kill -9 -- -"$server" 2> /dev/null
 grep -E "pip install|installed|ensure-demo|bentoml serve|initialized" "$WORK/serve.log" | grep -v WARNING | cut -c1-110
+rm -rf "$WORK/repo" "$WORK/bentoml-home"  # ~2.5 GB; the log stays
 echo "log: $WORK/serve.log"
