@@ -8,34 +8,40 @@ export BENTOML_DO_NOT_TRACK := True
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
 COVERAGE_FLOOR ?= 95
 
-.PHONY: install serve test bench models bento bento-gpu clean
+.PHONY: install demo serve test bench models export-demo bento bento-gpu clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-compile -e ".[test]"  # byte-compiling every installed module on the spot: ~50 s of a fresh install
 	touch $@
 
 install: $(BIN)/.installed
 
-models: install  ## train the demo models into the local model store when absent
+demo: install  ## import the shipped demo models (demo_models/) into the local model store when absent
 	$(BIN)/python -m training_export ensure-demo
 
-serve: models  ## set up, train demo models if absent, serve on :3000
+models: install  ## retrain every demo model from code into the local model store (~10 min on 2 cores)
+	$(BIN)/python -m training_export ensure-demo --retrain
+
+export-demo: install  ## rewrite demo_models/ from the store's latest versions (after `make models`)
+	$(BIN)/python -m training_export export-demo
+
+serve: demo  ## set up, import the shipped demo models if absent, serve on :3000
 	$(SERVE_ENV) $(BIN)/bentoml serve service:NeuroNova --port $(PORT)
 
 test: install  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
 	BENTOML_HOME=$(CURDIR)/.bentoml-test $(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
-bench: models  ## benchmarks (see docs/performance.md)
+bench: demo  ## benchmarks (see docs/performance.md)
 	$(BIN)/python bench/ct.py
 	$(BIN)/python bench/mri.py
 	$(BIN)/python bench/biomarker.py
 
-bento: models  ## build the Bento (then: bentoml containerize neuronova:latest)
+bento: demo  ## build the Bento (then: bentoml containerize neuronova:latest)
 	$(BIN)/bentoml build
 
-bento-gpu: models  ## the GPU Bento (CUDA base image; then: bentoml containerize neuronova-gpu:latest)
+bento-gpu: demo  ## the GPU Bento (CUDA base image; then: bentoml containerize neuronova-gpu:latest)
 	$(BIN)/python deploy/build_gpu_bento.py
 
 clean:

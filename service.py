@@ -25,7 +25,8 @@ from api.classification import (
     requested_methods,
 )
 from api.errors import ErrorSchemaMiddleware, handles_errors
-from api.feedback import FeedbackReceipt, FeedbackRequest, FeedbackStore
+from api.feedback import FeedbackReceipt, FeedbackRequest, record_feedback
+from core.feedback import FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.models import ModelSlot, segmentation_summary, tabular_summary
@@ -185,7 +186,8 @@ class NeuroNova:
         """A doctor accepts, corrects (a CT label, an MRI mask) or rejects an earlier result; stored durably for
         fine-tuning (in a thread: an MRI input is tens of MB to load and compress)."""
         verdict = FeedbackRequest(**review)
-        return await asyncio.to_thread(lambda: self.feedback_store.record(verdict, self.requests.get(verdict.request_id)))
+        return await asyncio.to_thread(
+            lambda: record_feedback(self.feedback_store, verdict, self.requests.get(verdict.request_id)))
 
     @bentoml.api(route="/update_model")
     @handles_errors

@@ -48,7 +48,9 @@ def classification_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any
 
 def tabular_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:
     """The /model_info fields specific to a tabular model (its feature schema is in the card's `features`)."""
-    return {"type": "tabular", "input_format": ["json"], "output_classes": card.output_classes(), "xai_supported": ["shap"]}
+    units = {feature.name: feature.unit for feature in card.features if getattr(feature, "unit", None)}
+    return {"type": "tabular", "input_format": ["json"], "output_classes": card.output_classes(),
+            "xai_supported": ["shap"], "input_units": units}
 
 
 def segmentation_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:

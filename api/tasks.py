@@ -2,9 +2,9 @@
 and keeping credentials and results of BentoML's own task store private.
 
 BentoML 1.4 runs a task as a background job of the worker that accepted `/submit` and stores it in SQLite
-(wiped at every start, kept with the whole request, cancel unsupported: notes G4-G7). The task body therefore
-records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation is
-cooperative through that store's flag.
+(wiped at every start, kept with the whole request, cancel unsupported: docs/bentoml-pitfalls.md G4-G7). The task
+body therefore records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation
+is cooperative through that store's flag.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from bentoml._internal.configuration.containers import BentoMLContainer
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
@@ -149,6 +149,8 @@ def _stored_error(serialized: bytes | str | None) -> dict[str, Any]:
 class TaskRoutesMiddleware:
     """Our side of BentoML's task routes, inside the JWT middleware:
 
+    - `POST <route>`, which BentoML would run synchronously inside the request: submitted as a task instead, as
+      the design has it; the answer is `/submit`'s (`{"task_id", "status"}`) with 202 Accepted;
     - `POST <route>/submit`: the Authorization header is dropped after authentication, so BentoML's task store
       (which keeps each request with its headers for 24 h) never holds a bearer token;
     - `PUT <route>/cancel?task_id=`: cancels through our task store, so the work really stops (BentoML's own
@@ -157,6 +159,7 @@ class TaskRoutesMiddleware:
 
     def __init__(self, app: ASGIApp, task_routes: tuple[str, ...], data_dir: str | Path) -> None:
         self.app = app
+        self.base_paths = frozenset(task_routes)
         self.submit_paths = frozenset(f"{route}/submit" for route in task_routes)
         self.cancel_paths = frozenset(f"{route}/cancel" for route in task_routes)
         self.tasks = TaskStore(task_store_path(data_dir))
@@ -167,6 +170,20 @@ class TaskRoutesMiddleware:
             response = cancel_task(self.tasks, task_id) if task_id else error_response(InvalidRequest("task_id is required"))
             await response(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"] in self.base_paths and scope["method"] == "POST":
+            path = f"{scope['path']}/submit"
+            scope, send = {**scope, "path": path, "raw_path": path.encode()}, _accepted(send)
         if scope["type"] == "http" and scope["path"] in self.submit_paths:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
         await self.app(scope, receive, send)
+
+
+def _accepted(send: Send) -> Send:
+    """`send` with a successful submission's 200 turned into 202 Accepted (errors keep their status)."""
+
+    async def accepted(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 200:
+            message = {**message, "status": 202}
+        await send(message)
+
+    return accepted

@@ -104,6 +104,9 @@ class ModelInfo(BaseModel):
     avg_inference_time_ms: float | None
     xai_supported: list[str]
     intended_use: str
+    input_units: dict[str, str] | None = Field(
+        default=None, description="tabular models: each numeric feature's unit (a request may give another unit "
+        "of the same dimension as {\"value\", \"unit\"})")
     card: dict[str, Any] = Field(description="the full model card from the store")
 
 

@@ -54,6 +54,15 @@ def has_model(name: str) -> bool:
     return bool(list_versions(name))
 
 
+def has_version(tag: str) -> bool:
+    """Whether the exact `name:version` is stored."""
+    try:
+        bentoml.models.get(tag)
+    except (BentoNotFound, ValueError):
+        return False
+    return True
+
+
 def list_versions(name: str) -> list[bentoml.Model]:
     """All stored versions of `name`, newest first (empty when there is none)."""
     try:

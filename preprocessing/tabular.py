@@ -18,6 +18,7 @@ import numpy as np
 
 from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, FeatureValue, NumberFeature, TabularCard
 from core.errors import InvalidRequest
+from core.units import UnitProblem, convert
 
 MAX_REPORTED_PROBLEMS = 100
 """An error lists at most this many problems (a body of junk keys must not make a huge error body); it counts them all."""
@@ -148,20 +149,31 @@ def _check_value(raw: Any, feature: FeatureSpec) -> tuple[FeatureValue, tuple[st
             return bool(raw), None
         return None, ("must be true or false (or 1 / 0)", "wrong_type")
     if isinstance(feature, CategoryFeature):
-        if not isinstance(raw, str):
-            return None, (f"must be one of {feature.categories}", "wrong_type")
-        matches = [c for c in feature.categories if c.casefold() == raw.strip().casefold()]
-        return (matches[0], None) if matches else (None, (f"must be one of {feature.categories}", "unknown_category"))
+        category = feature.category_of(raw) if isinstance(raw, str) else None
+        if category is None:
+            return None, (f"must be one of {feature.accepted()}", "wrong_type" if not isinstance(raw, str)
+                          else "unknown_category")
+        return category, None
     return _check_number(raw, feature)
 
 
 def _check_number(raw: Any, feature: NumberFeature) -> tuple[FeatureValue, tuple[str, str] | None]:
+    """A plain number in the card's unit, or `{"value": number, "unit": "<UCUM-style unit>"}` converted to it."""
+    unit = feature.unit
+    if isinstance(raw, Mapping):
+        if set(raw) != {"value", "unit"} or not isinstance(raw["unit"], str):
+            return None, (f'must be a number in {unit} or {{"value": number, "unit": string}}', "wrong_type")
+        raw, unit = raw["value"], raw["unit"]
     if isinstance(raw, bool) or not isinstance(raw, Real):
-        return None, ("must be a number", "wrong_type")
+        return None, (f"must be a number (in {feature.unit})", "wrong_type")
     number = float(raw)
     if not math.isfinite(number):
         return None, ("must be a finite number", "not_finite")
+    if unit != feature.unit:
+        try:
+            number = convert(number, unit, feature.unit)
+        except UnitProblem as exc:
+            return None, (f"{exc}; expected {feature.unit} or a unit convertible to it", exc.kind)
     if not feature.min <= number <= feature.max:
-        unit = f" {feature.unit}" if feature.unit else ""
-        return None, (f"must be within [{feature.min:g}, {feature.max:g}]{unit}", "out_of_range")
+        return None, (f"must be within [{feature.min:g}, {feature.max:g}] {feature.unit}", "out_of_range")
     return number, None

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import NormalizeIntensity, Orientation, Spacing, SpatialResample
+from monai.transforms import NormalizeIntensity, Orientation, Spacing
 
 from core.cards.segmentation import SequenceRule, VolumeInputSpec
 from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
 from core.settings import LimitSettings
-from core.volumes import DecodedVolume, RawSeries, SeriesSource
+from core.volumes import DecodedVolume, RawSeries, SeriesSource, resample_to_grid
 from preprocessing.archive import is_zip, read_zip_members
 from preprocessing.dicom import has_dicom_prefix
 from preprocessing.dicom_series import decode_dicom_series, is_dicom
@@ -193,17 +193,6 @@ def _on_one_grid(assigned: list[tuple[str, RawSeries, str]], spec: VolumeInputSp
     return DecodedVolume(data=np.stack(channels).astype(np.float32, copy=False), affine=reference.affine,
                          sequences=tuple(sequence for sequence, *_ in assigned), sources=sources,
                          reference_sequence=reference_sequence)
-
-
-def resample_to_grid(
-    data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int], mode: str
-) -> np.ndarray:
-    """(C, X, Y, Z) on `affine` -> (C, *target_shape) on `target_affine` (MONAI SpatialResample; zeros outside)."""
-    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), affine=torch.as_tensor(affine))
-    resampled = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
-        image, dst_affine=torch.as_tensor(target_affine), spatial_size=tuple(int(n) for n in target_shape)
-    )
-    return resampled.numpy()
 
 
 def prepare_volume(volume: DecodedVolume, spec: VolumeInputSpec, max_voxels: int) -> PreparedVolume:

@@ -13,7 +13,7 @@ import torch
 log = logging.getLogger(__name__)
 
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 1_000_000_000, "max_age": 1e9}
-"""Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (G2)."""
+"""Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (docs/bentoml-pitfalls.md G2)."""
 
 
 def cuda_available() -> bool:

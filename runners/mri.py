@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 
 MRI_TIMEOUT_SECONDS = 1800
-"""Traffic timeout of the runner, which BentoML also applies to the task's call into it (G9): 30 minutes."""
+"""Traffic timeout of the runner, which BentoML also applies to the task's call into it (docs/bentoml-pitfalls.md G9): 30 minutes."""
 
 WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
 ProgressHook = Callable[[int, int, float], None]

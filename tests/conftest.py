@@ -1,4 +1,4 @@
-"""Test session set-up: a private BentoML home holding the demo models, trained once and kept between runs."""
+"""Test session set-up: a private BentoML home holding the demo models, imported from demo_models/ (nothing trains)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytest_plugins = ["tests.postgres"]  # the `postgres_server` fixture: a real Pos
 
 @pytest.fixture(scope="session")
 def demo_models() -> dict[str, str]:
-    """Make sure every demo model is in the test store (trains the missing ones; minutes on a clean clone)."""
+    """Make sure every demo model is in the test store (imports the shipped exports it lacks: seconds)."""
     from training_export.demo import ensure_demo_models
 
     return ensure_demo_models()
@@ -30,7 +30,7 @@ def demo_models() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ct_model() -> str:
-    """The demo CT classifier in the test store (trained on first use)."""
+    """The demo CT classifier in the test store (imported on first use)."""
     from training_export.demo import ensure_demo_models
 
     return ensure_demo_models(["neuronova-ct"])["neuronova-ct"]

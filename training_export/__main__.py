@@ -68,13 +68,28 @@ def trainer_command(name: str, module: str, help: str) -> None:
 
 def _configure_ensure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", help="demo model names (default: all)")
+    parser.add_argument("--retrain", action="store_true", help="train each named model anew from code")
 
 
-@command("ensure-demo", "train every demo model that has no stored version", _configure_ensure_demo)
+@command("ensure-demo", "import the shipped demo models the store lacks (or train them: --retrain)",
+         _configure_ensure_demo)
 def _ensure_demo(args: argparse.Namespace) -> int:
     from training_export.demo import ensure_demo_models
 
-    print(json.dumps(ensure_demo_models(args.names or None), indent=2))
+    print(json.dumps(ensure_demo_models(args.names or None, retrain=args.retrain), indent=2))
+    return EXIT_OK
+
+
+def _configure_export_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", help="demo model names (default: all)")
+
+
+@command("export-demo", "rewrite demo_models/<name>.bentomodel from the store's latest version",
+         _configure_export_demo)
+def _export_demo(args: argparse.Namespace) -> int:
+    from training_export.demo import export_demo_models
+
+    print(json.dumps(export_demo_models(args.names or None), indent=2))
     return EXIT_OK
 
 
@@ -128,7 +143,7 @@ def _configure_finetune(parser: argparse.ArgumentParser) -> None:
 @command("finetune-ct", "fine-tune the CT classifier on reviewed feedback; store it only if not worse",
          _configure_finetune)
 def _finetune_ct(args: argparse.Namespace) -> int:
-    from api.feedback import FeedbackStore
+    from core.feedback import FeedbackStore
     from core.settings import get_settings
     from training_export.finetune_ct import FineTuneConfig, finetune_from_feedback
 

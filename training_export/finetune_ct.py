@@ -14,8 +14,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from pydantic import BaseModel, Field
 from core import store
 from core.cards import ClassificationCard, Lineage
 from core.networks import load_module
-from training_export.onnx_export import check_parity, export_onnx
+from training_export.onnx_export import export_and_store
 from training_export.train_ct import (
     augmentation,
     classification_metrics,
@@ -197,22 +195,18 @@ def register(module: torch.nn.Module, parent_card: ClassificationCard, report: F
     name = report.parent_tag.split(":")[0]
     headline = "reference/candidate" if "reference/candidate" in report.evaluation else "feedback_holdout/candidate"
     metrics = {key: value for key, value in report.evaluation[headline].items() if key != "n"}
-    with TemporaryDirectory() as scratch:
-        onnx_path = export_onnx(module, torch.from_numpy(sample[:1]), Path(scratch) / parent_card.model_file)
-        metrics["onnx_max_abs_diff"] = check_parity(module, onnx_path, sample[:16])
-        weights_path = Path(scratch) / parent_card.torch.weights_file
-        torch.save(module.state_dict(), weights_path)
-        provenance = parent_card.provenance.model_copy(update={
-            "training_date": datetime.now(UTC).date().isoformat(),
-            "data_description": f"{parent_card.provenance.data_description} Fine-tuned on {report.n_train} reviewed "
-                                f"feedback inputs ({report.n_holdout} held out).",
-        })
-        card = parent_card.model_copy(update={
-            "metrics": metrics,
-            "provenance": provenance,
-            "lineage": Lineage(parent_tag=report.parent_tag, method="fine-tuned on reviewed feedback",
-                               feedback_records=report.n_train + report.n_holdout, evaluation=report.evaluation,
-                               non_inferiority_margin=report.margin),
-        })
-        return store.save_model(name, card, files={card.model_file: onnx_path, card.torch.weights_file: weights_path},
-                                labels={"parent": report.parent_tag.split(":")[1]})
+    provenance = parent_card.provenance.model_copy(update={
+        "training_date": datetime.now(UTC).date().isoformat(),
+        "data_description": f"{parent_card.provenance.data_description} Fine-tuned on {report.n_train} reviewed "
+                            f"feedback inputs ({report.n_holdout} held out).",
+    })
+    lineage = Lineage(parent_tag=report.parent_tag, method="fine-tuned on reviewed feedback",
+                      feedback_records=report.n_train + report.n_holdout, evaluation=report.evaluation,
+                      non_inferiority_margin=report.margin)
+    return export_and_store(
+        name, module, sample[:16],
+        lambda difference: parent_card.model_copy(update={
+            "metrics": {**metrics, "onnx_max_abs_diff": difference}, "provenance": provenance, "lineage": lineage,
+        }),
+        labels={"parent": report.parent_tag.split(":")[1]},
+    )

@@ -1,15 +1,20 @@
-"""Torch -> ONNX export with a dynamic batch axis, and a parity check of the exported graph against torch."""
+"""Torch -> ONNX export with a dynamic batch axis, a parity check of the exported graph against torch, and the one
+way a trained torch model enters the model store (`export_and_store`)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
+from core import store
+from core.cards import ClassificationCard
 from core.errors import ModelCardError
 
 INPUT_NAME = "input"
@@ -74,3 +79,24 @@ def check_parity(module: torch.nn.Module, onnx_path: str | Path, inputs: np.ndar
             {"max_abs_diff": difference, "atol": atol},
         )
     return difference
+
+
+def export_and_store(
+    name: str,
+    module: torch.nn.Module,
+    parity_inputs: np.ndarray,
+    card_for: Callable[[float], ClassificationCard],
+    labels: dict[str, str] | None = None,
+) -> str:
+    """Export `module` to ONNX, check it against torch on `parity_inputs` (ModelCardError beyond the tolerance), keep
+    its torch weights (Grad-CAM), and store both under a new version of `name` with the card `card_for` builds from
+    the measured max abs difference; return the tag."""
+    with TemporaryDirectory(prefix="neuronova-export-") as scratch:
+        onnx_path = export_onnx(module, torch.from_numpy(parity_inputs[:1]), Path(scratch) / "model.onnx")
+        difference = check_parity(module, onnx_path, parity_inputs)
+        weights_path = Path(scratch) / "model.pt"
+        torch.save(module.state_dict(), weights_path)
+        card = card_for(difference)
+        if card.torch is None:
+            raise ModelCardError(f"the card of {name} names no torch weights file")
+        return store.save_model(name, card, {card.model_file: onnx_path, card.torch.weights_file: weights_path}, labels)

@@ -3,7 +3,8 @@
 Nothing here is patient data; the rules are plausible in direction, not calibrated clinically. Per patient:
 
 1. **Primary tumour type** (head `tumor_type`) ~ Lung .28, Colorectal .24, Prostate .18, Ovarian .16,
-   Hepatocellular .14. Prostate patients are male, Ovarian female, the others male or female with equal odds.
+   Hepatocellular .14. Prostate patients are male, Ovarian female, the others male or female with equal odds;
+   2 % of those others are recorded as sex "other" (their blood follows the sex drawn).
    Age ~ Normal(64, 11) years, clipped to [25, 95].
 2. **Tumour markers** (log-normal around a healthy median): CEA 1.5 ng/mL, CA125 15 U/mL, AFP 4 ng/mL,
    PSA 1.0 ng/mL in men (0.02 in women). The type's own marker is raised in 85 % of its patients
@@ -23,8 +24,8 @@ Nothing here is patient data; the rules are plausible in direction, not calibrat
    Prostate → Bone .85 / Lung .15, Ovarian → Liver .60 / Lung .40, Hepatocellular → Lung .60 / Bone .40.
    So whether there is a metastasis is driven by tumor_size_mm, TP53_mutation, necrosis_present and tumor_shape;
    which organ by the primary's markers, and Bone also by the blood counts below.
-7. **Blood tests**: WBC ~ N(7, 1.8) 10⁹/L; RBC ~ N(4.7 men / 4.2 women, 0.4) 10¹²/L; haemoglobin ~ N(14.5 men /
-   13.0 women, 1.1) g/dL; platelets ~ N(260, 60) 10⁹/L. Bone metastasis (marrow infiltration) lowers haemoglobin
+7. **Blood tests**, in the units US labs report: WBC ~ N(7000, 1800) cells/µL; RBC ~ N(4.7 men / 4.2 women, 0.4)
+   10⁶/µL; haemoglobin ~ N(14.5 men / 13.0 women, 1.1) g/dL; platelets ~ N(260000, 60000) cells/µL. Bone metastasis (marrow infiltration) lowers haemoglobin
    by 2.5 g/dL and RBC by 0.7.
 8. **Missingness**: each optional value (markers, blood tests, mutations) is absent in 3 % of records.
 """
@@ -36,14 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, NumberFeature
+from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, NumberFeature, sex_codes
 
 TUMOR_TYPES: tuple[str, ...] = ("Lung", "Colorectal", "Prostate", "Ovarian", "Hepatocellular")
 TYPE_PRIORS = (0.28, 0.24, 0.18, 0.16, 0.14)
 ORGANS: tuple[str, ...] = ("Brain", "Lung", "Liver", "Bone", "None")
 STAGES: tuple[str, ...] = ("T1", "T2", "T3", "T4", "None")
 SHAPES: tuple[str, ...] = ("none", "round", "oval", "lobulated", "irregular")
-GENDERS: tuple[str, ...] = ("male", "female")
+GENDERS: tuple[str, ...] = ("male", "female", "other")
+OTHER_SEX_RATE = 0.02
 STAGE_LIMITS_MM = (20.0, 50.0, 70.0)
 MISSING_RATE = 0.03
 
@@ -82,15 +84,16 @@ def _flag(name: str, description: str) -> BoolFeature:
 
 SPEC_FEATURES: tuple[FeatureSpec, ...] = (
     _number("age", "demographics", "years", 0, 120, False, "age at presentation"),
-    CategoryFeature(name="gender", group="demographics", categories=list(GENDERS)),
+    CategoryFeature(name="gender", group="demographics", categories=list(GENDERS), codes=sex_codes(list(GENDERS)),
+                    description="administrative sex; DICOM / HL7 codes M, F, O accepted"),
     _number("tumor_markers.CEA", "tumor_markers", "ng/mL", 0, 100_000, True, "carcinoembryonic antigen"),
     _number("tumor_markers.CA125", "tumor_markers", "U/mL", 0, 100_000, True, "cancer antigen 125"),
     _number("tumor_markers.AFP", "tumor_markers", "ng/mL", 0, 1_000_000, True, "alpha-fetoprotein"),
     _number("tumor_markers.PSA", "tumor_markers", "ng/mL", 0, 10_000, True, "prostate-specific antigen"),
-    _number("blood_test.WBC", "blood_test", "10^9/L", 0, 500, True, "white blood cells"),
-    _number("blood_test.RBC", "blood_test", "10^12/L", 0, 10, True, "red blood cells"),
+    _number("blood_test.WBC", "blood_test", "/uL", 0, 500_000, True, "white blood cells per microlitre"),
+    _number("blood_test.RBC", "blood_test", "10^6/uL", 0, 10, True, "red blood cells, millions per microlitre"),
     _number("blood_test.hemoglobin", "blood_test", "g/dL", 0, 25, True, "haemoglobin"),
-    _number("blood_test.platelet", "blood_test", "10^9/L", 0, 3_000, True, "platelets"),
+    _number("blood_test.platelet", "blood_test", "/uL", 0, 3_000_000, True, "platelets per microlitre"),
     _flag("genetic_markers.EGFR_mutation", "EGFR mutated"),
     _flag("genetic_markers.TP53_mutation", "TP53 mutated"),
     _flag("genetic_markers.KRAS_mutation", "KRAS mutated"),
@@ -147,12 +150,14 @@ def generate_cohort(n: int, seed: int) -> Cohort:
     bone = np.array([o == "Bone" for o in organ])
 
     blood = {
-        "WBC": rng.normal(7.0, 1.8, n).clip(0.5, None),
+        "WBC": rng.normal(7000, 1800, n).clip(500, None),
         "RBC": (np.where(female, 4.2, 4.7) + rng.normal(0, 0.4, n) - 0.7 * bone).clip(1.5, None),
         "hemoglobin": (np.where(female, 13.0, 14.5) + rng.normal(0, 1.1, n) - 2.5 * bone).clip(4.0, None),
-        "platelet": rng.normal(260, 60, n).clip(20, None),
+        "platelet": rng.normal(260_000, 60_000, n).clip(20_000, None),
     }
     absent = rng.random((n, 11)) < MISSING_RATE
+    either_sex = ~np.isin(tumour, [TUMOR_TYPES.index("Prostate"), TUMOR_TYPES.index("Ovarian")])
+    sex = np.where(either_sex & (rng.random(n) < OTHER_SEX_RATE), GENDERS.index("other"), female.astype(int))
     records = []
     for i in range(n):
         optional = [float(markers[k][i]) for k in MARKER_MEDIANS] + [float(blood[k][i]) for k in blood] + \
@@ -160,7 +165,7 @@ def generate_cohort(n: int, seed: int) -> Cohort:
         kept = [None if absent[i, j] else round(v, 3) if isinstance(v, float) else v for j, v in enumerate(optional)]
         records.append({
             "age": round(float(age[i]), 1),
-            "gender": GENDERS[int(female[i])],
+            "gender": GENDERS[int(sex[i])],
             "tumor_markers": dict(zip(MARKER_MEDIANS, kept[0:4])),
             "blood_test": dict(zip(blood, kept[4:8])),
             "genetic_markers": dict(zip(("EGFR_mutation", "TP53_mutation", "KRAS_mutation"), kept[8:11])),

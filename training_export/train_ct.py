@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
@@ -29,7 +27,6 @@ from monai.transforms import (
     Resize,
 )
 
-from core import store
 from core.cards import (
     CT_CLASSES,
     DEMO_INTENDED_USE,
@@ -41,7 +38,7 @@ from core.cards import (
 from core.imaging import DecodedSlice, ImageSource
 from core.ood import OodCalibration, calibrate_ood
 from preprocessing.transforms import prepare_slice
-from training_export.onnx_export import check_parity, export_onnx
+from training_export.onnx_export import export_and_store
 from training_export.synthetic_ct import FIELD_OF_VIEW_MM, generate_ct_dataset
 
 log = logging.getLogger(__name__)
@@ -303,7 +300,7 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
     """Generate data, train, evaluate on the held-out set, export to ONNX (parity-checked), store; return the tag."""
     config = config or TrainingConfig()
     started = time.perf_counter()
-    with torch_threads(config.threads), TemporaryDirectory() as scratch:
+    with torch_threads(config.threads):
         train_hu, train_masks, train_labels = generate_ct_dataset(
             config.n_train_per_class, (seed, _TRAIN_STREAM), config.image_size
         )
@@ -315,10 +312,6 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
         test_logits = predict_logits(model, test_images)
         predicted = test_logits.argmax(axis=1)
         metrics = classification_metrics(confusion_matrix(test_labels, predicted, len(CT_CLASSES)), CT_CLASSES)
-        onnx_path = export_onnx(model, torch.from_numpy(test_images[:1]), Path(scratch) / "model.onnx")
-        metrics["onnx_max_abs_diff"] = check_parity(model, onnx_path, test_images[:PARITY_IMAGES])
-        weights_path = Path(scratch) / "model.pt"
-        torch.save(model.state_dict(), weights_path)
         metrics.update(
             n_train=float(len(train_labels)),
             n_test=float(len(test_labels)),
@@ -327,7 +320,8 @@ def train_and_save(seed: int = 0, *, config: TrainingConfig | None = None, name:
         )
         # Lesion supervision pushes every logit negative away from a lesion, so the energy of a foreign image falls
         # in the brain slices' range; the mean logit (overall activation) separates them (docs/performance.md).
-        card = build_card(metrics, config, seed, calibrate_ood(test_logits, "logits", score="mean_logit"))
-        tag = store.save_model(name, card, files={"model.onnx": onnx_path, "model.pt": weights_path})
+        ood = calibrate_ood(test_logits, "logits", score="mean_logit")
+        tag = export_and_store(name, model, test_images[:PARITY_IMAGES],
+                               lambda difference: build_card({**metrics, "onnx_max_abs_diff": difference}, config, seed, ood))
     log.info("stored %s: %s", tag, metrics)
     return tag

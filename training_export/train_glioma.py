@@ -21,14 +21,23 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from core.cards import Provenance
-from core.cards.tabular import BoolFeature, CategoryFeature, FeatureSpec, HeadSpec, NumberFeature, TabularCard
+from core.cards.tabular import (
+    BoolFeature,
+    CategoryFeature,
+    FeatureSpec,
+    HeadSpec,
+    NumberFeature,
+    TabularCard,
+    sex_codes,
+)
 from preprocessing.tabular import encode_records, stack_rows
 from training_export.train_biomarker import TreeParams, fit_heads, heldout_metrics, save_tabular_model
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "neuronova-glioma-grade"
-DATA_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "glioma_grading" / "TCGA_InfoWithGrade.csv"
+DATA_PATH = Path(__file__).resolve().parents[1] / "data" / "glioma_grading" / "TCGA_InfoWithGrade.csv"
+"""The cohort shipped with the repository (source, licence and checksum in data/glioma_grading/README.md)."""
 DATA_SHA256 = "bc2676f7244e944df6acf2f6bab3692427012cf9345e6fd5b4df5caa6dd26132"
 INTENDED_USE = "research demo, not for clinical use"
 CITATION = ("Tasci E., Zhang Y., Sert M. et al., Glioma Grading Clinical and Mutation Features, "
@@ -42,7 +51,7 @@ PARAMS = TreeParams(max_depth=2, eta=0.1, rounds=100, subsample=0.8, min_child_w
 HELDOUT_FRACTION = 0.2
 
 GLIOMA_FEATURES: tuple[FeatureSpec, ...] = (
-    CategoryFeature(name="Gender", group="clinical", categories=list(GENDERS)),
+    CategoryFeature(name="Gender", group="clinical", categories=list(GENDERS), codes=sex_codes(list(GENDERS))),
     NumberFeature(name="Age_at_diagnosis", group="clinical", unit="years", min=0, max=120),
     CategoryFeature(name="Race", group="clinical", categories=list(RACES)),
     *(BoolFeature(name=f"mutations.{gene}", group="mutations", description=f"{gene} mutated") for gene in GENES),
@@ -56,7 +65,7 @@ def read_cohort(path: Path = DATA_PATH) -> tuple[list[dict[str, Any]], list[str]
     content = path.read_bytes()
     digest = hashlib.sha256(content).hexdigest()
     if digest != DATA_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, not the documented {DATA_SHA256} (see shared/data/SOURCES.md)")
+        raise ValueError(f"{path} has sha256 {digest}, not the documented {DATA_SHA256} (see data/glioma_grading/README.md)")
     rows = list(csv.DictReader(content.decode("utf-8").splitlines()))
     records = [{
         "Gender": GENDERS[int(row["Gender"])],

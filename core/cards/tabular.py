@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.cards.base import CardBase
+from core.units import UnitProblem, parse_unit
 
 IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 NO_FINDING = "None"
@@ -26,6 +27,8 @@ FeatureValue = float | bool | str | None
 """A feature's validated value as the caller meant it (a category by its card spelling); None when missing."""
 BASE_COLUMN, PROBABILITY_COLUMN = -2, -1
 """A runner's `explain` output per record is (sum of head classes, features + 2): SHAP values, base value, probability."""
+SEX_CODES: dict[str, str] = {"M": "male", "F": "female", "O": "other"}
+"""Administrative sex as DICOM (PatientSex) and HL7 code it, by the category it stands for."""
 
 
 class _Feature(BaseModel):
@@ -44,10 +47,11 @@ class _Feature(BaseModel):
 
 
 class NumberFeature(_Feature):
-    """A real number within a declared range (inclusive), in `unit`."""
+    """A real number within a declared range (inclusive), in `unit`; a request may give it in any unit that converts."""
 
     type: Literal["number"] = "number"
-    unit: str = ""
+    unit: str = Field(min_length=1, description="UCUM-style unit the model reads, e.g. '/uL', 'ng/mL', 'years'; "
+                                                "'1' for a pure number")
     min: float
     max: float
 
@@ -55,6 +59,10 @@ class NumberFeature(_Feature):
     def _range(self) -> NumberFeature:
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min <= self.max):
             raise ValueError(f"{self.name}: the range needs finite bounds with min <= max")
+        try:
+            parse_unit(self.unit)
+        except UnitProblem as exc:
+            raise ValueError(f"{self.name}: {exc}") from exc
         return self
 
 
@@ -65,17 +73,37 @@ class BoolFeature(_Feature):
 
 
 class CategoryFeature(_Feature):
-    """One of `categories` (case-insensitive), encoded as its position in the list."""
+    """One of `categories`, or a standard code for one (`codes`, e.g. M for male), case-insensitive; encoded as the
+    category's position in the list."""
 
     type: Literal["category"] = "category"
     categories: list[str]
+    codes: dict[str, str] = Field(default_factory=dict, description="standard code -> the category it stands for")
 
     @model_validator(mode="after")
     def _distinct(self) -> CategoryFeature:
         folded = [c.casefold() for c in self.categories]
         if len(folded) < 2 or len(set(folded)) != len(folded):
             raise ValueError(f"{self.name}: a category needs two or more distinct categories")
+        spellings = folded + [code.casefold() for code in self.codes]
+        if len(set(spellings)) != len(spellings) or not set(self.codes.values()) <= set(self.categories):
+            raise ValueError(f"{self.name}: each code must be distinct and stand for one of the categories")
         return self
+
+    def category_of(self, text: str) -> str | None:
+        """The category `text` names or codes (case-insensitive), or None."""
+        folded = text.strip().casefold()
+        spellings = {c.casefold(): c for c in self.categories} | {k.casefold(): v for k, v in self.codes.items()}
+        return spellings.get(folded)
+
+    def accepted(self) -> list[str]:
+        """Every accepted spelling, for error messages and documentation."""
+        return [*self.categories, *self.codes]
+
+
+def sex_codes(categories: list[str]) -> dict[str, str]:
+    """The standard sex codes (SEX_CODES) that stand for one of `categories`."""
+    return {code: category for code, category in SEX_CODES.items() if category in categories}
 
 
 FeatureSpec = Annotated[NumberFeature | BoolFeature | CategoryFeature, Field(discriminator="type")]

@@ -139,7 +139,7 @@ def test_request_validation_errors(http, server_url):
 
 
 def test_concurrent_requests_all_succeed(http):
-    """Many concurrent calls through the runner connection (BentoML G2 broke these without runner_connection)."""
+    """Many concurrent calls through the runner connection (docs/bentoml-pitfalls.md G2 broke these without runner_connection)."""
     data = png_bytes((np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8))
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(lambda _: upload(http, data, name="x.png").status_code, range(120)))

@@ -54,7 +54,7 @@ urlpatterns = [path("neuronova/", include("neuronova_client.urls")), path("admin
 SPEC_BIOMARKERS = {
     "age": 67, "gender": "male",
     "tumor_markers": {"CEA": 2.1, "CA125": 12.0, "AFP": 3.5, "PSA": 28.0},
-    "blood_test": {"WBC": 7.2, "RBC": 4.6, "hemoglobin": 14.1, "platelet": 250},
+    "blood_test": {"WBC": 7200, "RBC": 4.6, "hemoglobin": 14.1, "platelet": 250000},
     "genetic_markers": {"EGFR_mutation": False, "TP53_mutation": True, "KRAS_mutation": False},
     "imaging_features": {"tumor_size_mm": 42.0, "tumor_shape": "irregular", "necrosis_present": True},
 }
@@ -257,7 +257,7 @@ def test_mri_submitted_as_running_then_collected_by_the_management_command(neuro
 
 
 def test_bentomls_sync_submit_still_orphans_tasks(server_url, tmp_path) -> None:
-    """Canary for the G3 workaround in `NeuroNovaClient.submit_mri`: when BentoML's own
+    """Canary for the docs/bentoml-pitfalls.md G3 workaround in `NeuroNovaClient.submit_mri`: when BentoML's own
     `SyncHTTPClient.<task>.submit()` stops raising, this fails, and the workaround can go."""
     archive = tmp_path / "study.zip"
     archive.write_bytes(zip_bytes({"../../escape.dcm": b"x"}))  # fails at once on the server: no compute spent

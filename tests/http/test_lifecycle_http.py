@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from api.feedback import FeedbackStore
+from core.feedback import FeedbackStore
 from core import store
 from core.cards.classification import ClassificationCard
 from core.feedback_db import feedback_records

@@ -2,10 +2,10 @@
 
 - CT classification, biomarker prediction and a doctor's verdict (`POST /feedback`): the client's generated methods.
 - MRI segmentation is a BentoML task. `SyncHTTPClient.<task>.submit()` raises in BentoML 1.4.40 *after* the server
-  has started the task (`_opened_files` missing in its `finally:` block, notes G3), which would orphan the job. So
+  has started the task (`_opened_files` missing in its `finally:` block, docs/bentoml-pitfalls.md G3), which would orphan the job. So
   `submit_mri` posts to the task's `/submit` route through the same client's `request()` and reads the task id from
   the answer; jobs are then polled out of request threads (`manage.py neuronova_poll`) on the service's durable
-  `GET /task/<id>` route, which survives a restart of the service (BentoML's own task store does not, G4).
+  `GET /task/<id>` route, which survives a restart of the service (BentoML's own task store does not, docs/bentoml-pitfalls.md G4).
 
 Every call carries a short-lived HS256 token minted here for the calling user, has a timeout, and is retried
 with backoff only where that cannot repeat work (see `retry.py`). Errors become `errors.ServiceError`.
@@ -105,7 +105,7 @@ class NeuroNovaClient:
 
     def submit_mri(self, images: Sequence[IO[bytes]], patient_id: str, *, subject: str, request_id: str,
                    xai: bool = False, sequence_type: str | list[str] | None = None) -> str:
-        """Start an MRI segmentation task; returns its task id at once (the G3 workaround: see the module doc)."""
+        """Start an MRI segmentation task; returns its task id at once (the docs/bentoml-pitfalls.md G3 workaround: see the module doc)."""
         form = {"patient_id": patient_id, "request_id": request_id, "xai": xai,
                 **_given(sequence_type=sequence_type)}
         data = {key: value if isinstance(value, str) else json.dumps(value) for key, value in form.items()}

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import func, select, text
 
-from api.feedback import FeedbackRequest, FeedbackStore, InputFiles
+from api.feedback import FeedbackRequest, record_feedback
+from core.feedback import FeedbackStore, InputFiles
 from api.request_cache import CachedRequest
 from core.cards.segmentation import VolumeInputSpec
 from core.errors import InvalidImageFormat, InvalidRequest
@@ -84,13 +85,13 @@ def stored_inputs(store: FeedbackStore) -> int:
 
 def test_verdicts_are_stored_and_build_a_fine_tuning_set(directory, database_url):
     store = FeedbackStore(directory, database_url)
-    receipt = store.record(accept("r1"), entry("r1", 1.0))
+    receipt = record_feedback(store, accept("r1"), entry("r1", 1.0))
     assert receipt.feedback_id == 1 and receipt.model_version == "neuronova-ct:v1" and receipt.input_sha256 == "ab" * 32
-    second = store.record(FeedbackRequest(request_id="r2", verdict="correct", corrected_label="No Tumor",
+    second = record_feedback(store, FeedbackRequest(request_id="r2", verdict="correct", corrected_label="No Tumor",
                                           reviewer_id="dr_7", comment="artefact"), entry("r2", 2.0))
     assert second.feedback_id == 2 and second.verdict == "correct"
-    store.record(FeedbackRequest(request_id="r3", verdict="reject", reviewer_id="dr_7"), entry("r3", 3.0))
-    store.record(accept("b1"), entry("b1", 4.0, model_id="other_model"))
+    record_feedback(store, FeedbackRequest(request_id="r3", verdict="reject", reviewer_id="dr_7"), entry("r3", 3.0))
+    record_feedback(store, accept("b1"), entry("b1", 4.0, model_id="other_model"))
     labelled = FeedbackStore(directory, database_url).labelled_inputs("ct_classification")  # a new store: durable
     assert [label for _, label in labelled] == ["Glioma", "No Tumor"]
     assert np.array_equal(labelled[1][0], np.full((1, 4, 4), 2.0, np.float32))
@@ -99,11 +100,11 @@ def test_verdicts_are_stored_and_build_a_fine_tuning_set(directory, database_url
 
 def test_an_input_is_stored_once_per_distinct_tensor(directory, database_url):
     store = FeedbackStore(directory, database_url)
-    store.record(accept("r1"), entry("r1", 5.0))
-    store.record(accept("r2"), entry("r2", 5.0))  # the same tensor reviewed twice
+    record_feedback(store, accept("r1"), entry("r1", 5.0))
+    record_feedback(store, accept("r2"), entry("r2", 5.0))  # the same tensor reviewed twice
     assert stored_inputs(store) == 1
     # The same upload (same input_sha256) prepared differently by another model version keeps its own tensor.
-    store.record(accept("r3"), entry("r3", 5.0, shape=(1, 8, 8)))
+    record_feedback(store, accept("r3"), entry("r3", 5.0, shape=(1, 8, 8)))
     assert stored_inputs(store) == 2
     assert [tensor.shape for tensor, _ in store.labelled_inputs("ct_classification")] == [(1, 4, 4)] * 2 + [(1, 8, 8)]
 
@@ -111,7 +112,7 @@ def test_an_input_is_stored_once_per_distinct_tensor(directory, database_url):
 def test_a_refused_correction_stores_nothing(directory, database_url):
     store = FeedbackStore(directory, database_url)
     with pytest.raises(InvalidRequest, match="one of"):
-        store.record(FeedbackRequest(request_id="r", verdict="correct", corrected_label="Astrocytoma",
+        record_feedback(store, FeedbackRequest(request_id="r", verdict="correct", corrected_label="Astrocytoma",
                                      reviewer_id="dr"), entry("r"))
     assert store.labelled_inputs("ct_classification") == [] and stored_inputs(store) == 0
 
@@ -121,7 +122,7 @@ def test_two_workers_start_and_write_at_once(directory, database_url):
     with ThreadPoolExecutor(2) as pool:
         stores = list(pool.map(lambda _: FeedbackStore(directory, database_url), range(2)))
         jobs = [(stores[index % 2], f"r{index}", float(index)) for index in range(40)]
-        receipts = list(pool.map(lambda job: job[0].record(accept(job[1]), entry(job[1], job[2])), jobs))
+        receipts = list(pool.map(lambda job: record_feedback(job[0], accept(job[1]), entry(job[1], job[2])), jobs))
     assert sorted(receipt.feedback_id for receipt in receipts) == list(range(1, 41))
     tensors = stores[0].labelled_inputs("ct_classification")
     assert sorted(float(tensor.flat[0]) for tensor, _ in tensors) == [float(index) for index in range(40)]
@@ -148,7 +149,7 @@ def test_a_database_written_before_sqlalchemy_still_reads_and_appends(directory)
             " 'No Tumor', 'accept', 'dr_1', ?)", ("cd" * 32, f"{'cd' * 32}.npz"))
     connection.close()
     store = FeedbackStore(directory)
-    assert store.record(accept("new"), entry("new", 2.0)).feedback_id == 2
+    assert record_feedback(store, accept("new"), entry("new", 2.0)).feedback_id == 2
     assert [label for _, label in store.labelled_inputs("ct_classification")] == ["No Tumor", "Glioma"]
 
 
@@ -161,10 +162,10 @@ def test_segmentation_verdicts_keep_the_reviewed_mask_for_fine_tuning(directory,
     store = FeedbackStore(directory, database_url)
     cached = segmentation("m1", case)
     corrected = np.where(case.labels == 2, 0, case.labels).astype(np.uint8)  # the reviewer erases the oedema
-    receipt = store.record(correct_mask("m1", nifti_b64(corrected, case.volume.affine)), cached)
+    receipt = record_feedback(store, correct_mask("m1", nifti_b64(corrected, case.volume.affine)), cached)
     assert receipt.model_id == "mri_segmentation" and receipt.input_sha256 == "ef" * 32
-    store.record(accept("m1"), cached)  # the model's own mask stands
-    store.record(FeedbackRequest(request_id="m1", verdict="reject", reviewer_id="dr_9"), cached)  # no mask to learn
+    record_feedback(store, accept("m1"), cached)  # the model's own mask stands
+    record_feedback(store, FeedbackRequest(request_id="m1", verdict="reject", reviewer_id="dr_9"), cached)  # no mask to learn
     volumes = list(FeedbackStore(directory, database_url).labelled_volumes("mri_segmentation"))
     assert len(volumes) == 2 and stored_inputs(store) == 3  # one input, two distinct masks
     spec = VolumeInputSpec()
@@ -193,11 +194,11 @@ def test_a_refused_mask_or_label_stores_nothing(directory, case):
     }
     for message, (error, mask) in refusals.items():
         with pytest.raises(error, match=message):
-            store.record(correct_mask("m", mask), cached)
+            record_feedback(store, correct_mask("m", mask), cached)
     with pytest.raises(InvalidRequest, match="correct it with corrected_mask"):
-        store.record(FeedbackRequest(request_id="m", verdict="correct", corrected_label="Glioma", reviewer_id="dr"), cached)
+        record_feedback(store, FeedbackRequest(request_id="m", verdict="correct", corrected_label="Glioma", reviewer_id="dr"), cached)
     with pytest.raises(InvalidRequest, match="corrected_mask is for segmentation requests"):
-        store.record(correct_mask("r", nifti_b64(case.labels, affine)), entry("r"))
+        record_feedback(store, correct_mask("r", nifti_b64(case.labels, affine)), entry("r"))
     assert list(store.labelled_volumes("mri_segmentation")) == [] and stored_inputs(store) == 0
 
 

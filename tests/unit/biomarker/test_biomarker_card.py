@@ -14,7 +14,7 @@ from training_export.synthetic_biomarker import SPEC_FEATURES
 def card(**overrides) -> TabularCard:
     fields = {
         "name": "t", "intended_use": DEMO_INTENDED_USE, "provenance": Provenance(source="test", synthetic_data=True),
-        "features": [NumberFeature(name="a.x", min=0, max=1), BoolFeature(name="a.flag"),
+        "features": [NumberFeature(name="a.x", unit="1", min=0, max=1), BoolFeature(name="a.flag"),
                      CategoryFeature(name="kind", categories=["p", "q"])],
         "heads": [HeadSpec(name="h1", classes=["u", "v"], model_file="h1.ubj"),
                   HeadSpec(name="h2", classes=["u", "v", "w"], model_file="h2.ubj")],
@@ -39,8 +39,8 @@ def test_round_trips_through_json_without_nulls():
 
 
 @pytest.mark.parametrize("features, match", [
-    ([NumberFeature(name="a", min=0, max=1), BoolFeature(name="a")], "unique"),
-    ([NumberFeature(name="a", min=0, max=1), BoolFeature(name="a.b")], "inside another feature"),
+    ([NumberFeature(name="a", unit="1", min=0, max=1), BoolFeature(name="a")], "unique"),
+    ([NumberFeature(name="a", unit="1", min=0, max=1), BoolFeature(name="a.b")], "inside another feature"),
 ])
 def test_feature_set_must_be_consistent(features, match):
     with pytest.raises(ValidationError, match=match):
@@ -48,9 +48,13 @@ def test_feature_set_must_be_consistent(features, match):
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"type": "number", "name": "x", "min": 2, "max": 1}, "min <= max"),
-    ({"type": "number", "name": "x", "min": float("-inf"), "max": 1}, "finite"),
+    ({"type": "number", "name": "x", "unit": "mm", "min": 2, "max": 1}, "min <= max"),
+    ({"type": "number", "name": "x", "unit": "mm", "min": float("-inf"), "max": 1}, "finite"),
     ({"type": "number", "name": "x"}, "Field required"),
+    ({"type": "number", "name": "x", "min": 0, "max": 1}, "unit"),  # every number declares its unit
+    ({"type": "number", "name": "x", "unit": "bogons", "min": 0, "max": 1}, "not a known unit"),
+    ({"type": "category", "name": "x", "categories": ["a", "b"], "codes": {"C": "c"}}, "stand for one of"),
+    ({"type": "category", "name": "x", "categories": ["a", "b"], "codes": {"A": "b"}}, "distinct"),
     ({"type": "category", "name": "x", "categories": ["a"]}, "two or more"),
     ({"type": "category", "name": "x", "categories": ["a", "A"]}, "distinct"),
     ({"type": "bool", "name": "x", "min": 0}, "Extra inputs"),

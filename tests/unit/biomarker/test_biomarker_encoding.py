@@ -81,7 +81,12 @@ def test_a_null_group_leaves_all_its_optional_values_missing():
     ("age", 121, "out_of_range"),
     ("tumor_markers.PSA", -0.1, "out_of_range"),
     ("gender", 1, "wrong_type"),
-    ("gender", "other", "unknown_category"),
+    ("gender", "X", "unknown_category"),
+    ("blood_test.WBC", {"value": 7.5, "unit": "mg"}, "wrong_unit"),
+    ("blood_test.WBC", {"value": 7.5, "unit": "bogons/uL"}, "unknown_unit"),
+    ("blood_test.WBC", {"value": 7.5}, "wrong_type"),
+    ("blood_test.WBC", {"value": "7.5", "unit": "10^9/L"}, "wrong_type"),
+    ("blood_test.WBC", {"value": 600, "unit": "10^9/L"}, "out_of_range"),
     ("genetic_markers.EGFR_mutation", "yes", "wrong_type"),
     ("genetic_markers.EGFR_mutation", 2, "wrong_type"),
     ("imaging_features.necrosis_present", 0.5, "wrong_type"),
@@ -141,7 +146,7 @@ def test_many_records_locate_problems_by_index():
 
 @settings(max_examples=60, deadline=None)
 @given(age=st.floats(0, 120), cea=st.one_of(st.none(), st.floats(0, 100_000)), flag=st.booleans(),
-       shape=st.sampled_from(SHAPES), gender=st.sampled_from(["male", "FEMALE"]))
+       shape=st.sampled_from(SHAPES), gender=st.sampled_from(["male", "FEMALE", "m", "F", "O", "Other"]))
 def test_any_valid_record_encodes_to_its_values(age, cea, flag, shape, gender):
     record = copy.deepcopy(SPEC_EXAMPLE)
     record.update(age=age, gender=gender)
@@ -151,5 +156,33 @@ def test_any_valid_record_encodes_to_its_values(age, cea, flag, shape, gender):
     row = dict(zip(NAMES, encode_request(record, CARD).row))
     assert row["age"] == np.float32(age) and row["genetic_markers.KRAS_mutation"] == float(flag)
     assert row["imaging_features.tumor_shape"] == SHAPES.index(shape)
-    assert row["gender"] == ["male", "female"].index(gender.lower())
+    assert row["gender"] == ["m", "f", "o"].index(gender[0].lower())
     assert math.isnan(row["tumor_markers.CEA"]) if cea is None else row["tumor_markers.CEA"] == np.float32(cea)
+
+
+@pytest.mark.parametrize("given, expected", [
+    (7500, 7500.0),
+    ({"value": 7500, "unit": "/uL"}, 7500.0),
+    ({"value": 7.5, "unit": "10^9/L"}, 7500.0),
+    ({"value": 7.5, "unit": "10*3/uL"}, 7500.0),
+    ({"value": 7500, "unit": "{cells}/µL"}, 7500.0),
+])
+def test_a_value_in_any_convertible_unit_encodes_in_the_cards_unit(given, expected):
+    assert CARD.features[NAMES.index("blood_test.WBC")].unit == "/uL"
+    encoded = encode_request(with_change("blood_test.WBC", given), CARD)
+    assert encoded.values["blood_test.WBC"] == pytest.approx(expected)
+
+
+def test_an_out_of_range_or_wrong_unit_names_the_field_and_the_expected_unit():
+    with pytest.raises(InvalidRequest) as caught:
+        encode_request(with_change("blood_test.platelet", {"value": 250, "unit": "g/dL"}), CARD)
+    assert "blood_test.platelet" in caught.value.message and "'g/dL'" in caught.value.message
+    assert "/uL" in caught.value.message
+    with pytest.raises(InvalidRequest) as caught:
+        encode_request(with_change("blood_test.platelet", 4_000_000), CARD)
+    assert "blood_test.platelet: must be within [0, 3e+06] /uL" in caught.value.message
+
+
+@pytest.mark.parametrize("code, category", [("M", "male"), ("f", "female"), ("O", "other"), ("Male", "male")])
+def test_standard_sex_codes_stand_for_their_category(code, category):
+    assert encode_request(with_change("gender", code), CARD).values["gender"] == category

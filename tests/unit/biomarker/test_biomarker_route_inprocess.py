@@ -85,5 +85,33 @@ def test_model_info_and_health_publish_the_schema(service):
     cea = features["tumor_markers.CEA"]
     assert (cea["type"], cea["unit"], cea["optional"], cea["min"]) == ("number", "ng/mL", True, 0)
     assert features["imaging_features.tumor_shape"]["categories"][0] == "none"
+    assert features["gender"]["codes"] == {"M": "male", "F": "female", "O": "other"}
+    numbers = {name for name, f in features.items() if f["type"] == "number"}
+    assert set(info.input_units) == numbers and info.input_units["blood_test.WBC"] == "/uL"
     health = json.loads(asyncio.run(service.health()).body)
     assert health["models"]["biomarker_prediction"]["loaded"] is True
+
+
+def test_the_design_example_with_explicit_units_gets_the_same_answer(service):
+    """SPEC_EXAMPLE is the design's request as written (gender "M", WBC 7500 and platelets 250000 per µL); the same
+    values in other units of the same dimension are converted (pint) to exactly the same answer."""
+    with_units = copy.deepcopy(SPEC_EXAMPLE)
+    with_units["gender"] = "male"
+    with_units["age"] = {"value": 67 * 12, "unit": "mo"}
+    with_units["blood_test"].update(WBC={"value": 7.5, "unit": "10^9/L"}, platelet={"value": 250, "unit": "10*3/uL"},
+                                    hemoglobin={"value": 141, "unit": "g/L"})
+    with_units["imaging_features"]["tumor_size_mm"] = {"value": 4.2, "unit": "cm"}
+    plain, converted = predict(service, xai=True), predict(service, with_units, xai=True)
+    assert converted.result == plain.result
+    assert [(i.feature, i.importance) for i in converted.xai["shap"].feature_importance] == \
+        [(i.feature, i.importance) for i in plain.xai["shap"].feature_importance]
+
+
+def test_a_wrong_unit_is_refused_naming_the_field_and_the_unit(service):
+    wrong = copy.deepcopy(SPEC_EXAMPLE)
+    wrong["blood_test"]["WBC"] = {"value": 7.5, "unit": "mg/dL"}
+    response = predict(service, wrong)
+    body = json.loads(response.body)
+    assert response.status_code == 400 and body["error"]["code"] == "INVALID_REQUEST"
+    assert "biomarkers.blood_test.WBC" in body["error"]["message"] and "'mg/dL'" in body["error"]["message"]
+    assert body["error"]["details"]["errors"][0]["type"] == "wrong_unit"

@@ -1,4 +1,4 @@
-"""MRI test fixtures: the demo segmenter in the test store (trained once, minutes on a clean clone)."""
+"""MRI test fixtures: the demo segmenter in the test store (imported from demo_models/ when it lacks it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def mri_model_tag() -> str:
-    """The stored demo MRI model (trains it when the test store lacks it)."""
+    """The stored demo MRI model (imported from demo_models/ when the test store lacks it)."""
     from core import store
     from training_export.demo import ensure_demo_models
 

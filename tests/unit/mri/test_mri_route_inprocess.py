@@ -83,6 +83,23 @@ def test_nifti_case_end_to_end(client, case, nifti_run, mri_model_tag) -> None:
     assert client.get(f"/predict/task_status/{task_id}").json()["status"] == "completed"
 
 
+def test_the_base_route_submits_a_task_like_submit(client, case, nifti_run) -> None:
+    """The design's `POST /predict/mri_segmentation` is asynchronous: 202 with the task id (BentoML alone would run
+    the segmentation inside the request), and the task gives what the same request via /submit gives."""
+    response = client.post(ROUTE, files=[("image", ("case.nii.gz", four_d_nifti(case, compressed=True)))],
+                           data={"patient_id": "P123456", "request_id": "req-base", "xai": "true",
+                                 "post_processing": json.dumps({"min_area_pixels": 50})})
+    assert response.status_code == 202, response.text
+    assert set(response.json()) == {"task_id", "status"}
+    task_id = response.json()["task_id"]
+    assert client.get(f"/task/{task_id}").json()["status"] == "completed"
+    body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    assert body["task_id"] == task_id and body["request_id"] == "req-base"
+    assert np.array_equal(np.asarray(mask_of(body).dataobj), np.asarray(mask_of(nifti_run[1].json()).dataobj))
+    refused = client.post(ROUTE, files=[("image", ("x.nii", b"x"))], data={"patient_id": "John Doe"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "INVALID_REQUEST"
+
+
 def test_dicom_series_zip_gives_the_same_mask_and_a_seg(client, case, nifti_run) -> None:
     files = case_dicom_files(case)
     members = {f"{sequence}/{i:03d}.dcm": data for sequence, series in files.items() for i, data in enumerate(series)}

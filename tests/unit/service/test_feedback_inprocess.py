@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from api.feedback import FeedbackStore
+from core.feedback import FeedbackStore
 from core.feedback_db import feedback_records
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.feedback import FeedbackStore
+from core.feedback import FeedbackStore
 from api.mri import delivered_labels
 from core.cards.segmentation import SegmentationCard
 from core.settings import get_settings

@@ -79,10 +79,12 @@ def test_other_errors_exit_1(monkeypatch, capsys) -> None:
 
 def test_ensure_demo_prints_each_model_status(monkeypatch, capsys) -> None:
     calls = []
-    monkeypatch.setattr(demo, "ensure_demo_models", lambda names: calls.append(names) or {"neuronova-ct": "present"})
+    monkeypatch.setattr(demo, "ensure_demo_models",
+                        lambda names, retrain: calls.append((names, retrain)) or {"neuronova-ct": "present"})
     assert cli.main(["ensure-demo", "neuronova-ct"]) == cli.EXIT_OK
-    assert calls == [["neuronova-ct"]]
-    assert json.loads(capsys.readouterr().out) == {"neuronova-ct": "present"}
+    assert cli.main(["ensure-demo", "--retrain"]) == cli.EXIT_OK
+    assert calls == [(["neuronova-ct"], False), (None, True)]
+    assert json.loads(capsys.readouterr().out.split("}")[0] + "}") == {"neuronova-ct": "present"}
 
 
 def test_list_defaults_to_the_demo_model_names(monkeypatch, capsys) -> None:
