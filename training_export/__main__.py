@@ -177,6 +177,25 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _configure_synthetic_study(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="where to write the study (.nii or .nii.gz)")
+    parser.add_argument("--seed", type=int, default=0, help="which synthetic case (deterministic)")
+
+
+@command("synthetic-study", "write a synthetic 4-sequence brain-MR study (T1, T1ce, T2, FLAIR as one 4D NIfTI) "
+         "to try the MRI route with", _configure_synthetic_study)
+def _synthetic_study(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from training_export.synthetic_mri import synthetic_case
+
+    volume = synthetic_case(args.seed).volume
+    nib.save(nib.Nifti1Image(np.moveaxis(volume.data, 0, -1).astype(np.int16), volume.affine), args.out)
+    print(f"{args.out}: sequences {', '.join(volume.sequences)} (4th dimension, in that order)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(prog="python -m training_export", description=__doc__.splitlines()[0])
