@@ -1,6 +1,7 @@
 """The MRI segmentation task body: uploads -> decoded volume -> model grid -> runner -> mask in the input's
-geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free;
-each step is reported to the task store, which also raises TaskCancelled between steps once cancel is requested.
+geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free,
+each under its wall-clock budget (`api.budgets`); each step is reported to the task store, which also raises
+TaskCancelled between steps once cancel is requested.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from api.budgets import within_budget
 from api.models import ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
@@ -99,23 +101,26 @@ async def segment_mri(
 
     report("decoding")
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
+    budgets = limits.task_step_budget_seconds
     uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
-    volume = await asyncio.to_thread(decode_upload, uploads, card.input, limits, sequence_types)
+    volume = await within_budget("decoding", asyncio.to_thread(decode_upload, uploads, card.input, limits,
+                                                               sequence_types), budgets)
     report("preprocessing")
-    prepared = await asyncio.to_thread(prepare_volume, volume, card.input, limits.max_volume_voxels)
+    prepared = await within_budget("preprocessing", asyncio.to_thread(prepare_volume, volume, card.input,
+                                                                      limits.max_volume_voxels), budgets)
     report("inference")
-    probabilities = await slot.call("segment", prepared.tensor, request.task_id)
+    probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.task_id), budgets)
     attention = None
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
     if request.xai and explainable:
         report("explaining")
-        attention = await slot.call("explain", prepared.tensor, request.task_id)
+        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.task_id), budgets)
     report("postprocessing")
-    result, explanation = await asyncio.to_thread(
+    result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, ModelOutput(probabilities, attention, layer), card, request.post_processing,
         model.tag, report,
-    )
+    ), budgets)
     warnings = [f"sequence {s} was not sent: the model ran with it zero-filled" for s in prepared.missing_sequences]
     if volume.format == "dicom" and result.dicom_seg_base64 is None:
         warnings.append("no tumour was found, so no DICOM SEG was written")
