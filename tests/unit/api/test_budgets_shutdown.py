@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 
 import pytest
+from _bentoml_impl.tasks.result import Sqlite3Store
 
 from api.budgets import StepBudgetExceeded, within_budget
 from api.shutdown import fail_own_tasks, is_bentoml_worker, recover_after_crash, remove_stale_sqlite_sidecars
@@ -34,26 +37,38 @@ def test_tests_are_not_bentoml_workers() -> None:
     assert not is_bentoml_worker()
 
 
-def test_restart_fails_left_tasks_and_clears_the_stale_sqlite_files(tmp_path) -> None:
+HOLDER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1])
+connection.execute("PRAGMA journal_mode=WAL")
+connection.execute("CREATE TABLE t (x)")
+connection.commit()
+print("ready", flush=True)
+while True:
+    connection.execute("INSERT INTO t VALUES (1)")
+    connection.commit()
+    time.sleep(0.02)
+"""
+
+
+def test_restart_fails_left_tasks_and_a_fresh_task_db_works_beside_an_orphan_holding_the_old_one(tmp_path) -> None:
     tasks = TaskStore(task_store_path(tmp_path))
     tasks.create("left", None, "mri_segmentation")
     result_store = tmp_path / "task_result.db"
-    with sqlite3.connect(result_store) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("CREATE TABLE t (x)")
-        connection.execute("INSERT INTO t VALUES (1)")
-        held = sqlite3.connect(result_store)  # an orphan still holding it keeps -wal and -shm
-        held.execute("SELECT * FROM t").fetchall()
+    orphan = subprocess.Popen([sys.executable, "-c", HOLDER, str(result_store)], stdout=subprocess.PIPE)
+    try:
+        assert orphan.stdout.readline() == b"ready\n"
         assert (tmp_path / "task_result.db-wal").exists() and (tmp_path / "task_result.db-shm").exists()
         recover_after_crash(tasks, result_store)
-    assert not (tmp_path / "task_result.db-wal").exists() and not (tmp_path / "task_result.db-shm").exists()
+        result_store.unlink()  # what BentoML does next, then Sqlite3Store.init_db (without the clean-up: disk I/O error)
+        Sqlite3Store.init_db(str(result_store))
+        with sqlite3.connect(result_store) as connection:
+            assert connection.execute("SELECT count(*) FROM result").fetchone() == (0,)
+    finally:
+        orphan.kill()
+        orphan.wait()
     record = tasks.get("left")
     assert record.status == "failed" and record.error["details"] == {"reason": "server_restarted"}
-    result_store.unlink()  # what BentoML does next; a fresh WAL database must then work beside the orphan
-    with sqlite3.connect(result_store) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("CREATE TABLE result (task_id TEXT)")
-    held.close()
     assert remove_stale_sqlite_sidecars(tmp_path / "absent.db") == []
 
 
