@@ -1,7 +1,7 @@
 """One DICOM slice -> DecodedSlice through pydicom, every limit checked on the header before pixels are decoded.
 
 `max_pixels` bounds the decoded sample values: Rows x Columns x frames x Samples per Pixel.
-Every parse is bounded (`read_dicom`): whatever the bytes, pydicom reads at most `MAX_TOP_LEVEL_ELEMENTS` elements.
+Every parse is bounded (`read_dicom`): pydicom reads at most `MAX_TOP_LEVEL_ELEMENTS` top-level elements.
 Nothing patient-identifying (names, birth dates, ids) goes into a result, an error message or its details.
 """
 
