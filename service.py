@@ -33,6 +33,7 @@ from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri import SegmentationRequest, segment_mri
 from api.phi import PatientId
 from api.request_cache import RequestCache
+from api.shutdown import at_deadline, fail_own_tasks, guard_worker_process, is_bentoml_worker, recover_after_crash
 from api.shaping import (
     class_probabilities,
     describe_slice,
@@ -43,6 +44,7 @@ from api.shaping import (
 )
 from api.tasks import (
     TaskRoutesMiddleware,
+    bentoml_result_store_path,
     cancel_task,
     configure_bentoml_result_store,
     current_task_id,
@@ -80,6 +82,8 @@ log = logging.getLogger("neuronova")
 settings = get_settings()
 quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
+if is_bentoml_worker():
+    guard_worker_process(settings.shutdown_grace_seconds)
 ops = FastAPI(title="NeuroNova operations", openapi_url=None, docs_url=None, redoc_url=None)
 
 GRAD_CAM = "grad_cam"
@@ -105,9 +109,15 @@ class NeuroNova:
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
         data_dir = Path(settings.data_dir)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
+        at_deadline(lambda: fail_own_tasks(self.tasks))
         self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
+
+    @bentoml.on_deployment
+    def recover() -> None:
+        """Once per start, before the workers: what a killed server left behind (api/shutdown.py)."""
+        recover_after_crash(TaskStore(task_store_path(settings.data_dir)), bentoml_result_store_path())
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors

@@ -1,6 +1,7 @@
 """The MRI segmentation task body: uploads -> decoded volume -> model grid -> runner -> mask in the input's
-geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free;
-each step is reported to the task store, which also raises TaskCancelled between steps once cancel is requested.
+geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free,
+each under its wall-clock budget (`api.budgets`); each step is reported to the task store, which also raises
+TaskCancelled between steps once cancel is requested.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from api.budgets import within_budget
 from api.models import ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
@@ -115,29 +117,32 @@ async def segment_mri(
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
     if sequence_types is not None:
         check_required_sequences(sequence_types, card.input)
+    budgets = limits.task_step_budget_seconds
     uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
-    volume = await asyncio.to_thread(decode_upload, uploads, card.input, limits, sequence_types)
+    volume = await within_budget("decoding", asyncio.to_thread(decode_upload, uploads, card.input, limits,
+                                                               sequence_types), budgets)
     report("preprocessing")
-    prepared = await asyncio.to_thread(prepare_volume, volume, card.input, limits.max_volume_voxels)
+    prepared = await within_budget("preprocessing", asyncio.to_thread(prepare_volume, volume, card.input,
+                                                                      limits.max_volume_voxels), budgets)
     report("inference")
     passes, passes_ms = None, 0.0
     if request.uncertainty:
         passes_started = time.perf_counter()
-        passes = await slot.call("segment_passes", prepared.tensor, request.task_id)
+        passes = await within_budget("inference", slot.call("segment_passes", prepared.tensor, request.task_id), budgets)
         probabilities, passes_ms = passes[0], elapsed_ms(passes_started)
     else:
-        probabilities = await slot.call("segment", prepared.tensor, request.task_id)
+        probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.task_id), budgets)
     attention = None
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
     if request.xai and explainable:
         report("explaining")
-        attention = await slot.call("explain", prepared.tensor, request.task_id)
+        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.task_id), budgets)
     report("postprocessing")
-    result, explanation = await asyncio.to_thread(
+    result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,
         request.post_processing, model.tag, report,
-    )
+    ), budgets)
     warnings = [zero_filled_warning(s) for s in prepared.missing_sequences]
     if result.ood_check is None:
         warnings.append(NO_OOD_CALIBRATION_WARNING)

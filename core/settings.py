@@ -42,7 +42,16 @@ class LimitSettings(BaseModel):
     max_image_pixels: int = 64 * 2**20
     max_volume_voxels: int = 64 * 2**20
     archive_max_files: int = 2000
-    archive_max_uncompressed_bytes: int = 1 * 2**30
+    archive_max_uncompressed_bytes: int = Field(default=256 * 2**20, description=(
+        "what a zipped study may expand to: max_volume_voxels (64 Mi) at 16 bits is 128 MiB of pixels (a whole "
+        "4-sequence 1 mm brain study is ~70 MiB), so 256 MiB leaves room for 32-bit pixels or headers, not more"))
+    archive_max_compression_ratio: float = Field(default=100.0, description=(
+        "refuse an archive that expands more than this (studies deflate 2-7x; a bomb of zeros ~1000x)"))
+    task_step_budget_seconds: dict[str, float] = Field(
+        default_factory=lambda: {"decoding": 60.0, "preprocessing": 120.0, "inference": 900.0,
+                                 "explaining": 900.0, "postprocessing": 120.0},
+        description="wall-clock budget of each MRI task step; past it the task fails (INTERNAL_SERVER_ERROR, "
+                    "details.reason step_budget_exceeded)")
 
 
 class FeedbackSettings(BaseModel):
@@ -84,6 +93,9 @@ class Settings(BaseSettings):
     xai_cache_max_bytes: int = Field(default=4 * 2**30, description="disk bound of the request cache (an MRI entry "
                                      "is tens of MB: api/request_cache.py)")
     data_dir: str = "var"
+    shutdown_grace_seconds: float = Field(default=15.0, ge=0, description=(
+        "after SIGTERM each worker finishes in-flight work for this long, then fails the MRI tasks left and exits "
+        "(well inside Kubernetes' 30 s terminationGracePeriodSeconds)"))
 
 
 @lru_cache(maxsize=1)

@@ -165,6 +165,17 @@ class TaskStore:
                  json.dumps(error) if error is not None else None, task_id),
             )
 
+    def fail_unfinished(self, error: dict[str, Any], owner_pid: int | None = None) -> list[str]:
+        """Fail every active task (only those run by `owner_pid`, if given) with the SPEC error body `error`; the
+        ids. For a server that stops, or starts after a crash: no task is left `processing` for ever."""
+        query = "SELECT task_id FROM tasks WHERE status IN ('pending', 'processing')"
+        with self._connect() as connection:
+            rows = connection.execute(query + (" AND owner_pid = ?" if owner_pid is not None else ""),
+                                      (owner_pid,) if owner_pid is not None else ()).fetchall()
+        for (task_id,) in rows:
+            self.fail(task_id, error)
+        return [task_id for (task_id,) in rows]
+
     def cancel(self, task_id: str) -> TaskRecord | None:
         """Set the cancel flag and mark an active task cancelled at once (its work stops at the next check)."""
         with self._connect() as connection:

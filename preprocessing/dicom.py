@@ -1,6 +1,7 @@
 """One DICOM slice -> DecodedSlice through pydicom, every limit checked on the header before pixels are decoded.
 
 `max_pixels` bounds the decoded sample values: Rows x Columns x frames x Samples per Pixel.
+Every parse is bounded (`read_dicom`): pydicom reads at most `MAX_TOP_LEVEL_ELEMENTS` top-level elements.
 Nothing patient-identifying (names, birth dates, ids) goes into a result, an error message or its details.
 """
 
@@ -8,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any
 
 import numpy as np
 import pydicom.config
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -37,6 +39,11 @@ _NATIVE_SYNTAX_BY_ENCODING = {
 _FRAME_KEYWORDS = ("PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
 _FRAME_GROUP_SEQUENCES = ("PixelMeasuresSequence", "PixelValueTransformationSequence", "FrameVOILUTSequence")
 _REASON_CHARS = 300
+MAX_TOP_LEVEL_ELEMENTS = 5000
+"""Far above any real image header (a few hundred top-level elements); garbage parses as millions of tiny ones."""
+_FIRST_GROUPS = (0x0002, 0x0008)
+_MAX_META_ELEMENTS = 64
+_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 def has_dicom_prefix(data: bytes) -> bool:
@@ -44,10 +51,63 @@ def has_dicom_prefix(data: bytes) -> bool:
     return data[_PREFIX_OFFSET : _PREFIX_OFFSET + len(_PREFIX)] == _PREFIX
 
 
+def could_be_dicom(head: bytes) -> bool:
+    """Whether a file starting with `head` (at least 136 bytes of it) can be DICOM: the preamble and 'DICM', or a
+    first element in group 0002 (file meta) or 0008 (every image IOD's first module), little or big endian."""
+    if has_dicom_prefix(head):
+        return True
+    return len(head) >= 4 and any(int.from_bytes(head[:2], order) in _FIRST_GROUPS for order in ("little", "big"))
+
+
+def _bounded_read() -> Callable[[BaseTag, str | None, int], bool]:
+    """A pydicom `stop_when`: stop at a top-level tag below the one before or seen a third time (a dataset is sorted
+    by tag; pydicom asks twice about the first element; garbage such as a run of zeros repeats one tag) or past
+    `MAX_TOP_LEVEL_ELEMENTS`, so no input makes the dataset read slow."""
+    seen = {"last": -1, "repeats": 0, "count": 0}
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        seen["count"] += 1
+        seen["repeats"] = seen["repeats"] + 1 if int(tag) == seen["last"] else 0
+        if int(tag) < seen["last"] or seen["repeats"] > 1 or seen["count"] > MAX_TOP_LEVEL_ELEMENTS:
+            return True
+        seen["last"] = int(tag)
+        return False
+
+    return stop
+
+
+def _first_dataset_group(data: bytes) -> int | None:
+    """The group of the first element after the preamble and the file meta group (explicit VR little endian, as the
+    standard fixes it); None past `_MAX_META_ELEMENTS` meta elements; -1 when the bytes end first."""
+    offset = _PREFIX_OFFSET + len(_PREFIX) if has_dicom_prefix(data) else 0
+    for _ in range(_MAX_META_ELEMENTS):
+        if len(data) < offset + 8:
+            return -1
+        group = int.from_bytes(data[offset:offset + 2], "little")
+        if group != 0x0002:
+            return group
+        if data[offset + 4:offset + 6] in _LONG_LENGTH_VRS:
+            offset += 12 + int.from_bytes(data[offset + 8:offset + 12], "little")
+        else:
+            offset += 8 + int.from_bytes(data[offset + 6:offset + 8], "little")
+    return None
+
+
+def read_dicom(data: bytes, *, defer_size: int | None = None) -> Dataset:
+    """`dcmread(force=True)` with the bounded read above; a stopped read yields the elements before the stop.
+
+    ValueError when the dataset starts with a command set (group 0000, never part of a stored file), which pydicom
+    would read without any bound, or the file meta group is implausibly long.
+    """
+    if _first_dataset_group(data) in (0x0000, None):
+        raise ValueError("the dataset starts with a command set (group 0000) or an endless file meta group")
+    return read_partial(BytesIO(data), stop_when=_bounded_read(), defer_size=defer_size, force=True)
+
+
 def is_headerless_dicom_image(data: bytes) -> bool:
     """True if pydicom reads the bytes (forced, no preamble needed) as a dataset with pixel data and image tags."""
     try:
-        dataset = dcmread(BytesIO(data), force=True, defer_size="1 KB")
+        dataset = read_dicom(data, defer_size=1024)
     except Exception:
         return False
     return _is_image(dataset)
@@ -116,7 +176,7 @@ def _decode_dataset(
 def _read_dataset(data: bytes) -> Dataset:
     """Parse the whole dataset; pydicom's own message is not echoed because it may quote element values (PHI)."""
     try:
-        return dcmread(BytesIO(data), force=True)
+        return read_dicom(data)
     except Exception as exc:
         raise InvalidImageFormat(
             "The file could not be read as DICOM: its header is truncated or damaged.",

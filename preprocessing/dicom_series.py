@@ -12,17 +12,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import PurePath
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.errors import ImageTooLarge, InvalidImageFormat
 from core.volumes import RawSeries
 from preprocessing.decode import sniff_format
-from preprocessing.dicom import decode_dicom_slice
+from preprocessing.dicom import decode_dicom_slice, read_dicom
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 IDENTIFYING_KEYWORDS = (
@@ -77,7 +75,7 @@ def decode_dicom_series(
 
 def _read_header(data: bytes) -> Dataset:
     try:
-        return dcmread(BytesIO(data), force=True, stop_before_pixels=False, defer_size="64 KB")
+        return read_dicom(data, defer_size=64 * 1024)
     except Exception as exc:
         raise InvalidImageFormat("A file could not be read as DICOM: its header is truncated or damaged.",
                                  {"format": "dicom", "reason": type(exc).__name__}) from exc

@@ -23,7 +23,7 @@ from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
 from core.settings import LimitSettings
 from core.volumes import DecodedVolume, RawSeries, SeriesSource, resample_to_grid
 from preprocessing.archive import is_zip, read_zip_members
-from preprocessing.dicom import has_dicom_prefix
+from preprocessing.dicom import could_be_dicom, has_dicom_prefix
 from preprocessing.dicom_series import decode_dicom_series, is_dicom
 from preprocessing.nifti import decode_nifti, is_nifti
 
@@ -90,6 +90,11 @@ def check_required_sequences(received: Sequence[str], spec: VolumeInputSpec) -> 
         )
 
 
+def could_be_volume_file(head: bytes) -> bool:
+    """Whether a file starting with `head` can be NIfTI or DICOM (checked before an archive member is decompressed)."""
+    return is_nifti(head) or could_be_dicom(head)
+
+
 def _decode_all(uploads: Sequence[Upload], spec: VolumeInputSpec, limits: LimitSettings) -> tuple[list[RawSeries], bool]:
     """RawSeries in upload order (DICOM series where their first slice appears); whether one 4D file gave them all."""
     ordered: list[tuple[int, RawSeries]] = []
@@ -98,7 +103,9 @@ def _decode_all(uploads: Sequence[Upload], spec: VolumeInputSpec, limits: LimitS
     nifti_files = 0
     for index, (name, data) in enumerate(uploads):
         parts = read_zip_members(data, max_files=limits.archive_max_files,
-                                 max_total_bytes=limits.archive_max_uncompressed_bytes) if is_zip(data) else [(name, data)]
+                                 max_total_bytes=limits.archive_max_uncompressed_bytes,
+                                 max_ratio=limits.archive_max_compression_ratio,
+                                 accepts=could_be_volume_file) if is_zip(data) else [(name, data)]
         for part_name, part in parts:
             if is_nifti(part) and not has_dicom_prefix(part):
                 series = decode_nifti(part, part_name, max_voxels=budget)

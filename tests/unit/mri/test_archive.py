@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import stat
 import zipfile
 
@@ -80,3 +81,29 @@ def test_damaged_and_empty_archives() -> None:
     corrupt[40:60] = b"\xff" * 20
     with pytest.raises(InvalidImageFormat):
         read_zip_members(bytes(corrupt), **LIMITS)
+
+
+def test_compression_ratio_over_the_bound_is_refused_before_decompressing() -> None:
+    zeros = zip_bytes({"zeros.dcm": b"\0" * 2_000_000})
+    with pytest.raises(ImageTooLarge, match="expand .* times") as refused:
+        read_zip_members(zeros, max_files=10, max_total_bytes=10_000_000, max_ratio=100)
+    assert refused.value.details["max_ratio"] == 100
+    assert read_zip_members(zeros, max_files=10, max_total_bytes=10_000_000, max_ratio=10_000)[0][1] == b"\0" * 2_000_000
+
+
+def test_a_member_whose_head_cannot_be_wanted_is_refused_before_the_rest_is_read(monkeypatch) -> None:
+    heads: list[bytes] = []
+
+    def accepts(head: bytes) -> bool:
+        heads.append(head)
+        return head.startswith(b"DICOM-ish")
+
+    noise = random.Random(1).randbytes(5000)
+    data = zip_bytes({"a.dcm": b"DICOM-ish" + noise, "b.txt": b"not an image" + noise})
+    read: list[str] = []
+    original = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, info, pwd=None: read.append(str(info)) or original(self, info, pwd))
+    with pytest.raises(InvalidImageFormat, match="neither DICOM nor NIfTI") as refused:
+        read_zip_members(data, **LIMITS, accepts=accepts)
+    assert refused.value.details["reason"] == "not_an_image_file"
+    assert [len(h) for h in heads] == [1024, 1024] and read == []

@@ -188,3 +188,17 @@ def test_task_routes_middleware_scrubs_submissions_and_cancels_through_our_store
         asyncio.run(middleware(scope, receive, send))
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["status"] == "cancelled"
     assert sent[2]["status"] == 400 and len(seen) == 2
+
+
+def test_fail_unfinished_fails_active_tasks_of_one_owner_or_all(store: TaskStore) -> None:
+    for task_id in ("mine", "done", "other"):
+        store.create(task_id, None, "mri_segmentation")
+    store.complete("done", {"ok": True})
+    with sqlite3.connect(store.path) as connection:
+        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'other'", (os.getppid(),))
+    error = {"success": False, "error": {"code": "INTERNAL_SERVER_ERROR", "message": "stopped", "details": {}}}
+    assert store.fail_unfinished(error, owner_pid=os.getpid()) == ["mine"]
+    assert (store.get("mine").status, store.get("done").status, store.get("other").status) == \
+        ("failed", "completed", "pending")
+    assert store.fail_unfinished(error) == ["other"]
+    assert store.get("other").error["message"] == "stopped" and store.get("done").result == {"ok": True}
