@@ -36,8 +36,6 @@ from core.feedback_db import (
     open_engine,
 )
 from core.settings import Settings
-from preprocessing.nifti import decode_nifti
-from preprocessing.volumes import resample_to_grid
 
 AFFINE_TOLERANCE_MM = 1e-3
 """How far a corrected mask's voxel-to-world affine may differ from the input's (NIfTI stores it as float32)."""
@@ -173,6 +171,8 @@ def decode_mask(data_base64: str, cached: CachedRequest) -> np.ndarray:
     except binascii.Error as exc:
         raise InvalidRequest(f"corrected_mask is not valid base64: {exc}") from exc
     try:
+        from preprocessing.nifti import decode_nifti  # MRI only: nibabel stays out of workers that never see one
+
         volumes = decode_nifti(data, None, max_voxels=int(np.prod(grid)))
     except ImageTooLarge as exc:  # more voxels than the grid: refused before it is decompressed
         raise InvalidRequest(f"corrected_mask must be on the request's grid {list(grid)}", {**exc.details, **details}) from exc
@@ -256,6 +256,8 @@ class FeedbackStore:
             with self.engine.connect() as connection:
                 model_input, reviewed = self._arrays(connection, input_file), self._arrays(connection, mask_file)
             tensor, affine = model_input["tensor"].astype(np.float32), model_input["affine"]
+            from preprocessing.volumes import resample_to_grid  # fine-tuning only: torch stays out of the API workers
+
             labels = resample_to_grid(reviewed["mask"][None], reviewed["affine"], affine, tensor.shape[1:], "nearest")[0]
             yield LabelledVolume(tensor=tensor, labels=labels.round().astype(np.uint8), affine=affine)
 

@@ -3,7 +3,7 @@
 Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/biomarker.py [--runs 3]` (needs the `bench` extra). Each run
 starts our `bentoml serve` and then `gunicorn -w 2 bench.plain_biomarker:app`, alone in turn, both serving the same
 stored model to the same synthetic patients with SHAP on, auth and rate limits off; prints per-run tables and the
-ours / plain ratios (bench/versus.py), and writes bench/results/biomarker.json.
+ours / plain ratios (bench/versus.py); runs alternate which server goes first, and writes bench/results/biomarker.json.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
         scratch = Path(tmp)
         plain_env = {"PLAIN_BIOMARKER_CONFIG": str(plain_config(scratch / "plain_biomarker.json"))}
         runs = [compare(lambda: serving(BENTOML_SERVE, SERVICE_ENV, scratch / "ours.log"), "bench.plain_biomarker:app",
-                        plain_env, send, scratch) for _ in range(args.runs)]
+                        plain_env, send, scratch, plain_first=run % 2 == 1) for run in range(args.runs)]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"machine: {machine}\n" + report(runs))
     out = Path(__file__).parent / "results"

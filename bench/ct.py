@@ -3,7 +3,7 @@
 Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/ct.py [--runs 3]` (needs the `bench` extra). Each run starts
 our `bentoml serve` and then `gunicorn -w 2 bench.plain_ct:app`, alone in turn, both serving the same stored model
 to the same 512×512 synthetic CT DICOM (525 KB), xai off, auth and rate limits off; prints per-run tables and the
-ours / plain ratios (bench/versus.py), and writes bench/results/ct.json.
+ours / plain ratios (bench/versus.py); runs alternate which server goes first, and writes bench/results/ct.json.
 """
 
 from __future__ import annotations
@@ -39,19 +39,20 @@ def sample_dicom(directory: Path) -> bytes:
     return path.read_bytes()
 
 
-def plain_config(path: Path) -> Path:
+def plain_config(path: Path, tag: str | None = None) -> Path:
     """The plain server's settings, from the served model's card (same file, window and scaling as ours)."""
-    model = store.get_model(get_settings().ct.model_tag)
+    model = store.get_model(tag or get_settings().ct.model_tag)
     card = store.read_card(model, ClassificationCard)
     spec = card.input
-    if spec.layout != "NCHW" or len(set(spec.mean)) != 1 or len(set(spec.std)) != 1:
-        raise SystemExit("the plain baseline serves NCHW models with one mean/std only")
+    if len(set(spec.mean)) != 1 or len(set(spec.std)) != 1:
+        raise SystemExit("the plain baseline serves models with one mean/std only")
     scale, shift = {"unit": (1.0, 0.0), "symmetric": (2.0, -1.0),
                     "mean_std": (1.0 / spec.std[0], -spec.mean[0] / spec.std[0])}[spec.scaling]
     path.write_text(json.dumps({
         "onnx": model.path_of(card.model_file), "version": str(model.tag), "labels": card.contract_labels(),
         "hu_clip": list(spec.hu_clip or (-1e9, 1e9)), "window": [spec.ct_window.center, spec.ct_window.width],
-        "height": spec.height, "width": spec.width, "channels": spec.channels, "scale": scale, "shift": shift,
+        "height": spec.height, "width": spec.width, "channels": spec.channels, "layout": spec.layout,
+        "output_kind": card.output_kind, "scale": scale, "shift": shift,
     }))
     return path
 
@@ -70,7 +71,7 @@ def main() -> None:
                                      data={"patient_id": "P000001", "xai": "false"})
 
         runs = [compare(lambda: serving(BENTOML_SERVE, SERVICE_ENV, scratch / "ours.log"), "bench.plain_ct:app",
-                        plain_env, send, scratch) for _ in range(args.runs)]
+                        plain_env, send, scratch, plain_first=run % 2 == 1) for run in range(args.runs)]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"machine: {machine}\n" + report(runs))
     out = Path(__file__).parent / "results"

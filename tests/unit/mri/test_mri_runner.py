@@ -9,6 +9,7 @@ from core.errors import ModelNotLoaded
 from core.tasks import TaskCancelled, TaskStore
 from preprocessing.volumes import prepare_labels, prepare_volume
 from runners import mri as mri_runner
+from runners import mri_model
 from tests.unit.mri.mri_inputs import LIMITS
 from training_export.synthetic_mri import synthetic_case
 from training_export.train_mri import dice
@@ -61,8 +62,8 @@ def test_window_count_matches_monai(runner, prepared, tmp_path) -> None:
     finally:
         runner.served.current.engine.predict = original
     spec = card.inference
-    assert sum(calls) == mri_runner.window_count(volume.tensor.shape[1:], spec.roi_size, spec.overlap)
-    assert mri_runner.window_count((10, 10, 10), (64, 64, 64), 0.25) == 1
+    assert sum(calls) == mri_model.window_count(volume.tensor.shape[1:], spec.roi_size, spec.overlap)
+    assert mri_model.window_count((10, 10, 10), (64, 64, 64), 0.25) == 1
 
 
 def test_progress_and_cancel_stop_the_work(runner, tmp_path) -> None:
@@ -91,7 +92,7 @@ def test_progress_and_cancel_stop_the_work(runner, tmp_path) -> None:
             runner.explain(volume, "stop")
     finally:
         runner.served.current.engine.predict = original
-    total = mri_runner.window_count(volume.shape[1:], card.inference.roi_size, card.inference.overlap)
+    total = mri_model.window_count(volume.shape[1:], card.inference.roi_size, card.inference.overlap)
     assert len(batches) == 1 and total > card.inference.sw_batch_size
 
 
@@ -99,7 +100,7 @@ def test_a_runner_that_cannot_load_reports_why(monkeypatch, mri_model_tag: str) 
     def broken(model):
         raise RuntimeError("weights missing")
 
-    monkeypatch.setattr(mri_runner, "load_segmenter_model", broken)
+    monkeypatch.setattr(mri_model, "load_segmenter_model", broken)
     runner = mri_runner.MRISegmenter()
     assert runner.describe() == {"loaded": False, "error": "RuntimeError: weights missing", "tag": "neuronova-mri:latest"}
     with pytest.raises(ModelNotLoaded, match="weights missing"):
@@ -107,7 +108,7 @@ def test_a_runner_that_cannot_load_reports_why(monkeypatch, mri_model_tag: str) 
 
 
 def test_explain_needs_torch_weights(runner) -> None:
-    loaded = mri_runner.LoadedSegmenter(tag="x", card=runner.served.current.card, engine=runner.served.current.engine, explainer=None)
+    loaded = mri_model.LoadedSegmenter(tag="x", card=runner.served.current.card, engine=runner.served.current.engine, explainer=None)
     with pytest.raises(ModelNotLoaded, match="Grad-CAM"):
         loaded.explain(np.zeros((4, 8, 8, 8), np.float32))
 
