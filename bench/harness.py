@@ -86,6 +86,8 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    failures: dict[int, int]
+    """Count of each non-200 status."""
 
     @property
     def throughput(self) -> float:
@@ -99,22 +101,22 @@ def percentile(values: list[float], q: float) -> float:
 async def _run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int,
                     requests: int, headers: dict[str, str]) -> LoadResult:
     latencies: list[float] = []
-    errors = 0
+    failures: dict[int, int] = {}
     remaining = iter(range(requests))
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
                                  limits=httpx.Limits(max_connections=clients)) as client:
         async def worker() -> None:
-            nonlocal errors
             for _ in remaining:
                 started = time.perf_counter()
                 response = await send(client)
                 latencies.append((time.perf_counter() - started) * 1000.0)
-                errors += response.status_code != 200
+                if response.status_code != 200:
+                    failures[response.status_code] = failures.get(response.status_code, 0) + 1
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
-    return LoadResult(clients, requests, errors, wall, percentile(latencies, 50), percentile(latencies, 95),
-                      percentile(latencies, 99))
+    return LoadResult(clients, requests, sum(failures.values()), wall, percentile(latencies, 50),
+                      percentile(latencies, 95), percentile(latencies, 99), failures)
 
 
 def run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int, requests: int,

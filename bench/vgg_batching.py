@@ -78,12 +78,16 @@ def main() -> None:
                 for clients in CLIENTS:
                     results[name][clients] = run_load(send, server.url, clients, clients * args.requests_per_client)
     finally:
+        if (SCRATCH / "ours.log").exists():  # kept: the reason for any failed request is in it
+            (Path(__file__).parent / "results").mkdir(exist_ok=True)
+            shutil.copy(SCRATCH / "ours.log", Path(__file__).parent / "results" / "vgg-batching-server.log")
         shutil.rmtree(SCRATCH, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only\n")
     print("| server | clients | requests | errors | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
     for name, by_clients in results.items():
         for clients, r in by_clients.items():
-            print(f"| {name} | {clients} | {r.requests} | {r.errors} | {r.throughput:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |")
+            print(f"| {name} | {clients} | {r.requests} | {r.errors} {r.failures or ''} | {r.throughput:.2f} | "
+                  f"{r.p50_ms:.0f} | {r.p99_ms:.0f} |")
     for clients in CLIENTS:
         ratio = results["ours (batched)"][clients].throughput / results["plain (one at a time)"][clients].throughput
         print(f"batched / plain at {clients} clients: {ratio:.2f}x")

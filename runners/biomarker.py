@@ -134,6 +134,7 @@ class BiomarkerModel:
         return self._timed(rows, "explain")
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
+    async def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded).
+        Async: answered on the event loop, not queued behind a long batch in the runner's one model thread."""
         return self.served.describe()

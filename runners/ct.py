@@ -166,8 +166,9 @@ class CTClassifier:
         return self.served.get()[0].occlude(batch)
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        """Version, generation, card, engine and live timing of the served model (or why none is loaded), and the
+    async def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded),
+        answered on the event loop (not queued behind a long batch in the runner's one model thread), and the
         GPUs this runner sees (reported by /health: the API workers do not load torch)."""
         from runners.engines import gpu_devices
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def prepared(runner):
 
 
 def test_describe(runner, mri_model_tag: str) -> None:
-    described = runner.describe()
+    described = asyncio.run(runner.describe())
     assert described["loaded"] and described["tag"] == mri_model_tag and described["engine"] == "onnxruntime-cpu"
     assert described["generation"] >= 1 and described["last_error"] is None
     assert described["gradcam_layer"] == "up_layers.1" and described["card"]["task"] == "mri_segmentation"
@@ -42,7 +44,7 @@ def test_segment_finds_the_tumour(runner, prepared) -> None:
     predicted = np.asarray(card.channel_values())[probabilities.argmax(axis=0)] > 0
     truth = prepare_labels(case.labels, case.volume.affine, card.input) > 0
     assert dice(predicted, truth) > 0.7
-    assert runner.describe()["avg_inference_time_ms_per_image"] > 0
+    assert asyncio.run(runner.describe())["avg_inference_time_ms_per_image"] > 0
 
 
 def test_explain_gives_a_unit_map(runner, prepared) -> None:
@@ -102,7 +104,7 @@ def test_a_runner_that_cannot_load_reports_why(monkeypatch, mri_model_tag: str) 
 
     monkeypatch.setattr(mri_model, "load_segmenter_model", broken)
     runner = mri_runner.MRISegmenter()
-    assert runner.describe() == {"loaded": False, "error": "RuntimeError: weights missing", "tag": "neuronova-mri:latest"}
+    assert asyncio.run(runner.describe()) == {"loaded": False, "error": "RuntimeError: weights missing", "tag": "neuronova-mri:latest"}
     with pytest.raises(ModelNotLoaded, match="weights missing"):
         runner.segment(np.zeros((4, 8, 8, 8), np.float32))
 
