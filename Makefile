@@ -6,7 +6,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := True
 # Local development serves without JWT auth; production sets NEURONOVA_AUTH__SECRET and leaves auth on.
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
-COVERAGE_FLOOR ?= 90
+COVERAGE_FLOOR ?= 95
 
 .PHONY: install serve test bench models bento bento-gpu clean
 
@@ -40,4 +40,4 @@ bento-gpu: models  ## the GPU Bento (CUDA base image; then: bentoml containerize
 	$(BIN)/python deploy/build_gpu_bento.py
 
 clean:
-	rm -rf $(VENV) .bentoml-test .pytest_cache .coverage
+	rm -rf $(VENV) .bentoml-test .pytest_cache .coverage .coverage.*

@@ -101,7 +101,7 @@ class NeuroNova:
         self.tasks = TaskStore(task_store_path(settings.data_dir))
         self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
-        self.feedback_store = FeedbackStore.from_settings(settings)
+        self.feedback_store = FeedbackStore.from_settings(get_settings())
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
@@ -215,6 +215,7 @@ class NeuroNova:
         sequence_type: list[str] | str | None = None,
         xai: bool = False,
         post_processing: PostProcessingOptions = Field(default_factory=PostProcessingOptions),
+        uncertainty: bool = False,
         ctx: bentoml.Context = None,
     ) -> MRISegmentationResponse:
         """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.
@@ -225,7 +226,7 @@ class NeuroNova:
 
         request = SegmentationRequest(
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image,
-            sequence_type=sequence_type, xai=xai, post_processing=post_processing,
+            sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
         )
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
                                  lambda: segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)

@@ -21,17 +21,23 @@ from api.models import ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
+from core.ood import OOD_WARNING
 from core.schemas import (
     MaskOutput,
     MaskPreview,
     MRISegmentationResponse,
+    OodCheck,
     SegmentationExplanation,
     SegmentationResult,
+    SegmentationUncertainty,
     SequenceSourceDescription,
     VolumeDescription,
+    VolumeInterval,
+    VolumeMap,
 )
 from core.settings import LimitSettings
 from core.tasks import TaskStore
+from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
 from postprocessing.masks import (
     PostProcessingOptions,
@@ -48,9 +54,12 @@ from postprocessing.outputs import (
     mask_nifti_gz,
     preview_png,
     unit_grey,
+    volume_nifti_gz,
 )
+from postprocessing.uncertainty import INTERVAL_PERCENTILES, normalised_entropy, pass_region_volumes, volume_interval
 from preprocessing.volumes import (
     PreparedVolume,
+    check_required_sequences,
     decode_upload,
     parse_sequence_types,
     prepare_volume,
@@ -60,6 +69,8 @@ from xai.regions import important_regions
 from xai.render import DEFAULT_COLORMAP, colorize, overlay, png_data_url
 
 GRAD_CAM = "grad_cam"
+NO_OOD_CALIBRATION_WARNING = "this model has no out-of-distribution calibration: unusual inputs are not flagged"
+UNCERTAINTY_DESCRIPTION = "NeuroNova tumour uncertainty (percent)"
 Report = Callable[[str], None]
 
 
@@ -73,16 +84,19 @@ class SegmentationRequest:
     sequence_type: str | list[str] | None
     xai: bool
     post_processing: PostProcessingOptions
+    uncertainty: bool = False
 
 
 @dataclass(frozen=True)
 class ModelOutput:
     """What the runner gave for a prepared volume: class probabilities and, on request, a Grad-CAM map (and the
-    layer it was taken at)."""
+    layer it was taken at) and the test-time-augmentation passes (the first is `probabilities`) with their cost."""
 
     probabilities: np.ndarray
     attention: np.ndarray | None = None
     attention_layer: str | None = None
+    passes: np.ndarray | None = None
+    passes_ms: float = 0.0
 
 
 async def segment_mri(
@@ -99,12 +113,20 @@ async def segment_mri(
 
     report("decoding")
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
+    if sequence_types is not None:
+        check_required_sequences(sequence_types, card.input)
     uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
     volume = await asyncio.to_thread(decode_upload, uploads, card.input, limits, sequence_types)
     report("preprocessing")
     prepared = await asyncio.to_thread(prepare_volume, volume, card.input, limits.max_volume_voxels)
     report("inference")
-    probabilities = await slot.call("segment", prepared.tensor, request.task_id)
+    passes, passes_ms = None, 0.0
+    if request.uncertainty:
+        passes_started = time.perf_counter()
+        passes = await slot.call("segment_passes", prepared.tensor, request.task_id)
+        probabilities, passes_ms = passes[0], elapsed_ms(passes_started)
+    else:
+        probabilities = await slot.call("segment", prepared.tensor, request.task_id)
     attention = None
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
@@ -113,10 +135,14 @@ async def segment_mri(
         attention = await slot.call("explain", prepared.tensor, request.task_id)
     report("postprocessing")
     result, explanation = await asyncio.to_thread(
-        build_result, volume, prepared, ModelOutput(probabilities, attention, layer), card, request.post_processing,
-        model.tag, report,
+        build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,
+        request.post_processing, model.tag, report,
     )
-    warnings = [f"sequence {s} was not sent: the model ran with it zero-filled" for s in prepared.missing_sequences]
+    warnings = [zero_filled_warning(s) for s in prepared.missing_sequences]
+    if result.ood_check is None:
+        warnings.append(NO_OOD_CALIBRATION_WARNING)
+    elif result.ood_check.flagged:
+        warnings.append(OOD_WARNING)
     if volume.format == "dicom" and result.dicom_seg_base64 is None:
         warnings.append("no tumour was found, so no DICOM SEG was written")
     if request.xai and not explainable:
@@ -164,6 +190,9 @@ def build_result(
     in_input = resample_to_grid(output.probabilities.astype(np.float32), prepared.affine, volume.affine, volume.shape,
                                 "bilinear")
     labels = clean_mask(labels_from_probabilities(in_input, card.channel_values()), options)
+    ood_check = check_ood(prepared, output.probabilities, card)
+    reasons = (["out_of_distribution"] if ood_check is not None and ood_check.flagged else []) + \
+        (["sequences_zero_filled"] if prepared.missing_sequences else [])
     statistics = label_statistics(labels, volume.affine, card)
     located = location_and_box(labels, volume.affine)
     report("writing_outputs")
@@ -173,7 +202,8 @@ def build_result(
     if volume.format == "dicom" and located is not None:
         seg = base64.b64encode(dicom_seg(labels, volume.source_of(volume.reference_sequence), card, model_tag)).decode()
     result = SegmentationResult(
-        tumor_detected=located is not None, tumor_volume_ml=tumor_volume(statistics, card), label_statistics=statistics,
+        tumor_detected=located is not None, confidence="reduced" if reasons else "normal", confidence_reasons=reasons,
+        ood_check=ood_check, tumor_volume_ml=tumor_volume(statistics, card), label_statistics=statistics,
         tumor_location=located[0] if located else None, bounding_box=located[1] if located else None,
         mask=MaskOutput(
             data_base64=base64.b64encode(mask_nifti_gz(labels, volume.affine)).decode(), shape=volume.shape,
@@ -184,12 +214,60 @@ def build_result(
             colors={name: "#{:02x}{:02x}{:02x}".format(*color) for name, color in LABEL_COLORS.items()},
         ),
         dicom_seg_base64=seg, post_processing=options.model_dump(),
+        uncertainty=None if output.passes is None else
+        uncertainty_result(output, prepared, volume, labels, axial, card),
     )
     explanation = None
     if output.attention is not None:
         attention = resample_to_grid(output.attention[None], prepared.affine, volume.affine, volume.shape, "bilinear")[0]
         explanation = explanation_on_slice(attention, volume.affine, axial, output.attention_layer)
     return result, explanation
+
+
+def zero_filled_warning(sequence: str) -> str:
+    return (f"sequence {sequence} was not sent: the model ran with it zero-filled, as its card allows; "
+            "confidence is reduced")
+
+
+def check_ood(prepared: PreparedVolume, probabilities: np.ndarray, card: SegmentationCard) -> OodCheck | None:
+    """The model's out-of-distribution check of this input (None when its card has no calibration)."""
+    if card.ood is None:
+        return None
+    descriptors = volume_descriptors(prepared.tensor, probabilities, voxel_ml(prepared.affine))
+    distance = card.ood.distance(descriptors)
+    return OodCheck(score=card.ood.score, distance=round(distance, 4) if np.isfinite(distance) else None,
+                    threshold=round(card.ood.threshold, 4), flagged=card.ood.flags(descriptors))
+
+
+def uncertainty_result(
+    output: ModelOutput, prepared: PreparedVolume, volume: DecodedVolume, labels: np.ndarray, axial: AxialSlice,
+    card: SegmentationCard,
+) -> SegmentationUncertainty:
+    """The uncertainty map on the input grid (NIfTI, percent), its preview on the mask's slice, and volume ranges."""
+    started = time.perf_counter()
+    on_model_grid = normalised_entropy(output.passes)
+    in_input = np.clip(resample_to_grid(on_model_grid[None], prepared.affine, volume.affine, volume.shape,
+                                        "bilinear")[0], 0.0, 1.0)
+    plane = display_plane(in_input, volume.affine, axial.axis, axial.index)
+    margins = card.volume_interval.margins if card.volume_interval is not None else {}
+    intervals = {}
+    for region, volumes in pass_region_volumes(output.passes, card, voxel_ml(prepared.affine)).items():
+        low, high = volume_interval(volumes, margins.get(region, 0.0))
+        intervals[region] = VolumeInterval(low=round(low, 2), high=round(high, 2), percentiles=INTERVAL_PERCENTILES,
+                                           margin=margins.get(region, 0.0))
+    tumour = labels > 0
+    percent = np.round(in_input * 100.0).astype(np.uint8)
+    return SegmentationUncertainty(
+        passes=len(output.passes),
+        map=VolumeMap(file_name="uncertainty.nii.gz", units="percent",
+                      data_base64=base64.b64encode(volume_nifti_gz(percent, volume.affine, UNCERTAINTY_DESCRIPTION))
+                      .decode(), shape=volume.shape, affine=np.round(volume.affine, 6).tolist()),
+        preview_base64=png_data_url(overlay(unit_grey(axial.image), plane, DEFAULT_COLORMAP)),
+        axis=axial.axis, slice_index=axial.index,
+        mean_in_tumour=round(float(in_input[tumour].mean()), 4) if tumour.any() else None,
+        volume_interval_ml=intervals,
+        compute_time_ms=round(output.passes_ms + elapsed_ms(started), 1),
+    )
 
 
 def explanation_on_slice(

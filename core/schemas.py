@@ -265,8 +265,60 @@ class VolumeDescription(BaseModel):
     sha256: list[str] = Field(description="sha256 of each uploaded file, in upload order")
 
 
+class VolumeMap(BaseModel):
+    """A voxel map as a gzipped NIfTI in the input's geometry (same shape and affine as the mask)."""
+
+    format: Literal["nifti"] = "nifti"
+    media_type: str = "application/gzip"
+    file_name: str
+    data_base64: str
+    shape: tuple[int, int, int]
+    affine: list[list[float]]
+    units: str
+
+
+class VolumeInterval(BaseModel):
+    """A region's volume range across the test-time-augmentation passes (widened by the card's calibrated margin)."""
+
+    low: float
+    high: float
+    percentiles: tuple[float, float] = Field(description="the passes' percentiles the range starts from")
+    margin: float = Field(description="share of the passes' median volume added on each side (0: uncalibrated)")
+
+
+class SegmentationUncertainty(BaseModel):
+    """Voxel-wise uncertainty from test-time augmentation (`uncertainty=true`)."""
+
+    method: Literal["test_time_augmentation_flips"] = "test_time_augmentation_flips"
+    passes: int = Field(description="model passes: the volume mirrored along every combination of its axes")
+    measure: str = ("normalised predictive entropy of the passes' mean softmax, in percent: 0 = every pass sure of "
+                    "one class, 100 = all classes equally likely")
+    map: VolumeMap
+    preview_base64: str = Field(description="PNG: the map over the mask preview's slice")
+    axis: int
+    slice_index: int
+    mean_in_tumour: float | None = Field(description="mean uncertainty (0-1) over the delivered tumour voxels")
+    volume_interval_ml: dict[str, VolumeInterval] = Field(description="BraTS region (WT, TC, ET) -> volume range, "
+                                                                      "measured on the model grid before clean-up")
+    compute_time_ms: float = Field(description="time the extra passes and the map took")
+
+
+class OodCheck(BaseModel):
+    """The out-of-distribution check of the input (absent when the model has no calibration)."""
+
+    score: str
+    distance: float | None = Field(description="Mahalanobis distance of the volume descriptors (None: no signal)")
+    threshold: float
+    flagged: bool
+
+
 class SegmentationResult(BaseModel):
     tumor_detected: bool
+    confidence: Literal["normal", "reduced"] = Field(
+        default="normal", description="reduced when the input was out of distribution or sequences were zero-filled"
+    )
+    confidence_reasons: list[Literal["out_of_distribution", "sequences_zero_filled"]] = Field(default_factory=list)
+    ood_check: OodCheck | None = None
     tumor_volume_ml: TumorVolume
     label_statistics: list[LabelStatistics]
     tumor_location: TumorLocation | None
@@ -275,6 +327,7 @@ class SegmentationResult(BaseModel):
     mask_preview: MaskPreview | None
     dicom_seg_base64: str | None = Field(default=None, description="DICOM SEG referencing the source series")
     post_processing: dict[str, Any]
+    uncertainty: SegmentationUncertainty | None = None
 
 
 class SegmentationExplanation(BaseModel):

@@ -40,10 +40,15 @@ class AxialSlice:
 
 def mask_nifti_gz(labels: np.ndarray, affine: np.ndarray) -> bytes:
     """The uint8 mask as a gzipped NIfTI-1 with the input's affine as both sform and qform."""
-    image = nib.Nifti1Image(labels.astype(np.uint8), affine)
+    return volume_nifti_gz(labels, affine, "NeuroNova tumour mask")
+
+
+def volume_nifti_gz(values: np.ndarray, affine: np.ndarray, description: str) -> bytes:
+    """A uint8 volume (mask, uncertainty in percent) as a gzipped NIfTI-1 with `affine` as both sform and qform."""
+    image = nib.Nifti1Image(values.astype(np.uint8), affine)
     image.set_sform(affine, code=_SCANNER_XFORM)
     image.set_qform(affine, code=_SCANNER_XFORM)
-    image.header["descrip"] = b"NeuroNova tumour mask"
+    image.header["descrip"] = description.encode()[:79]
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 

@@ -74,10 +74,20 @@ def decode_upload(
         raise InvalidRequest("no image was uploaded", {"field": "image"})
     raws, from_4d = _decode_all(uploads, spec, limits)
     assigned = _assign(raws, spec, sequence_types, from_4d)
-    missing_required = sorted(set(spec.required_sequences()) - {sequence for sequence, *_ in assigned})
-    if missing_required:
-        raise InvalidRequest(f"required sequences {missing_required} are missing", {"missing": missing_required})
+    check_required_sequences([sequence for sequence, *_ in assigned], spec)
     return _on_one_grid(assigned, spec)
+
+
+def check_required_sequences(received: Sequence[str], spec: VolumeInputSpec) -> None:
+    """Refuse a study that lacks a sequence the model card requires, naming what is missing."""
+    missing = [sequence for sequence in spec.required_sequences() if sequence not in received]
+    if missing:
+        raise InvalidRequest(
+            f"the study lacks required sequence(s) {missing}: this model needs {spec.required_sequences()} and was not "
+            "trained to segment without them; send every required sequence",
+            {"reason": "missing_required_sequences", "missing": missing, "required": spec.required_sequences(),
+             "received": list(received)},
+        )
 
 
 def _decode_all(uploads: Sequence[Upload], spec: VolumeInputSpec, limits: LimitSettings) -> tuple[list[RawSeries], bool]:

@@ -64,6 +64,12 @@ class MRISegmenter:
         return probabilities
 
     @bentoml.api
+    def segment_passes(self, volume: np.ndarray, task_id: str = "") -> np.ndarray:
+        """(C, X, Y, Z) prepared volume -> (8, K, X, Y, Z) float16 probabilities of the mirrored passes (uncertainty; not in
+        the live timing, which stays one plain pass per volume)."""
+        return self.served.get()[0].segment_passes(volume, self._progress_hook(task_id))
+
+    @bentoml.api
     def explain(self, volume: np.ndarray, task_id: str = "") -> np.ndarray:
         """(C, X, Y, Z) prepared volume -> (X, Y, Z) Grad-CAM map in [0, 1] of the predicted tumour."""
         if task_id:

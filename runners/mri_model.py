@@ -23,6 +23,7 @@ from core import store
 from core.cards.segmentation import SegmentationCard
 from core.errors import ModelNotLoaded
 from core.networks import load_module
+from postprocessing.uncertainty import FLIPS, flip_passes
 from runners.engines import cuda_available, onnx_session
 from xai.segmentation_cam import SegmentationGradCam
 
@@ -107,6 +108,17 @@ class LoadedSegmenter:
             if self.card.output_kind == "logits":
                 output = torch.softmax(output.float(), dim=0)
         return output.to(torch.float16).cpu().numpy()
+
+    def segment_passes(self, volume: np.ndarray, hook: ProgressHook) -> np.ndarray:
+        """(C, X, Y, Z) -> (passes, K, X, Y, Z) float16 probabilities of the test-time-augmentation passes (the first
+        unmirrored); progress runs once over all passes."""
+        def run(mirrored: np.ndarray, index: int) -> np.ndarray:
+            def pass_hook(done: int, total: int, seconds_per_window: float) -> None:
+                hook(index * total + done, len(FLIPS) * total, seconds_per_window)
+
+            return self.segment(mirrored, pass_hook)
+
+        return flip_passes(run, volume)
 
     def explain(self, volume: np.ndarray) -> np.ndarray:
         """(C, X, Y, Z) prepared volume -> (X, Y, Z) Grad-CAM map of the tumour prediction in [0, 1]."""

@@ -37,9 +37,10 @@ def ct_model() -> str:
 
 
 @pytest.fixture(scope="session")
-def inprocess_client(demo_models: dict[str, str]):
+def inprocess_client(demo_models: dict[str, str], request: pytest.FixtureRequest):
     """NeuroNova's ASGI app in this process (runners too), once per session: BentoML registers its Prometheus
-    metrics per app, so a second app in one process fails. Carries a valid clinician token."""
+    metrics per app, so a second app in one process fails. Carries a valid clinician token. The service builds its
+    feedback store from its settings, on PostgreSQL where the session can run it (tests/postgres.py)."""
     import time
 
     import jwt
@@ -48,6 +49,13 @@ def inprocess_client(demo_models: dict[str, str]):
     from starlette.testclient import TestClient
 
     from api.tasks import bentoml_result_store_path
+    from core.settings import get_settings
+    from tests.postgres import service_database_url
+
+    database_url = service_database_url(request)
+    if database_url:
+        os.environ["NEURONOVA_FEEDBACK__DATABASE_URL"] = database_url  # for the session: the finetune CLI reads it too
+        get_settings.cache_clear()
     from service import NeuroNova
 
     Sqlite3Store.init_db(str(bentoml_result_store_path()))

@@ -1,13 +1,17 @@
 """A real PostgreSQL server on loopback for the test session: initdb into a temp dir, pg_ctl start, stop at the end.
 
-Skipped, with the reason, where the server binaries (`initdb`, `pg_ctl`, `postgres`) are not on PATH. PostgreSQL
-refuses to run as root, so under root the binaries run as the `postgres` user (`runuser`).
+The server binaries (`initdb`, `pg_ctl`, `postgres`) are looked up on PATH, then in Debian's versioned directories
+(`/usr/lib/postgresql/<version>/bin`, the newest first), which the `postgresql` package keeps off PATH. Where none is
+found the PostgreSQL tests skip with the reason, except under CI (`CI` set), where they fail: CI installs the server
+(`.ci/run`), so a missing one is a broken set-up, not a reason to pass. PostgreSQL refuses to run as root, so under
+root the binaries run as the `postgres` user (`runuser`).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +25,7 @@ import psycopg
 import pytest
 
 BINARIES = ("initdb", "pg_ctl", "postgres")
+DEBIAN_ROOT = Path("/usr/lib/postgresql")
 SERVER_USER = "postgres"
 # A throwaway cluster: durability off for speed (the tests check behaviour, not crash safety of PostgreSQL).
 SERVER_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -46,6 +51,49 @@ class PostgresServer:
         return self.url(name)
 
 
+def binary_dir(path: str | None, debian_root: Path = DEBIAN_ROOT) -> Path | None:
+    """The directory holding all of `BINARIES`: on `path` (PATH syntax), else the newest `<debian_root>/<ver>/bin`."""
+    found = [shutil.which(name, path=path) for name in BINARIES]
+    if all(found) and len({Path(f).parent for f in found}) == 1:
+        return Path(found[0]).parent
+    versions = sorted((d for d in debian_root.glob("*") if re.fullmatch(r"\d+(\.\d+)?", d.name)),
+                      key=lambda d: tuple(int(part) for part in d.name.split(".")), reverse=True)
+    for version in versions:
+        if all(shutil.which(name, path=str(version / "bin")) for name in BINARIES):
+            return version / "bin"
+    return None
+
+
+def missing_prerequisites(path: str | None, debian_root: Path = DEBIAN_ROOT) -> str | None:
+    """Why a server cannot be started here, or None."""
+    if binary_dir(path, debian_root) is None:
+        return (f"PostgreSQL server binaries ({', '.join(BINARIES)}) neither on PATH nor in {debian_root}/<version>/bin "
+                "(Debian: apt-get install postgresql)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            return f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL as"
+        if shutil.which("runuser") is None:
+            return "running as root and `runuser` is not on PATH"
+    return None
+
+
+def under_ci() -> bool:
+    """`CI` set (and not `false`/`0`), as CI services set it and `.ci/run` does."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def require_server(path: str | None = None, debian_root: Path = DEBIAN_ROOT) -> Path:
+    """The binaries' directory; otherwise skip the test, or fail it under CI."""
+    reason = missing_prerequisites(path, debian_root)
+    if reason is None:
+        return binary_dir(path, debian_root)  # type: ignore[return-value]
+    if under_ci():
+        pytest.fail(f"CI is set and PostgreSQL cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def _as_server_user(*args: str) -> list[str]:
     return ["runuser", "-u", SERVER_USER, "--", *args] if os.geteuid() == 0 else list(args)
 
@@ -62,40 +110,35 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _missing_prerequisites() -> str | None:
-    missing = [name for name in BINARIES if shutil.which(name) is None]
-    if missing:
-        return f"PostgreSQL server binaries not on PATH: {', '.join(missing)}"
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam(SERVER_USER)
-        except KeyError:
-            return f"running as root and there is no {SERVER_USER!r} user to run PostgreSQL as"
-        if shutil.which("runuser") is None:
-            return "running as root and `runuser` is not on PATH"
-    return None
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session (about 2 s to start), on a free loopback port."""
-    reason = _missing_prerequisites()
-    if reason:
-        pytest.skip(reason)
+    binaries = require_server()
     root = Path(tempfile.mkdtemp(prefix="neuronova-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, SERVER_USER, SERVER_USER)
     data = root / "data"
     server = PostgresServer(port=_free_port())
     try:
-        _run("initdb", "-D", str(data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
+        _run(str(binaries / "initdb"), "-D", str(data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8", "--locale=C",
+             "--no-sync")
         options = f"-c listen_addresses={server.host} -p {server.port} -c unix_socket_directories={root} {SERVER_OPTIONS}"
         try:
-            _run("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "-t", "30", "start")
+            _run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "-t",
+                 "30", "start")
         except RuntimeError as error:
             raise RuntimeError(f"{error}\nserver log:\n{(root / 'server.log').read_text()}") from None
         yield server
     finally:
         if (data / "postmaster.pid").exists():
-            _run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+            _run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def service_database_url(request: pytest.FixtureRequest) -> str | None:
+    """`NEURONOVA_FEEDBACK__DATABASE_URL` for a service under test: a fresh database on the session server where
+    PostgreSQL can run (always under CI, see `require_server`); None elsewhere, leaving the service on its default
+    SQLite file. The tests that claim PostgreSQL ask for `postgres_server` themselves, so they skip (or fail) there."""
+    if missing_prerequisites(None) is not None and not under_ci():
+        return None
+    return request.getfixturevalue("postgres_server").new_database()

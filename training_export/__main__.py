@@ -106,6 +106,9 @@ def _configure_import_segmenter(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the segmenter's ONNX file")
     parser.add_argument("--card", type=Path, required=True, help="its segmentation card (.yaml, .yml or .json)")
     parser.add_argument("--name", default="neuronova-mri", help="model store name (default: neuronova-mri)")
+    parser.add_argument("--validation-dir", type=Path,
+                        help="in-distribution studies (each a 4D NIfTI or a folder of its files): calibrates the "
+                             "out-of-distribution warning")
 
 
 @command("import-segmenter", "check a hospital's ONNX MRI segmenter against its card and store it",
@@ -113,7 +116,7 @@ def _configure_import_segmenter(parser: argparse.ArgumentParser) -> None:
 def _import_segmenter(args: argparse.Namespace) -> int:
     from training_export.import_segmenter import import_segmenter
 
-    print(import_segmenter(args.model, args.card, name=args.name))
+    print(import_segmenter(args.model, args.card, name=args.name, validation_dir=args.validation_dir))
     return EXIT_OK
 
 

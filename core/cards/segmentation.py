@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.cards.base import CardBase
+from core.volume_ood import VolumeOodCalibration
 
 MRI_SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
 NECROTIC_CORE, OEDEMA, ENHANCING = "necrotic_core", "oedema", "enhancing_tumor"
@@ -61,8 +62,14 @@ class VolumeInputSpec(BaseModel):
 
     sequences: list[str] = Field(default_factory=lambda: list(MRI_SEQUENCES), description="input channels, in order")
     optional_sequences: list[str] = Field(
-        default_factory=lambda: list(MRI_SEQUENCES),
-        description="sequences that may be missing (zero-filled after normalisation); the others are required",
+        default_factory=list,
+        description="sequences that may be missing (zero-filled after normalisation, the response then says so and "
+                    "lowers its confidence); every other sequence is required. Default: none, all are required",
+    )
+    sequence_dropout: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="probability with which training zeroed some sequences of a case, so the model learnt to work "
+                    "without them (0: never; None: not stated). A card with optional sequences cannot say 0",
     )
     target_spacing_mm: tuple[float, float, float] = Field(default=(2.0, 2.0, 2.0), description="model voxel size")
     orientation: Literal["RAS"] = "RAS"
@@ -79,6 +86,8 @@ class VolumeInputSpec(BaseModel):
         unknown = (set(self.optional_sequences) | {rule.sequence for rule in self.sequence_rules}) - set(self.sequences)
         if unknown:
             raise ValueError(f"optional sequences and rules name unknown sequences {sorted(unknown)}")
+        if self.optional_sequences and self.sequence_dropout == 0:
+            raise ValueError("a model trained without sequence dropout cannot have optional sequences")
         if any(s <= 0 for s in self.target_spacing_mm):
             raise ValueError("target spacing must be positive")
         return self
@@ -124,6 +133,18 @@ class SegmentationArchitecture(BaseModel):
         return 2 ** (len(self.kwargs.get("blocks_down", (1, 2, 2, 4))) - 1)
 
 
+class VolumeIntervalCalibration(BaseModel):
+    """How much the test-time-augmentation volume spread is widened to cover the true volume (postprocessing.uncertainty)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    margins: dict[str, float] = Field(
+        description="BraTS region -> what is added below and above its interval, as a share of the passes' median volume"
+    )
+    coverage: float = Field(gt=0, lt=100, description="percent of calibration cases the widened interval must cover")
+    n_cases: int = Field(gt=0)
+
+
 class SegmentationCard(CardBase):
     """A 3D segmenter of brain tumours into BraTS sub-regions from one to four MRI sequences."""
 
@@ -141,6 +162,12 @@ class SegmentationCard(CardBase):
     )
     inference: SlidingWindowSpec = Field(default_factory=SlidingWindowSpec)
     torch: SegmentationArchitecture | None = None
+    volume_interval: VolumeIntervalCalibration | None = Field(
+        default=None, description="uncertainty volume-interval margin from labelled calibration cases (None: margin 0)"
+    )
+    ood: VolumeOodCalibration | None = Field(
+        default=None, description="out-of-distribution threshold from in-distribution studies (None: no warning)"
+    )
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> SegmentationCard:

@@ -10,6 +10,7 @@ import jwt
 import pytest
 
 from bench.harness import served
+from tests.postgres import service_database_url
 
 JWT_SECRET = "http-test-secret-0123456789-abcdefghij"
 
@@ -20,10 +21,18 @@ def make_token(role: str = "clinician", subject: str = "django-test", ttl_s: int
 
 
 @pytest.fixture(scope="session")
-def server_url(demo_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served_database_url(request: pytest.FixtureRequest) -> str | None:
+    """The served instance's feedback database: PostgreSQL where the session runs it, else its SQLite default."""
+    return service_database_url(request)
+
+
+@pytest.fixture(scope="session")
+def server_url(demo_models: dict[str, str], served_database_url: str | None,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start the whole service (API workers + runners) and wait until /readyz answers."""
     state = tmp_path_factory.mktemp("server-state")
     env = {
+        "NEURONOVA_FEEDBACK__DATABASE_URL": served_database_url or "",
         "NEURONOVA_AUTH__SECRET": JWT_SECRET,
         "NEURONOVA_RATE_LIMIT__DEFAULT_PER_MINUTE": "100000",
         "NEURONOVA_RATE_LIMIT__PER_ROUTE_PER_MINUTE": "{}",

@@ -1,5 +1,6 @@
 """MRI segmentation over HTTP against the real served process (runner in its own process): a BraTS-size case with
-BentoML's client, a DICOM series zip with a SEG, cross-process cancel, hostile archives."""
+BentoML's client, a DICOM series zip with a SEG, cross-process cancel (runner frozen while it holds the task),
+hostile archives."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from bench.soak import role, server_tree
+from core.tasks import STEP_PROGRESS
 from tests.unit.mri.mri_inputs import (
     case_dicom_files,
     four_d_nifti,
@@ -37,6 +40,15 @@ def wait_for(http: httpx.Client, task_id: str, done: set[str]) -> dict:
     return polled
 
 
+def wait_for_step(http: httpx.Client, task_id: str, step: str) -> dict:
+    """Poll until the task has reached `step` (or a later one) while still running."""
+    deadline = time.monotonic() + TASK_DEADLINE_S
+    while STEP_PROGRESS.get((polled := http.get(f"/task/{task_id}").json())["current_step"], -1) < STEP_PROGRESS[step]:
+        assert time.monotonic() < deadline and polled["status"] in ("pending", "processing"), polled
+        time.sleep(0.05)
+    return polled
+
+
 @pytest.mark.slow
 def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tmp_path) -> None:
     case = synthetic_case(11, (240, 240, 155), (1.0, 1.0, 1.0))
@@ -44,27 +56,30 @@ def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tm
     nib.save(nib.Nifti1Image(np.moveaxis(case.volume.data, 0, -1).astype(np.int16), case.volume.affine), path)
     token = auth_headers["Authorization"].removeprefix("Bearer ")
 
-    async def submit_poll_get() -> tuple[dict, float, list[int]]:
+    async def submit_poll_get() -> tuple[dict, list[int]]:
         async with bentoml.AsyncHTTPClient(server_url, token=token, timeout=TASK_DEADLINE_S) as client:
-            started = time.perf_counter()
-            task = await client.predict_mri_segmentation.submit(image=[path], patient_id="P000042", xai=False)
+            task = await client.predict_mri_segmentation.submit(image=[path], patient_id="P000042", xai=False,
+                                                                uncertainty=True)
             progress = []
             while (await task.get_status()).value == "in_progress":
                 progress.append(http.get(f"/task/{task.id}").json()["progress"])
                 await asyncio.sleep(0.2)
-            return await task.get(), time.perf_counter() - started, progress
+            return await task.get(), progress
 
-    body, seconds, progress = asyncio.run(submit_poll_get())
-    assert seconds < 90, f"BraTS-size task took {seconds:.1f} s"
+    body, progress = asyncio.run(submit_poll_get())  # its duration is measured by bench/mri.py, not asserted here
     assert progress == sorted(progress)
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(body["result"]["mask"]["data_base64"])))
     np.testing.assert_allclose(mask.affine, case.volume.affine, atol=1e-5)
     labels = np.asarray(mask.dataobj)
     assert labels.shape == (240, 240, 155) and dice(labels > 0, case.labels > 0) > 0.7
     assert body["result"]["tumor_volume_ml"]["total"] == pytest.approx((labels > 0).sum() / 1000, abs=1e-3)
+    uncertainty = body["result"]["uncertainty"]  # 8 mirrored passes through the runner process
+    assert uncertainty["passes"] == 8 and uncertainty["map"]["shape"] == [240, 240, 155]
+    wt = uncertainty["volume_interval_ml"]["WT"]  # its coverage is measured on many cases in test_mri_trust
+    assert 0 < wt["low"] < wt["high"] and wt["margin"] > 0
 
 
-def test_dicom_series_zip_with_seg_and_cancel_across_processes(http) -> None:
+def test_dicom_series_zip_with_seg_and_cancel_across_processes(http, server_url) -> None:
     case = synthetic_case(12, (128, 128, 80), (1.8, 1.8, 2.0))
     files = case_dicom_files(case)
     archive = zip_bytes({f"{s}/{i:03d}.dcm": data for s, series in files.items() for i, data in enumerate(series)})
@@ -76,14 +91,21 @@ def test_dicom_series_zip_with_seg_and_cancel_across_processes(http) -> None:
     seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
     assert seg.Modality == "SEG" and seg.SeriesDescription == "NeuroNova tumour segmentation (AI, demo)"
 
+    # Cancel across processes while the runner holds the task: the runner process is frozen as soon as the API has
+    # handed the volume over (step "inference"); frozen, it cannot finish, so the cancel (API worker) lands while the
+    # runner's work is pending; resumed, the work stops at the next check. (The in-process test and the runner's own
+    # test pin the exact stopping point with a spy.)
+    [runner] = [process for process in server_tree(server_url) if role(process).startswith("MRISegmenter:")]
     task_id = http.post(f"{ROUTE}/submit", files={"image": ("case.nii.gz", four_d_nifti(case, compressed=True))},
                         data={"patient_id": "P000044", "xai": "true"}).json()["task_id"]
-    wait_for(http, task_id, {"processing", "completed", "failed"})
-    deadline = time.monotonic() + TASK_DEADLINE_S
-    while http.get(f"/task/{task_id}").json()["current_step"] not in ("inference", "completed"):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    cancelled = http.delete(f"/task/{task_id}").json()
+    wait_for_step(http, task_id, "inference")
+    runner.suspend()
+    try:
+        held = http.get(f"/task/{task_id}").json()
+        assert held["status"] == "processing" and held["current_step"] in ("inference", "explaining"), held
+        cancelled = http.delete(f"/task/{task_id}").json()
+    finally:
+        runner.resume()
     assert cancelled["status"] == "cancelled"
     deadline = time.monotonic() + TASK_DEADLINE_S
     while http.get(f"{ROUTE}/status", params={"task_id": task_id}).json()["status"] == "in_progress":
@@ -91,7 +113,7 @@ def test_dicom_series_zip_with_seg_and_cancel_across_processes(http) -> None:
         time.sleep(0.1)
     stored = http.get(f"{ROUTE}/get", params={"task_id": task_id})
     assert stored.status_code == 409 and stored.json()["error"]["code"] == "TASK_CANCELLED"
-    assert http.get(f"/task/{task_id}").json()["progress"] < 85
+    assert http.get(f"/task/{task_id}").json()["progress"] < STEP_PROGRESS["postprocessing"]  # stopped in the runner
 
 
 def test_hostile_archives_are_refused(http) -> None:

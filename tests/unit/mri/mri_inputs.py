@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from core.cards.base import DEMO_INTENDED_USE, Provenance
-from core.cards.segmentation import MRI_SEQUENCES, SegmentationCard
+from core.cards.segmentation import MRI_SEQUENCES, SegmentationCard, VolumeInputSpec
 from core.settings import LimitSettings
 from training_export.synthetic_mri import dicom_series, synthetic_case
 
@@ -22,9 +22,13 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 LIMITS = LimitSettings()
 
 
+TOLERANT_INPUT = VolumeInputSpec(optional_sequences=list(MRI_SEQUENCES), sequence_dropout=0.2)
+"""A model trained with sequence dropout: any sequence may be missing (zero-filled)."""
+
+
 def card(**changes) -> SegmentationCard:
-    """A valid card (BraTS labels, enhancing = 4) with optional field overrides."""
-    fields = {"name": "test segmenter", "intended_use": DEMO_INTENDED_USE,
+    """A valid card (BraTS labels, enhancing = 4, tolerant of missing sequences) with optional field overrides."""
+    fields = {"name": "test segmenter", "intended_use": DEMO_INTENDED_USE, "input": TOLERANT_INPUT,
               "provenance": Provenance(source="tests", synthetic_data=True)}
     return SegmentationCard(**{**fields, **changes})
 
@@ -75,7 +79,8 @@ def small_case(seed: int = 3):
 
 
 def temp_dir_entries() -> set[str]:
-    """What the system temp folder holds now (to prove nothing was written there)."""
+    """What the system temp folder holds now (to prove nothing was written there; use the `private_temp_dir` fixture
+    so that other processes' files do not show up)."""
     import tempfile
 
     return set(os.listdir(tempfile.gettempdir()))

@@ -19,7 +19,7 @@ from tests.unit.mri.mri_inputs import (
 LIMITS = {"max_files": 10, "max_total_bytes": 1_000_000}
 
 
-def test_members_are_read_in_order_skipping_folders_and_os_clutter() -> None:
+def test_members_are_read_in_order_skipping_folders_and_os_clutter(private_temp_dir) -> None:
     data = zip_bytes({"series/a.dcm": b"A" * 10, "__MACOSX/series/._a.dcm": b"junk", "series/b.dcm": b"B"})
     before = temp_dir_entries()
     assert is_zip(data)

@@ -64,3 +64,34 @@ def test_cli_imports_and_refuses(onnx_file, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(card(inference=SlidingWindowSpec(roi_size=(32, 32, 32))).model_dump_json())
     assert main(["import-segmenter", "--model", str(onnx_file), "--card", str(bad), "--name", NAME]) == 2
+
+
+def study_folder(tmp_path, studies: int):
+    """In-distribution studies as a hospital would lay them out: 4D NIfTI files and one folder of per-sequence files."""
+    from tests.unit.mri.mri_inputs import four_d_nifti, nifti_bytes
+    from training_export.synthetic_mri import synthetic_case
+
+    folder = tmp_path / "validation"
+    folder.mkdir(parents=True)
+    for seed in range(studies - 1):
+        (folder / f"study{seed}.nii").write_bytes(four_d_nifti(synthetic_case(seed, (24, 24, 16), (8.0, 8.0, 8.0))))
+    last = synthetic_case(99, (24, 24, 16), (8.0, 8.0, 8.0))
+    (folder / "study_last").mkdir()
+    for index, sequence in enumerate(("t1", "t1ce", "t2", "flair")):
+        (folder / "study_last" / f"{sequence}.nii").write_bytes(nifti_bytes(last.volume.data[index], last.volume.affine))
+    return folder
+
+
+def test_validation_studies_calibrate_the_ood_warning(onnx_file, tmp_path):
+    import numpy as np
+
+    from core.cards.segmentation import VolumeInputSpec
+
+    coarse = card(input=VolumeInputSpec(target_spacing_mm=(8.0, 8.0, 8.0)))
+    with pytest.raises(ModelCardError, match="needs at least 10"):
+        import_segmenter(onnx_file, coarse, name=NAME, validation_dir=study_folder(tmp_path / "few", 4))
+    assert store.list_versions(NAME) == []
+    tag = import_segmenter(onnx_file, coarse, name=NAME, validation_dir=study_folder(tmp_path, 10))
+    ood = store.read_card(store.get_model(tag), SegmentationCard).ood
+    assert ood is not None and ood.n_studies == 10 and ood.threshold > 0
+    assert ood.descriptors[0] == "log_brain_ml" and np.isfinite(ood.mean).all()

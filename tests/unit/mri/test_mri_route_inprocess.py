@@ -9,7 +9,6 @@ import io
 import json
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -100,13 +99,31 @@ def test_dicom_series_zip_gives_the_same_mask_and_a_seg(client, case, nifti_run)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
 
 
-def test_one_file_per_sequence_with_sequence_type(client, case) -> None:
+def test_one_file_per_sequence_with_sequence_type_and_a_missing_sequence_refused_by_name(client, case) -> None:
     from tests.unit.mri.mri_inputs import nifti_bytes
 
-    parts = [("image", (f"{i}.nii", nifti_bytes(case.volume.data[i], case.volume.affine))) for i in (3, 1)]
-    task_id = submit(client, parts, sequence_type="FLAIR,T1ce")
+    parts = [("image", (f"{i}.nii", nifti_bytes(case.volume.data[i], case.volume.affine))) for i in (3, 1, 0, 2)]
+    task_id = submit(client, parts, sequence_type="FLAIR,T1ce,T1,T2")
     body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
-    assert body["volume"]["missing_sequences"] == ["T1", "T2"] and len(body["warnings"]) == 2
+    assert body["volume"]["missing_sequences"] == [] and body["result"]["confidence"] == "normal"
+    assert [s["sequence"] for s in body["volume"]["sequences"]] == ["T1", "T1ce", "T2", "FLAIR"]
+    task_id = submit(client, parts[:2], sequence_type="FLAIR,T1ce")
+    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_REQUEST" and "['T1', 'T2']" in error["message"]
+    assert error["details"]["missing"] == ["T1", "T2"] and error["details"]["reason"] == "missing_required_sequences"
+    assert client.get(f"/task/{task_id}").json()["error"]["details"]["missing"] == ["T1", "T2"]
+
+
+def test_uncertainty_on_request(client, case) -> None:
+    task_id = submit(client, [("image", ("case.nii.gz", four_d_nifti(case, compressed=True)))], uncertainty="true")
+    body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
+    uncertainty = body["result"]["uncertainty"]
+    assert uncertainty["passes"] == 8 and uncertainty["map"]["shape"] == body["result"]["mask"]["shape"]
+    wt = uncertainty["volume_interval_ml"]["WT"]
+    assert wt["low"] <= body["result"]["tumor_volume_ml"]["total"] * 1.1 and wt["high"] >= wt["low"]
+    assert body["result"]["ood_check"]["flagged"] is False and body["warnings"] == []
 
 
 def test_credentials_are_not_kept_in_bentomls_task_store(client, nifti_run) -> None:
@@ -117,29 +134,45 @@ def test_credentials_are_not_kept_in_bentomls_task_store(client, nifti_run) -> N
     assert b"authorization" not in stored.lower() if isinstance(stored, bytes) else "authorization" not in stored.lower()
 
 
-def test_cancel_stops_a_running_task(client, case) -> None:
+def test_cancel_stops_a_running_task(client, case, monkeypatch) -> None:
+    """Deterministic: the runner's first window batch waits until the cancel has been answered (a spy on its engine,
+    as in test_mri_runner.py), so the cancel always lands while inference runs."""
+    import bentoml
+
     from core.settings import get_settings
     from core.tasks import STEP_PROGRESS, TaskStore, task_store_path
 
     tasks = TaskStore(task_store_path(get_settings().data_dir))
+    engine = bentoml.get_current_service().mri_runner.served.current.engine
+    predict, in_inference, cancel_answered, batches = engine.predict, threading.Event(), threading.Event(), []
+
+    def predict_after_the_cancel(windows):
+        batches.append(len(windows))
+        in_inference.set()
+        assert cancel_answered.wait(60)
+        return predict(windows)
+
+    monkeypatch.setattr(engine, "predict", predict_after_the_cancel)
     outcome = {}
 
-    def run() -> None:
+    def run() -> None:  # the in-process client returns from submit only when the task has ended
         outcome["task_id"] = submit(client, [("image", ("case.nii", four_d_nifti(case)))], request_id="req-cancel",
                                     xai="true")
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline, task_id = time.monotonic() + 60, None
-    while task_id is None and time.monotonic() < deadline:
+    try:
+        assert in_inference.wait(60)
         with sqlite3.connect(tasks.path) as connection:
-            row = connection.execute("SELECT task_id FROM tasks WHERE request_id = 'req-cancel' AND "
-                                     "current_step = 'inference'").fetchone()
-        task_id = row[0] if row else time.sleep(0.01)
-    cancelled = client.put(f"{ROUTE}/cancel", params={"task_id": task_id}).json()
+            [(task_id, step)] = connection.execute("SELECT task_id, current_step FROM tasks WHERE request_id = "
+                                                   "'req-cancel'").fetchall()
+        assert step == "inference"
+        cancelled = client.put(f"{ROUTE}/cancel", params={"task_id": task_id}).json()
+    finally:
+        cancel_answered.set()
+        worker.join(60)
     assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"]
-    worker.join(60)
-    assert outcome["task_id"] == task_id
+    assert outcome["task_id"] == task_id and batches == [batches[0]]  # stopped after its first window batch
     record = tasks.get(task_id)
     assert record.status == "cancelled" and record.result is None
     assert record.progress < STEP_PROGRESS["explaining"]  # stopped before Grad-CAM and post-processing
@@ -170,35 +203,57 @@ def test_model_info_lists_the_segmenter(client) -> None:
     assert client.get("/health").json()["models"]["mri_segmentation"]["loaded"] is True
 
 
-@pytest.mark.parametrize("files, sequence_type", [
-    ([("anatomical.nii", "nibabel")], "T1"),
-    ([("example4d.nii.gz", "nibabel")], "T2,FLAIR"),
-    ([("0.dcm", "nibabel"), ("1.dcm", "nibabel")], "FLAIR"),
-    ([("MR_small.dcm", "pydicom")], None),
-    ([("MR_small_jp2klossless.dcm", "pydicom")], "T2"),
-])
-def test_real_files_run_without_error(client, files, sequence_type) -> None:
+def real_study(name: str) -> list[tuple[str, tuple[str, bytes]]]:
+    """A real file nobody here wrote, sent as every sequence the demo model requires."""
     from pydicom.data import get_testdata_file
 
     from tests.unit.mri.mri_inputs import NIBABEL_DATA
+    from training_export.foreign_volumes import as_every_sequence, dicom_copies
 
-    parts = [("image", (name, (NIBABEL_DATA / name).read_bytes() if source == "nibabel"
-                        else Path(get_testdata_file(name)).read_bytes())) for name, source in files]
-    task_id = submit(client, parts, **({"sequence_type": sequence_type} if sequence_type else {}))
+    sequences = ("T1", "T1ce", "T2", "FLAIR")
+    if name == "0.dcm+1.dcm":
+        study = dicom_copies([NIBABEL_DATA / "0.dcm", NIBABEL_DATA / "1.dcm"], sequences)
+    elif name.endswith(".dcm"):
+        study = dicom_copies([get_testdata_file(name)], sequences)
+    elif name == "example4d.nii.gz":  # two volumes per file: sent twice
+        study = as_every_sequence(name, name, (NIBABEL_DATA / name).read_bytes(), sequences[:2])
+    else:
+        study = as_every_sequence(name, name, (NIBABEL_DATA / name).read_bytes(), sequences)
+    return [("image", upload) for upload in study.uploads]
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "standard.nii.gz", "example4d.nii.gz", "0.dcm+1.dcm",
+                                  "MR_small.dcm", "MR_small_jp2klossless.dcm"])
+def test_real_files_are_never_a_tumour_finding_without_a_warning(client, name) -> None:
+    task_id = submit(client, real_study(name), sequence_type="T1,T1ce,T2,FLAIR")
     response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["result"]["mask"]["shape"] == body["volume"]["shape"]
     assert body["result"]["mask_preview"]["image_base64"].startswith("data:image/png")
+    assert body["result"]["ood_check"]["flagged"] and "input unlike the model's training data" in body["warnings"]
+    assert body["result"]["confidence"] == "reduced" and body["result"]["confidence_reasons"] == ["out_of_distribution"]
+
+
+def test_the_issue_case_one_healthy_t1_is_refused_naming_the_missing_sequences(client) -> None:
+    from tests.unit.mri.mri_inputs import NIBABEL_DATA
+
+    task_id = submit(client, [("image", ("anatomical.nii", (NIBABEL_DATA / "anatomical.nii").read_bytes()))],
+                     sequence_type="T1")
+    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    assert response.status_code == 400 and response.json()["error"]["details"]["missing"] == ["T1ce", "T2", "FLAIR"]
 
 
 def test_dicom_without_tumour_has_no_seg_and_says_so(client) -> None:
     from training_export.synthetic_mri import dicom_series
 
-    blank = dicom_series(np.zeros((32, 32, 4)), np.diag([3.0, 3.0, 3.0, 1.0]), "FLAIR", patient_id="P1",
-                         study_uid="1.2.3", frame_of_reference_uid="1.2.4")
+    blank = [data for sequence in ("T1", "T1ce", "T2", "FLAIR")
+             for data in dicom_series(np.zeros((32, 32, 4)), np.diag([3.0, 3.0, 3.0, 1.0]), sequence, patient_id="P1",
+                                      study_uid="1.2.3", frame_of_reference_uid="1.2.4")]
     task_id = submit(client, [("image", (f"{i}.dcm", data)) for i, data in enumerate(blank)])
     body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
     assert body["result"]["tumor_detected"] is False and body["result"]["dicom_seg_base64"] is None
     assert body["result"]["tumor_location"] is None and body["result"]["tumor_volume_ml"]["total"] == 0.0
     assert "no tumour was found, so no DICOM SEG was written" in body["warnings"]
+    assert body["result"]["ood_check"] == {"score": "descriptor_mahalanobis", "distance": None,
+                                           "threshold": body["result"]["ood_check"]["threshold"], "flagged": True}

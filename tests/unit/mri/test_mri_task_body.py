@@ -6,13 +6,22 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import base64
+import gzip
+
+import nibabel as nib
 import numpy as np
+import pytest
 
 from api.models import RunnerModel
-from api.mri import SegmentationRequest, segment_mri
+from api.mri import NO_OOD_CALIBRATION_WARNING, SegmentationRequest, segment_mri, zero_filled_warning
+from core.cards.segmentation import MRI_SEQUENCES, VolumeInputSpec, VolumeIntervalCalibration
+from core.errors import InvalidRequest
+from core.ood import OOD_WARNING
+from core.volume_ood import VolumeOodCalibration, descriptor_names
 from core.tasks import TaskStore
 from postprocessing.masks import PostProcessingOptions
-from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, nifti_bytes, small_case
+from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, four_d_nifti, nifti_bytes, small_case
 
 
 class StandInSlot:
@@ -31,11 +40,18 @@ class StandInSlot:
         self.calls.append(method)
         if method == "explain":
             return np.linspace(0, 1, volume[0].size, dtype=np.float32).reshape(volume.shape[1:])
-        probabilities = np.zeros((4, *volume.shape[1:]), np.float16)
-        probabilities[0] = 1
-        center = tuple(slice(n // 3, 2 * n // 3) for n in volume.shape[1:])
-        probabilities[(0, *center)], probabilities[(2, *center)] = 0, 1
-        return probabilities
+        if method == "segment_passes":  # the mirrored passes disagree about a growing block
+            return np.stack([oedema_block(volume.shape[1:], 3 + k / 8) for k in range(8)])
+        return oedema_block(volume.shape[1:], 3)
+
+
+def oedema_block(shape: tuple[int, ...], divisor: float) -> np.ndarray:
+    """Probabilities: oedema in a central block starting at n / divisor, background elsewhere."""
+    probabilities = np.zeros((4, *shape), np.float16)
+    probabilities[0] = 1
+    center = tuple(slice(int(n // divisor), 2 * n // 3) for n in shape)
+    probabilities[(0, *center)], probabilities[(2, *center)] = 0, 1
+    return probabilities
 
 
 def run(tmp_path: Path, slot: StandInSlot, uploads: dict[str, bytes], **options):
@@ -63,6 +79,57 @@ def test_mixed_upload_uses_the_finest_grid_and_skips_gradcam_without_weights(tmp
     assert "this model has no differentiable weights, so no Grad-CAM map was made" in response.warnings
     assert response.result.tumor_detected and slot.calls == ["segment"]
     assert record.current_step == "writing_outputs" and record.progress == 94
+    assert response.volume.missing_sequences == ["T1ce", "T2"]
+    assert [w for w in response.warnings if "zero-filled" in w] == [zero_filled_warning("T1ce"), zero_filled_warning("T2")]
+    assert response.result.confidence == "reduced" and response.result.confidence_reasons == ["sequences_zero_filled"]
+    assert NO_OOD_CALIBRATION_WARNING in response.warnings and response.result.ood_check is None
+    assert response.result.uncertainty is None
+
+
+def test_missing_required_sequence_is_refused_by_name_before_decoding(tmp_path) -> None:
+    slot = StandInSlot(gradcam_layer=None)
+    slot.model = RunnerModel(tag="strict:1", card=card(input=VolumeInputSpec()), describe={})
+    with pytest.raises(InvalidRequest, match=r"lacks required sequence\(s\) \['T1', 'T1ce', 'T2'\]"):
+        run(tmp_path, slot, {"flair.nii": b"not even decoded"}, sequence_type="FLAIR", xai=False)
+    assert slot.calls == []
+
+
+def test_out_of_distribution_input_is_warned_and_confidence_reduced(tmp_path) -> None:
+    case = small_case()
+    names = descriptor_names(MRI_SEQUENCES)
+    far = VolumeOodCalibration(descriptors=names, mean=[100.0] * len(names), precision=np.eye(len(names)).tolist(),
+                               threshold=3.0, coverage=97.5, n_studies=10)
+    slot = StandInSlot(gradcam_layer=None)
+    slot.model = RunnerModel(tag="calibrated:1", card=card(ood=far), describe={})
+    response, _ = run(tmp_path, slot, {"case.nii": four_d_nifti(case)}, sequence_type=None, xai=False)
+    assert response.result.ood_check.flagged and response.result.ood_check.distance > 3.0
+    assert OOD_WARNING in response.warnings and response.result.confidence_reasons == ["out_of_distribution"]
+    near = far.model_copy(update={"threshold": 1e9})
+    slot.model = RunnerModel(tag="calibrated:2", card=card(ood=near), describe={})
+    response, _ = run(tmp_path, slot, {"case.nii": four_d_nifti(case)}, sequence_type=None, xai=False)
+    assert not response.result.ood_check.flagged and response.result.confidence == "normal"
+    assert response.warnings == []
+
+
+def test_uncertainty_map_preview_and_volume_intervals(tmp_path) -> None:
+    case = small_case()
+    slot = StandInSlot(gradcam_layer=None)
+    intervals = VolumeIntervalCalibration(margins={"WT": 0.1, "TC": 0.0, "ET": 0.0}, coverage=90, n_cases=20)
+    slot.model = RunnerModel(tag="tta:1", card=card(volume_interval=intervals), describe={})
+    response, _ = run(tmp_path, slot, {"case.nii": four_d_nifti(case)}, sequence_type=None, xai=False,
+                      uncertainty=True)
+    assert slot.calls == ["segment_passes"]
+    uncertainty = response.result.uncertainty
+    assert uncertainty.passes == 8 and uncertainty.preview_base64.startswith("data:image/png;base64,")
+    assert uncertainty.slice_index == response.result.mask_preview.slice_index
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(uncertainty.map.data_base64)))
+    percent = np.asarray(image.dataobj)
+    assert percent.dtype == np.uint8 and percent.shape == case.volume.shape and 0 < percent.max() <= 100
+    np.testing.assert_allclose(image.affine, case.volume.affine, atol=1e-5)
+    assert uncertainty.mean_in_tumour is not None and 0 <= uncertainty.mean_in_tumour <= 1
+    wt = uncertainty.volume_interval_ml["WT"]
+    assert 0 < wt.low < wt.high and wt.margin == 0.1 and uncertainty.volume_interval_ml["ET"].high == 0.0
+    assert response.result.tumor_volume_ml.total > 0 and uncertainty.compute_time_ms > 0
 
 
 def test_gradcam_on_the_preview_slice(tmp_path) -> None:

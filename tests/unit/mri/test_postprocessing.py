@@ -136,7 +136,8 @@ def test_dicom_seg_references_the_series_and_overlays_it() -> None:
     source = volume.source_of("FLAIR")
     labels = case.labels
     seg = pydicom.dcmread(io.BytesIO(dicom_seg(labels, source, CARD, "neuronova-mri:test")))
-    assert seg.Modality == "SEG" and seg.PatientName == "" and "PatientBirthDate" not in seg or seg.PatientBirthDate == ""
+    assert seg.Modality == "SEG" and seg.PatientName == ""
+    assert seg.get("PatientBirthDate", "") == ""  # absent, or present and empty (type 2)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.series_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["necrotic_core", "oedema", "enhancing_tumor"]
     read = hd.seg.Segmentation.from_dataset(seg)

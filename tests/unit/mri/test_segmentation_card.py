@@ -55,6 +55,17 @@ def test_input_spec_checks() -> None:
         VolumeInputSpec(target_spacing_mm=(1.0, 0.0, 1.0))
 
 
+def test_required_sequences_default_to_all_and_need_dropout_to_be_optional() -> None:
+    old_input = {"sequences": ["T1", "T1ce", "T2", "FLAIR"], "target_spacing_mm": [2, 2, 2]}  # no new fields
+    assert VolumeInputSpec.model_validate(old_input).required_sequences() == ["T1", "T1ce", "T2", "FLAIR"]
+    assert VolumeInputSpec.model_validate(old_input).sequence_dropout is None
+    with pytest.raises(ValidationError, match="without sequence dropout cannot have optional"):
+        VolumeInputSpec(optional_sequences=["T2"], sequence_dropout=0.0)
+    tolerant = VolumeInputSpec(optional_sequences=["T2"], sequence_dropout=0.15)
+    assert tolerant.required_sequences() == ["T1", "T1ce", "FLAIR"]
+    assert card().ood is None and card().volume_interval is None
+
+
 def test_card_round_trips_through_json() -> None:
     original = card()
     assert type(original).model_validate(original.model_dump(mode="json")) == original

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import bentoml
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from core import store
 from core.cards.base import DEMO_INTENDED_USE
-from core.cards.segmentation import SegmentationCard
+from core.cards.segmentation import MRI_SEQUENCES, SegmentationCard
 from core.networks import load_module
 from training_export import train_mri
 from training_export.onnx_export import onnx_cpu_session
@@ -33,10 +35,17 @@ def test_prepared_case_uses_output_channels_and_crops_pad() -> None:
     rng = np.random.default_rng(0)
     tensor, target = train_mri._crop(case, (40, 40, 40), rng, tumour_share=1.0)
     assert tensor.shape == (4, 40, 40, 40) and target.shape == (40, 40, 40) and target.any()
-    inputs, targets = train_mri._batch([case], train_mri.TrainingConfig(batch_size=3, channel_dropout=1.0,
+    inputs, targets = train_mri._batch([case], train_mri.TrainingConfig(batch_size=3, sequence_dropout=1.0,
                                                                           crop_size=(16, 16, 16)), rng)
     assert inputs.shape == (3, 4, 16, 16, 16) and targets.shape == (3, 1, 16, 16, 16)
     assert all((inputs[i].flatten(1).abs().sum(1) == 0).any() for i in range(3))  # a channel dropped in each
+
+
+def test_card_tells_whether_training_used_sequence_dropout() -> None:
+    strict = train_mri.demo_card(train_mri.QUICK_CONFIG, {})
+    assert strict.input.sequence_dropout == 0.0 and strict.input.required_sequences() == list(MRI_SEQUENCES)
+    tolerant = train_mri.demo_card(dataclasses.replace(train_mri.QUICK_CONFIG, sequence_dropout=0.2), {})
+    assert tolerant.input.sequence_dropout == 0.2 and tolerant.input.required_sequences() == []
 
 
 @pytest.fixture()
@@ -50,8 +59,11 @@ def test_quick_train_and_save_stores_a_servable_explainable_model(quick_tag) -> 
     model = store.get_model(quick_tag)
     card = store.read_card(model, SegmentationCard)
     assert card.intended_use == DEMO_INTENDED_USE and card.provenance.synthetic_data
-    assert {"dice_wt", "dice_tc", "dice_et", "heldout_cases"} == set(card.metrics)
-    assert card.input == train_mri.QUICK_CONFIG.input_spec and card.inference.roi_size == (16, 16, 16)
+    assert {"dice_wt", "dice_tc", "dice_et", "heldout_cases", "wt_interval_coverage", "ood_false_alarms"} <= set(card.metrics)
+    assert card.input.sequence_dropout == 0.0 and card.input.required_sequences() == list(card.input.sequences)
+    assert card.inference.roi_size == (16, 16, 16)
+    assert card.ood is not None and card.ood.n_studies == train_mri.QUICK_CONFIG.n_calibration
+    assert card.volume_interval is not None and set(card.volume_interval.margins) == {"WT", "TC", "ET"}
     module = load_module(card.torch, model.path_of(card.torch.weights_file))
     assert card.torch.gradcam_layer in dict(module.named_modules())
     windows = np.random.default_rng(1).standard_normal((2, 4, 16, 16, 16)).astype(np.float32)

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from core.cards.segmentation import SequenceRule, VolumeInputSpec
+from core.cards.segmentation import MRI_SEQUENCES, SequenceRule, VolumeInputSpec
 from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
 from core.volumes import RawSeries
 from preprocessing.volumes import (
@@ -27,7 +27,8 @@ from tests.unit.mri.mri_inputs import (
     zip_bytes,
 )
 
-SPEC = VolumeInputSpec(target_spacing_mm=(3.0, 3.0, 3.0))
+SPEC = VolumeInputSpec(target_spacing_mm=(3.0, 3.0, 3.0), optional_sequences=list(MRI_SEQUENCES),
+                       sequence_dropout=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_nifti_and_dicom_series_give_the_same_volume(case, dicom_files) -> None:
     assert from_dicom.source_of("T1ce").series_uid and len(from_dicom.source_of("T1").headers) == case.volume.shape[2]
 
 
-def test_study_zip_matched_by_acquisition_tags_and_finest_duplicate(case, dicom_files) -> None:
+def test_study_zip_matched_by_acquisition_tags_and_finest_duplicate(case, dicom_files, private_temp_dir) -> None:
     from tests.unit.mri.test_dicom_series import edited
 
     anonymous = {s: [edited(f, SeriesDescription=None) for f in files] for s, files in dicom_files.items()}
@@ -116,8 +117,12 @@ def test_unmatched_series_and_required_sequences(case, dicom_files) -> None:
     volume = decode_upload([(None, f) for f in unknown + dicom_files["FLAIR"]], SPEC, LIMITS)
     assert volume.sequences == ("FLAIR",)
     strict = VolumeInputSpec(optional_sequences=["T1", "T1ce", "T2"])
-    with pytest.raises(InvalidRequest, match=r"required sequences \['FLAIR'\]"):
+    with pytest.raises(InvalidRequest, match=r"lacks required sequence\(s\) \['FLAIR'\]") as refused:
         decode_upload([(None, f) for f in dicom_files["T2"]], strict, LIMITS)
+    assert refused.value.details == {"reason": "missing_required_sequences", "missing": ["FLAIR"],
+                                     "required": ["FLAIR"], "received": ["T2"]}
+    with pytest.raises(InvalidRequest, match=r"\['T1', 'T1ce', 'T2'\]"):  # an old card: every sequence required
+        decode_upload([(None, f) for f in dicom_files["FLAIR"]], VolumeInputSpec(), LIMITS)
     with pytest.raises(InvalidRequest, match="could not tell"):
         decode_upload([(None, f) for f in unknown], SPEC, LIMITS)
 

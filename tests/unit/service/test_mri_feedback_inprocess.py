@@ -1,6 +1,8 @@
 """`/feedback` on an MRI segmentation through the in-process service: the task caches its prepared input, a reviewer's
-corrected mask (the delivered mask with a region erased) is stored with it and read back for fine-tuning, on SQLite
-and on a real PostgreSQL; malformed masks and corrections of the wrong kind are refused with the SPEC error schema."""
+corrected mask (the delivered mask with a region erased) is stored with it, in the store the service built from its
+settings (PostgreSQL where the session runs it, tests/conftest.py), and read back for fine-tuning as the fine-tuning
+job reads it; malformed masks and corrections of the wrong kind are refused with the SPEC error schema. Both
+databases' storage of masks is tested directly in tests/unit/api/test_feedback_store.py."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from PIL import Image
 from api.feedback import FeedbackStore
 from api.mri import delivered_labels
 from core.cards.segmentation import SegmentationCard
+from core.settings import get_settings
 from core.schemas import MaskOutput
 from postprocessing.outputs import mask_nifti_gz
 from preprocessing.volumes import prepare_labels
@@ -41,25 +44,17 @@ def segmented(inprocess_client) -> tuple[SyntheticCase, bytes, dict]:
     return case, upload, body
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request) -> str | None:
-    return None if request.param == "sqlite" else request.getfixturevalue("postgres_server").new_database()
-
-
 @pytest.fixture
-def store(database_url, monkeypatch, tmp_path) -> FeedbackStore:
-    """The running service's feedback store, swapped for one of this test's own (as test_feedback_inprocess.py)."""
-    chosen = FeedbackStore(tmp_path / "feedback", database_url)
-    monkeypatch.setattr(bentoml.get_current_service(), "feedback_store", chosen)
-    return chosen
+def store() -> FeedbackStore:
+    """The feedback store the running service built (`FeedbackStore.from_settings`)."""
+    return bentoml.get_current_service().feedback_store
 
 
 def mask_b64(labels: np.ndarray, affine: np.ndarray) -> str:
     return base64.b64encode(mask_nifti_gz(labels, affine)).decode()
 
 
-def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_client, segmented, store, database_url,
-                                                                     tmp_path):
+def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_client, segmented, store):
     case, upload, body = segmented
     mask = MaskOutput.model_validate(body["result"]["mask"])
     predicted, affine = delivered_labels(mask), np.asarray(mask.affine)
@@ -67,6 +62,7 @@ def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_cli
     corrected = predicted.copy()
     corrected[:, :, int(np.argwhere(predicted > 0)[:, 2].mean()):] = 0  # the reviewer erases the upper half
     assert 0 < (corrected > 0).sum() < (predicted > 0).sum()
+    stored_before = len(store.labelled_inputs("mri_segmentation"))
     posted = inprocess_client.post("/feedback", json={
         "request_id": REQUEST_ID, "verdict": "correct", "corrected_mask": mask_b64(corrected, affine),
         "reviewer_id": "dr_mri", "comment": "tumour ends lower"})
@@ -78,10 +74,10 @@ def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_cli
                                                         "reviewer_id": "dr_other"})
     assert accepted.status_code == 200, accepted.text
 
-    # A new store reads it back: from the same directory (SQLite), or on another host through the URL alone.
-    directory = tmp_path / ("elsewhere" if database_url else "feedback")
-    volumes = list(FeedbackStore(directory, database_url).labelled_volumes("mri_segmentation"))
-    assert (tmp_path / "feedback").exists() == (database_url is None)
+    # Read back as the fine-tuning job does: a store of its own from the same settings (newest two: this test's).
+    reader = FeedbackStore.from_settings(get_settings())
+    assert len(reader.labelled_inputs("mri_segmentation")) == stored_before + 2
+    volumes = list(reader.labelled_volumes("mri_segmentation"))[-2:]
     spec = SegmentationCard.model_validate(next(m["card"] for m in inprocess_client.get("/model_info").json()["models"]
                                                 if m["model_id"] == "mri_segmentation")).input
     assert len(volumes) == 2
@@ -93,7 +89,6 @@ def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_cli
     assert 0 < (volumes[0].labels > 0).sum() < 0.9 * (volumes[1].labels > 0).sum()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_malformed_masks_and_corrections_of_the_wrong_kind_are_refused(inprocess_client, segmented, store):
     mask = MaskOutput.model_validate(segmented[2]["result"]["mask"])
     labels, affine = delivered_labels(mask), np.asarray(mask.affine)
@@ -109,10 +104,12 @@ def test_malformed_masks_and_corrections_of_the_wrong_kind_are_refused(inprocess
         (REQUEST_ID, {"corrected_label": "Glioma"}, "INVALID_REQUEST", "correct it with corrected_mask"),
         ("req-ct-mask", {"corrected_mask": mask_b64(labels, affine)}, "INVALID_REQUEST", "correct it with corrected_label"),
     ]
+    stored_before = len(store.labelled_inputs("mri_segmentation")), len(store.labelled_inputs("ct_classification"))
     for request_id, correction, code, message in refusals:
         response = inprocess_client.post("/feedback", json={"request_id": request_id, "verdict": "correct",
                                                             "reviewer_id": "dr_x", **correction})
         error = response.json()
         assert response.status_code == 400 and error["success"] is False, response.text[:300]
         assert error["error"]["code"] == code and message in error["error"]["message"] and error["error"]["timestamp"]
-    assert list(store.labelled_volumes("mri_segmentation")) == [] and store.labelled_inputs("ct_classification") == []
+    stored_after = len(store.labelled_inputs("mri_segmentation")), len(store.labelled_inputs("ct_classification"))
+    assert stored_after == stored_before

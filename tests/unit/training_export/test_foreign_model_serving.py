@@ -28,7 +28,7 @@ from core.ood import OOD_WARNING, ood_scores
 from core.settings import get_settings
 from preprocessing.decode import decode_slice
 from preprocessing.transforms import prepare_slice, window_to_unit
-from training_export.import_classifier import import_classifier
+from training_export.import_classifier import expected_calibration_error, import_classifier
 from training_export.onnx_export import export_onnx
 from training_export.synthetic_ct import generate_ct_dataset
 
@@ -132,11 +132,17 @@ def _median_validation_image(hospital: Path, card: ClassificationCard) -> bytes:
     return files[int(np.argsort(scores)[len(scores) // 2])].read_bytes()
 
 
-def test_import_measures_and_calibrates_on_the_validation_folder(imported: str) -> None:
+def test_import_measures_and_calibrates_on_the_validation_folder(imported: str, hospital: Path) -> None:
     card = store.read_card(store.get_model(imported), ClassificationCard)
     metrics = card.metrics
     confusion = sum(v for k, v in metrics.items() if k.startswith("validation_confusion_"))
-    assert metrics["validation_n"] == 8 == confusion and 0 <= metrics["validation_ece"] <= 1
+    assert metrics["validation_n"] == 8 == confusion
+    # measured again here: the raw model on each validation slice, the truth from its folder
+    files = sorted((hospital / "validation").rglob("*.jpg"))
+    probabilities = np.concatenate([_raw(hospital / "model.onnx", card, f.read_bytes()) for f in files])
+    truth = np.array([LABELS.index(f.parent.name) for f in files])
+    assert metrics["validation_accuracy"] == pytest.approx(np.mean(probabilities.argmax(axis=1) == truth), abs=1e-4)
+    assert metrics["validation_ece"] == pytest.approx(expected_calibration_error(probabilities, truth), abs=1e-4)
     assert card.ood is not None and card.ood.score == "max_softmax" and card.ood.n_images == 8
     assert card.ood.low < card.ood.high
 

@@ -173,3 +173,19 @@ def test_heldout_size_follows_the_config() -> None:
     config = replace(train_ct.QUICK_CONFIG, n_test_per_class=1)
     card = train_ct.build_card({"accuracy": 1.0}, config, seed=4)
     assert "heldout_set(seed=4, n_per_class=1, size=64)" in card.provenance.data_description
+
+
+CT_ACCURACY_FLOOR = 0.9
+"""What the demo CT classifier must reach on synthetic slices it never saw (/model_info publishes its own figure)."""
+
+
+def test_the_demo_model_meets_its_floor_on_slices_it_never_saw(ct_model: str) -> None:
+    model = store.get_model("neuronova-ct:latest")  # what the runner serves by default
+    card = store.read_card(model, ClassificationCard)
+    unseen_seed = int(card.metrics["seed"]) + 1000  # the demo trains and holds out on streams of its own seed
+    hu, _, labels = train_ct.heldout_set(unseen_seed, n_per_class=10, size=train_ct.TrainingConfig().image_size)
+    session = onnx_cpu_session(model.path_of(card.model_file))
+    images = train_ct.prepare_ct_batch(hu, card.input)
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    assert accuracy >= CT_ACCURACY_FLOOR, accuracy

@@ -29,7 +29,7 @@ def test_to_source_geometry_resizes_to_rows_columns():
     out = to_source_geometry(heatmap, (100, 300))
     assert out.shape == (100, 300) and out.min() >= 0 and out.max() <= 1
     assert out[:, :140].max() < 0.05 and out[:, 160:].min() > 0.95
-    assert to_source_geometry(heatmap, (224, 224)) is not None
+    np.testing.assert_array_equal(to_source_geometry(heatmap, (224, 224)), heatmap)  # same geometry: unchanged
 
 
 def test_colorize_and_overlay():
