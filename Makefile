@@ -34,6 +34,7 @@ test: install  ## set up and run the whole suite with coverage (exit code 5, no 
 	BENTOML_HOME=$(CURDIR)/.bentoml-test $(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 bench: demo  ## benchmarks (see docs/performance.md)
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/ct.py
 	$(BIN)/python bench/mri.py
 	$(BIN)/python bench/biomarker.py

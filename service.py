@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import bentoml
 import psutil
-import torch
 from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse
@@ -30,7 +29,6 @@ from core.feedback import FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.models import ModelSlot, segmentation_summary, tabular_summary
-from api.mri import SegmentationRequest, segment_mri
 from api.phi import PatientId
 from api.request_cache import RequestCache
 from api.shutdown import at_deadline, fail_own_tasks, guard_worker_process, is_bentoml_worker, recover_after_crash
@@ -73,7 +71,6 @@ from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
 from preprocessing.tabular import encode_request
 from runners.biomarker import BiomarkerModel
-from runners.common import cuda_available, gpu_devices
 from runners.ct import CTClassifier
 from runners.mri import MRISegmenter
 from xai.shap_plots import shap_explanation
@@ -101,8 +98,6 @@ class NeuroNova:
     mri_runner = bentoml.depends(MRISegmenter)
 
     def __init__(self) -> None:
-        # Preprocessing resizes with torch: one thread per API worker, the workers themselves use the cores.
-        torch.set_num_threads(1)
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
@@ -235,7 +230,12 @@ class NeuroNova:
         uncertainty: bool = False,
         ctx: bentoml.Context = None,
     ) -> MRISegmentationResponse:
-        """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll."""
+        """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.
+
+        The MRI pipeline (torch, MONAI, nibabel, highdicom) is imported by the first MRI task, not at start-up: an API
+        worker that serves CT and biomarkers only stays small."""
+        from api.mri import SegmentationRequest, segment_mri
+
         request = SegmentationRequest(
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image,
             sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
@@ -258,12 +258,13 @@ class NeuroNova:
     async def health(self) -> JSONResponse:
         """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load."""
         statuses = {slot.model_id: await slot.status() for slot in self._slots()}
+        gpus = (await self.ct.describe()).get("gpu_devices", [])
         body = HealthResponse(
             status="healthy" if all(s.loaded for s in statuses.values()) else "degraded",
             version=settings.version,
             models=statuses,
-            gpu_available=cuda_available(),
-            gpu_devices=gpu_devices(),
+            gpu_available=bool(gpus),
+            gpu_devices=gpus,
             memory_usage_mb=round(_server_rss_mb(), 1),
             uptime_seconds=round(time.monotonic() - self.started, 1),
         )

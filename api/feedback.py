@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field, model_validator
 from api.request_cache import CachedRequest
 from core.errors import ImageTooLarge, InvalidRequest
 from core.feedback import FeedbackEntry, FeedbackStore
-from preprocessing.nifti import decode_nifti
 
 AFFINE_TOLERANCE_MM = 1e-3
 """How far a corrected mask's voxel-to-world affine may differ from the input's (NIfTI stores it as float32)."""
@@ -92,6 +91,8 @@ def decode_mask(data_base64: str, cached: CachedRequest) -> np.ndarray:
     except binascii.Error as exc:
         raise InvalidRequest(f"corrected_mask is not valid base64: {exc}") from exc
     try:
+        from preprocessing.nifti import decode_nifti  # MRI only: nibabel stays out of workers that never see one
+
         volumes = decode_nifti(data, None, max_voxels=int(np.prod(grid)))
     except ImageTooLarge as exc:  # more voxels than the grid: refused before it is decompressed
         raise InvalidRequest(f"corrected_mask must be on the request's grid {list(grid)}", {**exc.details, **details}) from exc

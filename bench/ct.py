@@ -1,7 +1,9 @@
-"""CT classification benchmark: the served route vs the raw ONNX model in-process, batched vs batching off.
+"""CT classification: our served route against the plain Flask server of the original design (bench/plain_ct.py).
 
-Run: `make bench` (or `.venv/bin/python bench/ct.py [--requests N]`). Prints a Markdown table and writes
-bench/results/ct.json. Everything runs on this machine: the load generator shares its cores with the server.
+Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/ct.py [--runs 3]` (needs the `bench` extra). Each run starts
+our `bentoml serve` and then `gunicorn -w 2 bench.plain_ct:app`, alone in turn, both serving the same stored model
+to the same 512×512 synthetic CT DICOM (525 KB), xai off, auth and rate limits off; prints per-run tables and the
+ours / plain ratios (bench/versus.py); runs alternate which server goes first, and writes bench/results/ct.json.
 """
 
 from __future__ import annotations
@@ -18,17 +20,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import LoadResult, percentile, run_load, served, timed  # noqa: E402
+from bench.harness import BENTOML_SERVE, serving  # noqa: E402
+from bench.versus import compare, ratios, report  # noqa: E402
 from core import store  # noqa: E402
 from core.cards.classification import ClassificationCard  # noqa: E402
 from core.settings import get_settings  # noqa: E402
-from preprocessing.decode import decode_slice  # noqa: E402
-from preprocessing.transforms import prepare_slice  # noqa: E402
-from runners.common import onnx_session  # noqa: E402
 from training_export.synthetic_ct import generate_ct_slice, write_ct_dicom  # noqa: E402
 
-CLIENTS = (1, 8, 32)
 ROUTE = "/predict/ct_classification"
+SERVICE_ENV = {"NEURONOVA_AUTH__ENABLED": "false", "NEURONOVA_RATE_LIMIT__ENABLED": "false"}
 
 
 def sample_dicom(directory: Path) -> bytes:
@@ -39,82 +39,44 @@ def sample_dicom(directory: Path) -> bytes:
     return path.read_bytes()
 
 
-def raw_model(data: bytes, repeat: int) -> dict[str, dict[str, float]]:
-    """ONNX Runtime in-process on the same preprocessed input at batch 1, 8 and 32 (plus decode+prepare time)."""
-    model = store.get_model(get_settings().ct.model_tag)
+def plain_config(path: Path, tag: str | None = None) -> Path:
+    """The plain server's settings, from the served model's card (same file, window and scaling as ours)."""
+    model = store.get_model(tag or get_settings().ct.model_tag)
     card = store.read_card(model, ClassificationCard)
-    session, engine = onnx_session(model.path_of(card.model_file))
-    name = session.get_inputs()[0].name
-    prepare_ms = timed(lambda: prepare_slice(decode_slice(data, max_pixels=2**26, modalities=card.input.modalities), card.input), repeat)
-    tensor = prepare_slice(decode_slice(data, max_pixels=2**26), card.input).tensor
-    out: dict[str, dict[str, float]] = {"decode_prepare": {"p50_ms": percentile(prepare_ms, 50)}}
-    for batch_size in CLIENTS:
-        batch = np.repeat(tensor[None], batch_size, axis=0)
-        ms = timed(lambda: session.run(None, {name: batch}), max(3, repeat // batch_size))
-        out[f"batch_{batch_size}"] = {"p50_ms": percentile(ms, 50), "images_per_s": batch_size * 1000.0 / percentile(ms, 50)}
-    out["engine"] = {"name": engine}  # type: ignore[assignment]
-    return out
-
-
-def service_load(url: str, data: bytes, xai: bool, clients: int, requests: int, headers: dict[str, str]) -> LoadResult:
-    form = {"patient_id": "P000001", "xai": "true" if xai else "false"}
-
-    async def send(client):
-        return await client.post(ROUTE, files={"image": ("ct.dcm", data, "application/dicom")}, data=form)
-
-    return run_load(send, url, clients, requests, headers)
-
-
-def row(label: str, result: LoadResult) -> str:
-    return (f"| {label} | {result.clients} | {result.requests} | {result.errors} | {result.p50_ms:.1f} | "
-            f"{result.p95_ms:.1f} | {result.throughput:.1f} |")
+    spec = card.input
+    if len(set(spec.mean)) != 1 or len(set(spec.std)) != 1:
+        raise SystemExit("the plain baseline serves models with one mean/std only")
+    scale, shift = {"unit": (1.0, 0.0), "symmetric": (2.0, -1.0),
+                    "mean_std": (1.0 / spec.std[0], -spec.mean[0] / spec.std[0])}[spec.scaling]
+    path.write_text(json.dumps({
+        "onnx": model.path_of(card.model_file), "version": str(model.tag), "labels": card.contract_labels(),
+        "hu_clip": list(spec.hu_clip or (-1e9, 1e9)), "window": [spec.ct_window.center, spec.ct_window.width],
+        "height": spec.height, "width": spec.width, "channels": spec.channels, "layout": spec.layout,
+        "output_kind": card.output_kind, "scale": scale, "shift": shift,
+    }))
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=256, help="requests per load level")
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"}
     with tempfile.TemporaryDirectory() as tmp:
-        data = sample_dicom(Path(tmp))
-        results["raw"] = raw = raw_model(data, repeat=64)
-        table = ["| setting | clients | requests | errors | p50 ms | p95 ms | req/s |", "|---|---|---|---|---|---|---|"]
-        env = {"NEURONOVA_AUTH__ENABLED": "false", "NEURONOVA_RATE_LIMIT__ENABLED": "false"}
-        loads: dict[str, dict] = {}
-        with served(env, Path(tmp) / "batched.log") as url:
-            for xai in (False, True):
-                for clients in CLIENTS:
-                    n = args.requests if not xai else max(clients * 2, args.requests // 4)
-                    result = service_load(url, data, xai, clients, n, {})
-                    label = f"service, batching on, xai={'on' if xai else 'off'}"
-                    table.append(row(label, result))
-                    loads[f"batched_xai{int(xai)}_c{clients}"] = result.__dict__ | {"throughput": result.throughput}
-        with served({**env, "NEURONOVA_CT_ADAPTIVE_BATCHING": "false"}, Path(tmp) / "unbatched.log") as url:
-            for clients in (1, 32):
-                result = service_load(url, data, False, clients, args.requests, {})
-                table.append(row("service, batching off, xai=off", result))
-                loads[f"unbatched_xai0_c{clients}"] = result.__dict__ | {"throughput": result.throughput}
-        results["service"] = loads
-    best_raw = raw["batch_32"]["images_per_s"]
-    raw_pipeline = 1000.0 / (raw["decode_prepare"]["p50_ms"] + raw["batch_1"]["p50_ms"])
-    ratios = {
-        "service_c32_vs_raw_decode_prepare_predict": loads["batched_xai0_c32"]["throughput"] / raw_pipeline,
-        "service_c32_vs_raw_batch32": loads["batched_xai0_c32"]["throughput"] / best_raw,
-        "service_c32_vs_raw_batch1": loads["batched_xai0_c32"]["throughput"] / raw["batch_1"]["images_per_s"],
-        "batched_vs_unbatched_c32": loads["batched_xai0_c32"]["throughput"] / loads["unbatched_xai0_c32"]["throughput"],
-        "batched_c32_vs_one_at_a_time": loads["batched_xai0_c32"]["throughput"] / loads["unbatched_xai0_c1"]["throughput"],
-    }
-    results["ratios"] = ratios
-    print(f"machine: {results['machine']}; engine: {raw['engine']['name']}")
-    print(f"raw decode+prepare p50: {raw['decode_prepare']['p50_ms']:.1f} ms")
-    for batch_size in CLIENTS:
-        print(f"raw ONNX batch {batch_size}: p50 {raw[f'batch_{batch_size}']['p50_ms']:.1f} ms, "
-              f"{raw[f'batch_{batch_size}']['images_per_s']:.1f} images/s")
-    print("\n".join(table))
-    print(json.dumps(ratios, indent=2))
+        scratch = Path(tmp)
+        data = sample_dicom(scratch)
+        plain_env = {"PLAIN_CT_CONFIG": str(plain_config(scratch / "plain_ct.json"))}
+
+        async def send(client):
+            return await client.post(ROUTE, files={"image": ("ct.dcm", data, "application/dicom")},
+                                     data={"patient_id": "P000001", "xai": "false"})
+
+        runs = [compare(lambda: serving(BENTOML_SERVE, SERVICE_ENV, scratch / "ours.log"), "bench.plain_ct:app",
+                        plain_env, send, scratch, plain_first=run % 2 == 1) for run in range(args.runs)]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"machine: {machine}\n" + report(runs))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "ct.json").write_text(json.dumps(results, indent=2))
+    (out / "ct.json").write_text(json.dumps({"machine": machine, "ratios": [ratios(*run) for run in runs]}, indent=2))
 
 
 if __name__ == "__main__":

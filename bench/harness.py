@@ -26,15 +26,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server started by this harness: its base URL and the pid of its top process (arbiter or gunicorn master)."""
+
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def served(env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> Iterator[str]:
-    """`bentoml serve service:NeuroNova` in its own process group with extra `env`; yields the base URL when ready."""
+def serving(command: list[str], env: dict[str, str], log_path: Path, ready_path: str = "/readyz",
+            timeout_s: float = 240.0) -> Iterator[Server]:
+    """`command` (with `{port}` filled in) in its own process group with extra `env`; yields it once `ready_path`
+    answers 200, and stops the whole group afterwards."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            [part.format(port=port) for part in command], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -43,12 +52,12 @@ def served(env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> Ite
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready_path}", timeout=2).status_code < 500:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield Server(url, process.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -56,6 +65,16 @@ def served(env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> Ite
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+BENTOML_SERVE = [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", "--host", "127.0.0.1", "--port", "{port}"]
+
+
+@contextlib.contextmanager
+def served(env: dict[str, str], log_path: Path, timeout_s: float = 240.0) -> Iterator[str]:
+    """`bentoml serve service:NeuroNova` in its own process group with extra `env`; yields the base URL when ready."""
+    with serving(BENTOML_SERVE, env, log_path, timeout_s=timeout_s) as server:
+        yield server.url
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,9 @@ class LoadResult:
     wall_s: float
     p50_ms: float
     p95_ms: float
+    p99_ms: float
+    failures: dict[int, int]
+    """Count of each non-200 status."""
 
     @property
     def throughput(self) -> float:
@@ -79,21 +101,22 @@ def percentile(values: list[float], q: float) -> float:
 async def _run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int,
                     requests: int, headers: dict[str, str]) -> LoadResult:
     latencies: list[float] = []
-    errors = 0
+    failures: dict[int, int] = {}
     remaining = iter(range(requests))
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
                                  limits=httpx.Limits(max_connections=clients)) as client:
         async def worker() -> None:
-            nonlocal errors
             for _ in remaining:
                 started = time.perf_counter()
                 response = await send(client)
                 latencies.append((time.perf_counter() - started) * 1000.0)
-                errors += response.status_code != 200
+                if response.status_code != 200:
+                    failures[response.status_code] = failures.get(response.status_code, 0) + 1
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
-    return LoadResult(clients, requests, errors, wall, percentile(latencies, 50), percentile(latencies, 95))
+    return LoadResult(clients, requests, sum(failures.values()), wall, percentile(latencies, 50),
+                      percentile(latencies, 95), percentile(latencies, 99), failures)
 
 
 def run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int, requests: int,

@@ -31,7 +31,7 @@ from core import store
 from core.settings import get_settings
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.volumes import decode_upload, prepare_volume
-from runners.mri import load_segmenter_model
+from runners.mri_model import load_segmenter_model
 from training_export.synthetic_mri import synthetic_case
 
 ROUTE = "/predict/mri_segmentation"

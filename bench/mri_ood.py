@@ -27,7 +27,7 @@ from core import store
 from core.settings import get_settings
 from core.volume_ood import volume_descriptors, voxel_ml
 from preprocessing.volumes import decode_upload, prepare_volume
-from runners.mri import LoadedSegmenter, load_segmenter_model
+from runners.mri_model import LoadedSegmenter, load_segmenter_model
 from training_export.foreign_volumes import foreign_studies
 from training_export.train_mri import heldout_metrics, prepare_case, run_cases
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runners.common import onnx_session
+from runners.engines import onnx_session
 from training_export.onnx_export import export_onnx
 from xai.occlusion import occlusion_maps
 

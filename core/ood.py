@@ -15,7 +15,6 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.special import logsumexp
 
 OOD_WARNING = "input unlike the model's training data"
 DEFAULT_COVERAGE = 95.0
@@ -51,6 +50,8 @@ def ood_scores(outputs: np.ndarray, output_kind: OutputKind, score: ScoreKind | 
     activation) suits models whose logits are all pushed negative away from the evidence, as our lesion-supervised
     demo model's are (docs/performance.md).
     """
+    from scipy.special import logsumexp  # here, not at import: the API workers read calibrations only
+
     kind = score or score_kind(output_kind)
     if kind != "max_softmax" and output_kind != "logits":
         raise ValueError(f"the {kind} score needs a model that outputs logits")

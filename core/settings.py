@@ -63,9 +63,17 @@ class FeedbackSettings(BaseModel):
 
 
 class ModelSlot(BaseModel):
-    """Which model-store tag a runner loads at start-up."""
+    """Which model-store tag a runner loads at start-up, and the ONNX Runtime threads of its CPU engine."""
 
     model_tag: str
+    intra_op_threads: int = Field(default=0, ge=0, description="0: one per physical core (ONNX Runtime's default)")
+
+
+class ClassifierSlot(ModelSlot):
+    """The CT slot: one ONNX Runtime thread by default. A slice costs the demo model ~1.2 ms: a second thread gives
+    little and takes a core from the API workers (set NEURONOVA_CT__INTRA_OP_THREADS=0 for a heavy imported model)."""
+
+    intra_op_threads: int = Field(default=1, ge=0, description="0: one per physical core (ONNX Runtime's default)")
 
 
 class Settings(BaseSettings):
@@ -80,7 +88,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     limits: LimitSettings = LimitSettings()
-    ct: ModelSlot = ModelSlot(model_tag="neuronova-ct:latest")
+    ct: ClassifierSlot = ClassifierSlot(model_tag="neuronova-ct:latest")
     mri: ModelSlot = ModelSlot(model_tag="neuronova-mri:latest")
     biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
     feedback: FeedbackSettings = FeedbackSettings()

@@ -21,7 +21,6 @@ import itertools
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sklearn.covariance import LedoitWolf
 
 DEFAULT_VOLUME_COVERAGE = 97.5
 OUTLIER_Z = 4.0
@@ -89,6 +88,8 @@ class VolumeOodCalibration(BaseModel):
 
 
 def _fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.covariance import LedoitWolf  # calibration only (training, import): not in every API worker
+
     estimator = LedoitWolf().fit(rows)
     return estimator.location_, estimator.precision_
 

@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import SpatialResample
 from pydicom.dataset import Dataset
 
 VolumeFormat = Literal["nifti", "dicom"]
@@ -108,6 +105,10 @@ def resample_to_grid(
     data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int], mode: str
 ) -> np.ndarray:
     """(C, X, Y, Z) on `affine` -> (C, *target_shape) on `target_affine` (MONAI SpatialResample; zeros outside)."""
+    import torch  # imported here: API workers that never resample a volume stay free of torch and MONAI
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), affine=torch.as_tensor(affine))
     resampled = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
         image, dst_affine=torch.as_tensor(target_affine), spatial_size=tuple(int(n) for n in target_shape)

@@ -1,14 +1,16 @@
 """Small composable steps from a decoded slice to a model's input tensor, as the model card says.
 
-The same `prepare_slice` is used by training_export when it trains and by the service when it serves.
+The same `prepare_slice` is used by training_export when it trains and by the service when it serves. It needs
+numpy only (no torch), so an API worker that prepares slices does not load torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from functools import lru_cache
+
 import numpy as np
-from monai.transforms import Resize
 
 from core.cards.classification import ImageInputSpec
 from core.imaging import DecodedSlice
@@ -55,12 +57,62 @@ def to_channels(unit: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(grey_or_rgb, -1, 0), dtype=np.float32)
 
 
+_CUBIC_A = -0.75
+"""The cubic convolution coefficient torch (and so MONAI's Resize) uses for bicubic."""
+
+
+def _cubic(distance: np.ndarray) -> np.ndarray:
+    d = np.abs(distance)
+    near = ((_CUBIC_A + 2) * d - (_CUBIC_A + 3)) * d * d + 1
+    far = ((_CUBIC_A * d - 5 * _CUBIC_A) * d + 8 * _CUBIC_A) * d - 4 * _CUBIC_A
+    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+
+@lru_cache(maxsize=64)
+def _taps(n_in: int, n_out: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, both (n_out, taps), of a 1D resize as torch's `interpolate` computes it
+    (align_corners=False, no anti-aliasing: what MONAI's `Resize` did here before, and what the models were trained
+    on); a 2D resize is this along each axis."""
+    scale = np.float32(n_in / n_out)  # torch computes source positions in float32: so do we, to match it
+    out = np.arange(n_out, dtype=np.float32)
+    if mode == "nearest":
+        return np.minimum(np.floor(out * scale), n_in - 1).astype(np.intp)[:, None], np.ones((n_out, 1))
+    if mode == "area":
+        cells = np.arange(n_out + 1)
+        start, end = cells[:-1] * n_in // n_out, -(-cells[1:] * n_in // n_out)
+        taps = int((end - start).max())
+        index = start[:, None] + np.arange(taps)
+        inside = index < end[:, None]
+        return np.minimum(index, n_in - 1), inside / inside.sum(axis=1, keepdims=True)
+    source = (out + np.float32(0.5)) * scale - np.float32(0.5)
+    if mode == "bilinear":
+        source = np.maximum(source, np.float32(0.0))
+        low = np.floor(source).astype(np.intp)
+        high = np.minimum(low + 1, n_in - 1)
+        frac = source - low
+        return np.stack([low, high], axis=1), np.stack([1.0 - frac, frac], axis=1)
+    low = np.floor(source).astype(np.intp)
+    offsets = np.arange(-1, 3)
+    index = low[:, None] + offsets
+    return np.clip(index, 0, n_in - 1), _cubic(source[:, None] - index)
+
+
+def _resize_axis(values: np.ndarray, axis: int, n_out: int, mode: str) -> np.ndarray:
+    index, weight = _taps(values.shape[axis], n_out, mode)
+    shape = [1] * values.ndim
+    shape[axis] = n_out
+    out = np.zeros(values.shape[:axis] + (n_out,) + values.shape[axis + 1:], np.float32)
+    for tap in range(index.shape[1]):
+        out += values.take(index[:, tap], axis=axis) * weight[:, tap].astype(np.float32).reshape(shape)
+    return out
+
+
 def resize(chw: np.ndarray, spec: ImageInputSpec) -> np.ndarray:
-    """(C, H, W) -> (C, height, width) with the card's filter."""
+    """(C, H, W) -> (C, height, width) with the card's filter (torch's `interpolate` semantics, computed in numpy)."""
     if chw.shape[1:] == (spec.height, spec.width):
         return chw
-    mode = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "area": "area"}[spec.resize_filter]
-    return np.asarray(Resize((spec.height, spec.width), mode=mode)(chw), dtype=np.float32)
+    rows = _resize_axis(chw.astype(np.float32, copy=False), 1, spec.height, spec.resize_filter)
+    return _resize_axis(rows, 2, spec.width, spec.resize_filter)
 
 
 def scale(chw: np.ndarray, spec: ImageInputSpec) -> np.ndarray:

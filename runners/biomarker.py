@@ -3,6 +3,7 @@
 `predict` returns probabilities only (no SHAP work). `explain` returns, per head and class, XGBoost's exact TreeSHAP
 values (`pred_contribs`: the same path-dependent Tree SHAP that `shap.TreeExplainer` calls for XGBoost), the base
 value, and the probability computed from exactly those values, so base + sum(SHAP) is the margin behind it.
+XGBoost is imported where it is used, so the processes that only call this runner (the API workers) do not load it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
-import xgboost as xgb
 
 from core import store
 from core.cards.tabular import TabularCard
@@ -23,11 +24,14 @@ from core.settings import get_settings
 from runners.common import RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel
 
+if TYPE_CHECKING:
+    import xgboost as xgb
+
 settings = get_settings()
 
 XGB_THREADS = 1
 """Threads per XGBoost call: requests arrive one or a few rows at a time, where threads cost more than they give."""
-ENGINE = f"xgboost-{xgb.__version__}-cpu"
+ENGINE = f"xgboost-{version('xgboost')}-cpu"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class LoadedTabular:
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """(N, F) encoded rows -> (N, sum K) probabilities, heads side by side in card order."""
+        import xgboost as xgb
+
         data = xgb.DMatrix(rows, nthread=XGB_THREADS)
         return np.concatenate([booster.predict(data) for booster in self.boosters], axis=1).astype(np.float32)
 
@@ -57,6 +63,8 @@ class LoadedTabular:
 
         The layout `TabularCard.read_heads` reads (BASE_COLUMN, PROBABILITY_COLUMN).
         """
+        import xgboost as xgb
+
         data = xgb.DMatrix(rows, nthread=XGB_THREADS)
         parts = []
         for booster in self.boosters:
@@ -68,6 +76,8 @@ class LoadedTabular:
 
 def load_tabular(model: bentoml.Model) -> LoadedTabular:
     """Load each head's booster, check it against the card, and warm both paths up with an all-missing row."""
+    import xgboost as xgb
+
     card = store.read_card(model, TabularCard)
     boosters = []
     for head in card.heads:
@@ -124,6 +134,7 @@ class BiomarkerModel:
         return self._timed(rows, "explain")
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
+    async def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded).
+        Async: answered on the event loop, not queued behind a long batch in the runner's one model thread."""
         return self.served.describe()

@@ -1,12 +1,20 @@
-"""CTClassifier: the slice classifier from the model store, batched, with batched Grad-CAM and occlusion maps."""
+"""CTClassifier: the slice classifier from the model store, batched, with batched Grad-CAM and occlusion maps.
+
+ONNX Runtime is imported where a model is loaded (`load_classifier`), so the processes that only call this runner
+(the API workers, the arbiter) do not load it; torch and MONAI (~400 MB) are imported by the first Grad-CAM request
+(`LazyGradCam`) unless the model itself runs on torch (a GPU host without ONNX Runtime's CUDA provider).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
@@ -14,16 +22,35 @@ import numpy as np
 from core import store
 from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
-from core.networks import load_module
 from core.ood import ood_scores
 from core.settings import get_settings
-from runners.common import RUNNER_CONNECTION, Engine, select_engine, softmax
+from runners.common import RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel
-from xai.gradcam import GradCamExplainer
 from xai.occlusion import DEFAULT_STEPS, occlusion_maps
+
+if TYPE_CHECKING:
+    from runners.engines import Engine
+    from xai.gradcam import GradCamExplainer
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+
+
+class LazyGradCam:
+    """Grad-CAM of a model with torch weights, built on the first explanation: a CPU host serves predictions with
+    ONNX Runtime, so torch, MONAI and the weights are loaded (a few seconds, once) only when Grad-CAM is asked for."""
+
+    def __init__(self, layer_name: str, build: Callable[[], GradCamExplainer]) -> None:
+        self.layer_name = layer_name
+        self._build = build
+        self._explainer: GradCamExplainer | None = None
+        self._lock = threading.Lock()
+
+    def explain(self, batch_nchw: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = self._build()
+        return self._explainer.explain(batch_nchw)
 
 
 @dataclass
@@ -33,7 +60,7 @@ class LoadedClassifier:
     tag: str
     card: ClassificationCard
     engine: Engine
-    explainer: GradCamExplainer | None
+    explainer: LazyGradCam | None
     occlusion_steps: int = DEFAULT_STEPS
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
@@ -64,19 +91,42 @@ class LoadedClassifier:
 
 
 def load_classifier(model: bentoml.Model) -> LoadedClassifier:
-    """Build the engine and explainer for a stored classifier and warm both up with a blank input."""
+    """Build the engine (and, lazily, Grad-CAM) for a stored classifier; warm the engine up with a blank input."""
+    from runners.engines import select_engine
+
     card = store.read_card(model, ClassificationCard)
-    module = load_module(card.torch, model.path_of(card.torch.weights_file)) if card.torch else None
-    engine = select_engine(model.path_of(card.model_file), module)
-    explainer = GradCamExplainer(module, card.torch.gradcam_layer, engine.device) if module is not None else None
+    engine = select_engine(model.path_of(card.model_file), _torch_loader(model, card), settings.ct.intra_op_threads)
+    explainer = None
+    if card.torch is not None:
+        if not Path(model.path_of(card.torch.weights_file)).is_file():
+            raise FileNotFoundError(f"{model.tag} has no {card.torch.weights_file} for Grad-CAM")
+        explainer = LazyGradCam(card.torch.gradcam_layer, lambda: _gradcam(_torch_loader(model, card)(), card, engine))
     loaded = LoadedClassifier(tag=str(model.tag), card=card, engine=engine, explainer=explainer,
                               occlusion_steps=settings.occlusion_steps)
     spec = card.input
     shape = (1, spec.channels, spec.height, spec.width) if spec.layout == "NCHW" else (1, spec.height, spec.width, spec.channels)
     loaded.predict(np.zeros(shape, np.float32))
-    if explainer is not None:
-        loaded.explain(np.zeros(shape, np.float32))
     return loaded
+
+
+def _torch_loader(model: bentoml.Model, card: ClassificationCard) -> Callable[[], Any] | None:
+    """A function that rebuilds the card's torch module from the stored weights (None without torch weights)."""
+    if card.torch is None:
+        return None
+    torch_spec = card.torch
+
+    def load() -> Any:
+        from core.networks import load_module
+
+        return load_module(torch_spec, model.path_of(torch_spec.weights_file))
+
+    return load
+
+
+def _gradcam(module: Any, card: ClassificationCard, engine: Engine) -> GradCamExplainer:
+    from xai.gradcam import GradCamExplainer
+
+    return GradCamExplainer(module, card.torch.gradcam_layer, engine.device)
 
 
 MODEL_ID = "ct_classification"
@@ -116,6 +166,10 @@ class CTClassifier:
         return self.served.get()[0].occlude(batch)
 
     @bentoml.api
-    def describe(self) -> dict[str, Any]:
-        """Version, generation, card, engine and live timing of the served model (or why none is loaded)."""
-        return self.served.describe()
+    async def describe(self) -> dict[str, Any]:
+        """Version, generation, card, engine and live timing of the served model (or why none is loaded),
+        answered on the event loop (not queued behind a long batch in the runner's one model thread), and the
+        GPUs this runner sees (reported by /health: the API workers do not load torch)."""
+        from runners.engines import gpu_devices
+
+        return {**self.served.describe(), "gpu_devices": gpu_devices()}

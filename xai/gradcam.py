@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from monai.visualize import GradCAM
 
+from xai.render import normalise_per_image
+
 
 def _identity(maps: torch.Tensor) -> torch.Tensor:
     return maps
@@ -37,10 +39,3 @@ class GradCamExplainer:
             maps[members] = self._cam(x[members], class_idx=int(class_index))[:, 0].detach()
         return normalise_per_image(maps.float().cpu().numpy())
 
-
-def normalise_per_image(maps: np.ndarray) -> np.ndarray:
-    """Scale each map to [0, 1] by its own min and max (a flat map becomes all zeros)."""
-    flat = maps.reshape(len(maps), -1)
-    low = flat.min(axis=1)[:, None, None]
-    span = (flat.max(axis=1) - flat.min(axis=1))[:, None, None]
-    return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)

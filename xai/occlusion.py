@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from xai.gradcam import normalise_per_image
+from xai.render import normalise_per_image
 
 DEFAULT_STEPS = 7
 DEFAULT_CHUNK = 32

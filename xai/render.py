@@ -1,16 +1,15 @@
-"""Heatmaps in the input's pixel geometry, colour maps, overlays and PNG data URLs."""
+"""Heatmaps normalised and in the input's pixel geometry, colour maps, overlays and PNG data URLs.
+
+matplotlib (its colour maps) is imported on the first colourised map, not by every process that imports this.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 DEFAULT_COLORMAP = "jet"
 OVERLAY_ALPHA = 0.4
@@ -31,8 +30,18 @@ def to_source_geometry(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarra
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
+def normalise_per_image(maps: np.ndarray) -> np.ndarray:
+    """Scale each map to [0, 1] by its own min and max (a flat map becomes all zeros)."""
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1)[:, None, None]
+    span = (flat.max(axis=1) - flat.min(axis=1))[:, None, None]
+    return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
+
+
 def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """[0, 1] map -> RGB uint8 through a matplotlib colour map."""
+    from matplotlib import colormaps  # the registry only: no backend, no pyplot
+
     if colormap not in colormaps:
         raise ValueError(f"unknown colour map {colormap!r}")
     return (colormaps[colormap](heatmap)[..., :3] * 255).astype(np.uint8)

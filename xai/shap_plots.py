@@ -1,19 +1,22 @@
 """SHAP explanations for the biomarker response: features ranked by |SHAP| with the caller's values; bar and
-waterfall plots as PNG data URLs, drawn only when asked (matplotlib's object API on Agg: no pyplot global state)."""
+waterfall plots as PNG data URLs, drawn only when asked (matplotlib's object API on Agg: no pyplot global state;
+matplotlib is imported with the first plot, so a process that never draws one does not load it)."""
 
 from __future__ import annotations
 
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from core.cards.tabular import FeatureValue, HeadOutput
 from core.schemas import ShapExplanation, ShapFeatureImportance, ShapHeadExplanation
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MAX_DISPLAY = 10
 """Features a plot shows; the rest are summed into one bar."""
@@ -99,6 +102,8 @@ def waterfall_plot(explanation: ShapHeadExplanation, base_value: float, head: st
 
 def figure_data_url(figure: Figure) -> str:
     """A matplotlib figure as `data:image/png;base64,...`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -106,6 +111,8 @@ def figure_data_url(figure: Figure) -> str:
 
 def _figure(rows: int) -> tuple[Figure, Axes]:
     """A figure with fixed margins (room for `group.feature = value` labels); automatic layout costs 100+ ms."""
+    from matplotlib.figure import Figure
+
     height = 1.2 + 0.35 * rows
     figure = Figure(figsize=(8.0, height), dpi=100)
     figure.subplots_adjust(left=0.4, right=0.95, bottom=0.6 / height, top=1.0 - 0.4 / height)

@@ -63,3 +63,13 @@ def test_cache_is_bounded_in_bytes_but_keeps_the_newest(tmp_path):
     huge = CachedRequest("huge", "mri_segmentation", "v1", "cd" * 32, {"tensor": np.zeros((2**21,), np.float16)}, {})
     cache.put(huge)  # larger than the whole bound: kept alone until the next entry
     assert cache.get("huge").request_id == "huge" and len(list(tmp_path.glob("*.npz"))) == 1
+
+
+def test_a_large_cache_is_swept_every_few_puts_and_stays_near_its_bound(tmp_path):
+    cache = RequestCache(tmp_path, max_entries=64, ttl_seconds=60, max_bytes=2**30)
+    for index in range(200):
+        cache.put(entry(f"r{index}"))
+        assert len(list(tmp_path.glob("*.npz"))) <= 64 + 64 // 32
+    assert cache.get("r199").request_id == "r199"
+    with pytest.raises(NotFound):
+        cache.get("r0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -78,7 +80,7 @@ def test_service_reports_a_model_that_failed_to_load(monkeypatch):
     monkeypatch.setattr(runner_module, "load_tabular", fail)
     monkeypatch.setattr(BiomarkerModel.inner, "model_ref", "a stored model")
     service = BiomarkerModel()
-    described = service.describe()
+    described = asyncio.run(service.describe())
     assert described["loaded"] is False and "broken file" in described["error"]
     with pytest.raises(ModelNotLoaded):
         service.predict(np.zeros((1, 16), np.float32))
@@ -88,10 +90,10 @@ def test_service_serves_and_times_the_loaded_model(monkeypatch, trained, heldout
     monkeypatch.setattr(runner_module, "load_tabular", lambda model: trained.biomarker)
     monkeypatch.setattr(BiomarkerModel.inner, "model_ref", "a stored model")
     service = BiomarkerModel()
-    assert service.describe()["avg_inference_time_ms_per_image"] is None
+    assert asyncio.run(service.describe())["avg_inference_time_ms_per_image"] is None
     assert service.predict(heldout_rows[:4]).shape == (4, 15)
     assert service.explain(heldout_rows[:4]).shape == (4, 15, 18)
-    described = service.describe()
+    described = asyncio.run(service.describe())
     assert described["loaded"] and described["tag"] == trained.biomarker_tag and described["engine"].startswith("xgboost")
     assert described["card"]["task"] == "biomarker_prediction" and described["avg_inference_time_ms_per_image"] > 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from core.errors import ModelNotLoaded
 from core.tasks import TaskCancelled, TaskStore
 from preprocessing.volumes import prepare_labels, prepare_volume
 from runners import mri as mri_runner
+from runners import mri_model
 from tests.unit.mri.mri_inputs import LIMITS
 from training_export.synthetic_mri import synthetic_case
 from training_export.train_mri import dice
@@ -27,7 +30,7 @@ def prepared(runner):
 
 
 def test_describe(runner, mri_model_tag: str) -> None:
-    described = runner.describe()
+    described = asyncio.run(runner.describe())
     assert described["loaded"] and described["tag"] == mri_model_tag and described["engine"] == "onnxruntime-cpu"
     assert described["generation"] >= 1 and described["last_error"] is None
     assert described["gradcam_layer"] == "up_layers.1" and described["card"]["task"] == "mri_segmentation"
@@ -41,7 +44,7 @@ def test_segment_finds_the_tumour(runner, prepared) -> None:
     predicted = np.asarray(card.channel_values())[probabilities.argmax(axis=0)] > 0
     truth = prepare_labels(case.labels, case.volume.affine, card.input) > 0
     assert dice(predicted, truth) > 0.7
-    assert runner.describe()["avg_inference_time_ms_per_image"] > 0
+    assert asyncio.run(runner.describe())["avg_inference_time_ms_per_image"] > 0
 
 
 def test_explain_gives_a_unit_map(runner, prepared) -> None:
@@ -61,8 +64,8 @@ def test_window_count_matches_monai(runner, prepared, tmp_path) -> None:
     finally:
         runner.served.current.engine.predict = original
     spec = card.inference
-    assert sum(calls) == mri_runner.window_count(volume.tensor.shape[1:], spec.roi_size, spec.overlap)
-    assert mri_runner.window_count((10, 10, 10), (64, 64, 64), 0.25) == 1
+    assert sum(calls) == mri_model.window_count(volume.tensor.shape[1:], spec.roi_size, spec.overlap)
+    assert mri_model.window_count((10, 10, 10), (64, 64, 64), 0.25) == 1
 
 
 def test_progress_and_cancel_stop_the_work(runner, tmp_path) -> None:
@@ -91,7 +94,7 @@ def test_progress_and_cancel_stop_the_work(runner, tmp_path) -> None:
             runner.explain(volume, "stop")
     finally:
         runner.served.current.engine.predict = original
-    total = mri_runner.window_count(volume.shape[1:], card.inference.roi_size, card.inference.overlap)
+    total = mri_model.window_count(volume.shape[1:], card.inference.roi_size, card.inference.overlap)
     assert len(batches) == 1 and total > card.inference.sw_batch_size
 
 
@@ -99,15 +102,15 @@ def test_a_runner_that_cannot_load_reports_why(monkeypatch, mri_model_tag: str) 
     def broken(model):
         raise RuntimeError("weights missing")
 
-    monkeypatch.setattr(mri_runner, "load_segmenter_model", broken)
+    monkeypatch.setattr(mri_model, "load_segmenter_model", broken)
     runner = mri_runner.MRISegmenter()
-    assert runner.describe() == {"loaded": False, "error": "RuntimeError: weights missing", "tag": "neuronova-mri:latest"}
+    assert asyncio.run(runner.describe()) == {"loaded": False, "error": "RuntimeError: weights missing", "tag": "neuronova-mri:latest"}
     with pytest.raises(ModelNotLoaded, match="weights missing"):
         runner.segment(np.zeros((4, 8, 8, 8), np.float32))
 
 
 def test_explain_needs_torch_weights(runner) -> None:
-    loaded = mri_runner.LoadedSegmenter(tag="x", card=runner.served.current.card, engine=runner.served.current.engine, explainer=None)
+    loaded = mri_model.LoadedSegmenter(tag="x", card=runner.served.current.card, engine=runner.served.current.engine, explainer=None)
     with pytest.raises(ModelNotLoaded, match="Grad-CAM"):
         loaded.explain(np.zeros((4, 8, 8, 8), np.float32))
 

@@ -12,7 +12,7 @@ from api.mri import check_ood
 from core import store
 from core.settings import get_settings
 from preprocessing.volumes import decode_upload, prepare_volume
-from runners.mri import load_segmenter_model
+from runners.mri_model import load_segmenter_model
 from training_export.foreign_volumes import foreign_studies
 from training_export.train_mri import heldout_metrics, prepare_case, run_cases
 

@@ -100,3 +100,20 @@ def test_resize_keeps_matching_sizes_and_uses_the_cards_filter() -> None:
 
     assert same is checker
     np.testing.assert_array_equal(nearest[0], np.kron(checker[0], np.ones((4, 4))))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "area"])
+@pytest.mark.parametrize(("source", "target"), [((512, 384), (224, 224)), ((100, 37), (224, 160)), ((9, 300), (8, 301))])
+def test_resize_matches_torch_interpolate(mode: str, source: tuple[int, int], target: tuple[int, int]) -> None:
+    """The numpy resize reproduces what the models were trained on: torch's interpolate as MONAI's Resize called it
+    (align_corners=False, no anti-aliasing), down and up, for every filter a card may name."""
+    torch = pytest.importorskip("torch")
+    chw = np.random.default_rng(0).random((3, *source), dtype=np.float32)
+    spec = ImageInputSpec(height=target[0], width=target[1], resize_filter=mode)
+
+    ours = resize(chw, spec)
+
+    options = {} if mode in ("nearest", "area") else {"align_corners": False}
+    expected = torch.nn.functional.interpolate(torch.from_numpy(chw)[None], size=target, mode=mode, **options)[0].numpy()
+    assert ours.shape == (3, *target) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, atol=2e-5)
