@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import BENTOML_SERVE, serving  # noqa: E402
-from bench.versus import compare, ratios, report  # noqa: E402
+from bench.versus import compare, print_and_save  # noqa: E402
 from core import store  # noqa: E402
 from core.cards.tabular import TabularCard  # noqa: E402
 from core.settings import get_settings  # noqa: E402
@@ -56,12 +54,7 @@ def main() -> None:
         plain_env = {"PLAIN_BIOMARKER_CONFIG": str(plain_config(scratch / "plain_biomarker.json"))}
         runs = [compare(lambda: serving(BENTOML_SERVE, SERVICE_ENV, scratch / "ours.log"), "bench.plain_biomarker:app",
                         plain_env, send, scratch, plain_first=run % 2 == 1) for run in range(args.runs)]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    print(f"machine: {machine}\n" + report(runs))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "biomarker.json").write_text(json.dumps({"machine": machine, "ratios": [ratios(*run) for run in runs]}, indent=2))
-
+    print_and_save(runs, "biomarker")
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import BENTOML_SERVE, serving  # noqa: E402
-from bench.versus import compare, ratios, report  # noqa: E402
+from bench.versus import compare, print_and_save  # noqa: E402
 from core import store  # noqa: E402
 from core.cards.classification import ClassificationCard  # noqa: E402
 from core.settings import get_settings  # noqa: E402
@@ -72,12 +70,7 @@ def main() -> None:
 
         runs = [compare(lambda: serving(BENTOML_SERVE, SERVICE_ENV, scratch / "ours.log"), "bench.plain_ct:app",
                         plain_env, send, scratch, plain_first=run % 2 == 1) for run in range(args.runs)]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    print(f"machine: {machine}\n" + report(runs))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "ct.json").write_text(json.dumps({"machine": machine, "ratios": [ratios(*run) for run in runs]}, indent=2))
-
+    print_and_save(runs, "ct")
 
 if __name__ == "__main__":
     main()

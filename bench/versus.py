@@ -9,6 +9,9 @@ generator shares the cores with the server.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -114,3 +117,12 @@ def report(runs: list[tuple[Measured, Measured]]) -> str:
         lines.append(f"| {key} ({goal or 'info'}) | " + " | ".join(f"{r[key]:.2f}" for r in table) + " |")
     return "\n".join(lines)
 
+
+
+def print_and_save(runs: list[tuple[Measured, Measured]], name: str) -> None:
+    """Print the machine and the runs' tables; keep the ratios in bench/results/<name>.json."""
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"machine: {machine}\n" + report(runs))
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"machine": machine, "ratios": [ratios(*run) for run in runs]}, indent=2))
