@@ -9,7 +9,6 @@ import io
 import json
 import sqlite3
 import threading
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
