@@ -250,7 +250,7 @@ def test_mri_submitted_as_running_then_collected_by_the_management_command(neuro
     call_command("neuronova_poll", wait=120, stdout=out)
     assert out.getvalue().strip().endswith("running 0"), out.getvalue()
     job.refresh_from_db(), hostile.refresh_from_db(), lost.refresh_from_db()
-    assert job.status == "pending" and job.progress == 100 and job.model_version.startswith("neuronova-mri:")
+    assert job.status == "pending" and job.progress == 100 and job.model_version.startswith("neuronova-mri:"), job.error
     assert job.result["request_id"] == job.request_id and job.result["result"]["tumor_detected"] is True
     assert hostile.status == "failed" and hostile.error["code"] == "INVALID_REQUEST"
     assert lost.status == "failed" and lost.error["code"] == "NOT_FOUND"

@@ -7,8 +7,8 @@ exported file itself, so re-exporting a model re-targets its check):
   XGBoost with one thread is deterministic): every held-out metric of the shipped card is reproduced within
   TABULAR_TOLERANCE. This proves the shipped files are what this repository's code and data make.
 - `neuronova-ct` is retrained in full too (~3 min on 2 free cores; marked slow, still run by `make test`): its
-  held-out accuracy, macro F1 and per-class recalls on the same 200 synthetic slices come within CT_TOLERANCE
-  (4 slices) of the shipped card's. Torch on CPU is not bit-reproducible across thread schedules, hence a tolerance.
+  held-out accuracy and macro F1 on the same 200 synthetic slices come within CT_TOLERANCE (4 slices) of the
+  shipped card's, and each per-class recall (50 slices a class) within CT_RECALL_TOLERANCE (2 slices). Torch on CPU is not bit-reproducible across thread schedules, hence a tolerance.
   A reduced-size retrain proves little here: a quarter of the images gave accuracy 0.705 against the shipped 0.995.
 - `neuronova-mri` is not retrained here (a full retrain is 5-10 min); its training path is exercised in
   tests/unit/mri/test_train_mri.py and its card is checked below like the others.
@@ -31,6 +31,9 @@ from training_export import demo, train_biomarker, train_ct, train_glioma
 
 TABULAR_TOLERANCE = 0.005
 CT_TOLERANCE = 0.02
+CT_RECALL_TOLERANCE = 0.04
+TOLERANCE_SLACK = 1e-9
+"""Float rounding: a difference of exactly one tolerance (e.g. 0.98 - 0.96) is within it."""
 MAX_SHIPPED_MB = 5.0
 """The repository's hook warns on files over 5 MB."""
 CT_QUALITY = ("accuracy", "macro_f1", "recall_glioma", "recall_meningioma", "recall_pituitary", "recall_no_tumor")
@@ -93,7 +96,8 @@ def test_retraining_the_ct_model_reproduces_the_shipped_metrics(private_store) -
     shipped = shipped_card("neuronova-ct")["metrics"]
     assert (retrained["n_train"], retrained["n_test"]) == (shipped["n_train"], shipped["n_test"])
     for key in CT_QUALITY:
-        assert retrained[key] == pytest.approx(shipped[key], abs=CT_TOLERANCE), (key, retrained[key], shipped[key])
+        tolerance = (CT_RECALL_TOLERANCE if key.startswith("recall_") else CT_TOLERANCE) + TOLERANCE_SLACK
+        assert retrained[key] == pytest.approx(shipped[key], abs=tolerance), (key, retrained[key], shipped[key])
 
 
 def test_the_shipped_version_joins_a_store_holding_another_and_the_newest_is_served(private_store) -> None:
