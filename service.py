@@ -29,6 +29,7 @@ from core.feedback import FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.models import ModelSlot, segmentation_summary, tabular_summary
+from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.phi import PatientId
 from api.request_cache import RequestCache
 from api.shutdown import at_deadline, fail_own_tasks, guard_worker_process, is_bentoml_worker, recover_after_crash
@@ -288,12 +289,15 @@ def _server_rss_mb() -> float:
 
 
 # Outermost first (BentoML stacks them in the order added): the JSON access log line; every error in the SPEC
-# schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id; then the MRI
-# task routes' own handling (which drops the token before BentoML stores the request).
+# schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id,
+# and MRI studies that name their sequences and lack one the served model requires; then the MRI task routes' own
+# handling (which drops the token before BentoML stores the request).
 NeuroNova.add_asgi_middleware(AccessLogMiddleware)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
 NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS)
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
-NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis))
+MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_current_service().mri)}
+NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
+                              field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), data_dir=settings.data_dir)

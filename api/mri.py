@@ -59,11 +59,10 @@ from postprocessing.outputs import (
     volume_nifti_gz,
 )
 from postprocessing.uncertainty import INTERVAL_PERCENTILES, normalised_entropy, pass_region_volumes, volume_interval
+from preprocessing.sequences import check_required_sequences, parse_sequence_types
 from preprocessing.volumes import (
     PreparedVolume,
-    check_required_sequences,
     decode_upload,
-    parse_sequence_types,
     prepare_volume,
     resample_to_grid,
 )

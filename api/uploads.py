@@ -3,14 +3,16 @@
 - uploads must be uploads: BentoML downloads a file field given as a string (a multipart text part or a form
   field) and a body that is a bare URL; both are refused, so the service never fetches an address a client names;
 - the `patient_id` form field must look anonymised (`api.phi`): a task route would otherwise keep a name or birth
-  date in BentoML's task store and fail only later.
+  date in BentoML's task store and fail only later;
+- a route's field checks (`FieldCheck`, e.g. an MRI study lacking a sequence the served model requires: `api.mri_submit`)
+  run once the whole body has arrived, before the route sees its end, so a task route stores nothing it would refuse.
 
 Refusals are 400 INVALID_REQUEST."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -23,6 +25,9 @@ from core.errors import InvalidRequest
 
 PATIENT_FIELD = "patient_id"
 MAX_ID_BYTES = 1024
+MAX_CHECKED_BYTES = 4096
+FieldCheck = Callable[[Any], Awaitable[InvalidRequest | None]]
+"""A check of a form field's value (decoded as BentoML does: `_form_value`): the refusal, or None."""
 
 
 def file_fields_by_path(apis: Mapping[str, Any]) -> dict[str, frozenset[str]]:
@@ -42,15 +47,19 @@ def _not_a_file(field: str) -> InvalidRequest:
                           "fetched", {"field": field})
 
 
-def _patient_id_error(raw: bytes) -> InvalidRequest | None:
-    """The refusal of a form's patient id (decoded as BentoML does: JSON if it parses), or None."""
+def _form_value(raw: bytes) -> Any:
+    """A form field's value as BentoML decodes it: JSON if it parses, else the text."""
     text = raw.decode("utf-8", "replace")
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError:
-        value = text
+        return text
+
+
+def _patient_id_error(raw: bytes) -> InvalidRequest | None:
+    """The refusal of a form's patient id, or None."""
     try:
-        check_patient_id(str(value))
+        check_patient_id(str(_form_value(raw)))
     except ValueError as exc:
         return InvalidRequest(str(exc), {"field": PATIENT_FIELD})
     return None
@@ -59,12 +68,16 @@ def _patient_id_error(raw: bytes) -> InvalidRequest | None:
 class _PartInspector:
     """Pushes a multipart body through python-multipart and notes the first refusal: a file field sent as a text
     part (no `filename`: Starlette then hands BentoML a string, which BentoML downloads), or a patient id that does
-    not look anonymised."""
+    not look anonymised. Keeps the last value of each field in `checks` (BentoML reads the last one; a value over
+    MAX_CHECKED_BYTES is not checked) for `checks_error`."""
 
-    def __init__(self, boundary: bytes, fields: frozenset[str]) -> None:
+    def __init__(self, boundary: bytes, fields: frozenset[str], checks: Mapping[str, FieldCheck]) -> None:
         self.fields = fields
+        self.checks = checks
+        self.values: dict[str, bytearray] = {}
         self.error: InvalidRequest | None = None
         self.broken = False
+        self._checked: bytearray | None = None
         self._name = b""
         self._value = b""
         self._disposition = b""
@@ -104,15 +117,31 @@ class _PartInspector:
         if name in self.fields and b"filename" not in options:
             self.error = self.error or _not_a_file(name)
         self._patient_id = bytearray() if name == PATIENT_FIELD and b"filename" not in options else None
+        self._checked = None
+        if name in self.checks:
+            self._checked = self.values[name] = bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._patient_id is not None:
             self._patient_id += data[start:min(end, start + MAX_ID_BYTES - len(self._patient_id))]
+        if self._checked is not None:
+            self._checked += data[start:min(end, start + MAX_CHECKED_BYTES + 1 - len(self._checked))]
 
     def _part_end(self) -> None:
         if self._patient_id is not None:
             self.error = self.error or _patient_id_error(bytes(self._patient_id))
             self._patient_id = None
+        self._checked = None
+
+    async def checks_error(self) -> InvalidRequest | None:
+        """The first refusal of the route's field checks, on the fields sent (the whole body has been fed)."""
+        if self.broken:
+            return None
+        for name, check in self.checks.items():
+            raw = self.values.get(name)
+            if raw is not None and len(raw) <= MAX_CHECKED_BYTES and (error := await check(_form_value(bytes(raw)))):
+                return error
+        return None
 
 
 def _whole_body_error(body: bytes, content_type: bytes, fields: frozenset[str]) -> InvalidRequest | None:
@@ -128,12 +157,14 @@ def _whole_body_error(body: bytes, content_type: bytes, fields: frozenset[str]) 
 
 
 class UploadGuardMiddleware:
-    """400 INVALID_REQUEST on an upload route when a file field arrives as a string (a URL BentoML would download)
-    or the form's patient id does not look anonymised."""
+    """400 INVALID_REQUEST on an upload route when a file field arrives as a string (a URL BentoML would download),
+    the form's patient id does not look anonymised, or one of the path's `field_checks` (multipart only) refuses."""
 
-    def __init__(self, app: ASGIApp, file_fields: dict[str, frozenset[str]]) -> None:
+    def __init__(self, app: ASGIApp, file_fields: dict[str, frozenset[str]],
+                 field_checks: Mapping[str, Mapping[str, FieldCheck]] | None = None) -> None:
         self.app = app
         self.file_fields = file_fields
+        self.field_checks = field_checks or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields = self.file_fields.get(scope["path"]) if scope["type"] == "http" else None
@@ -179,13 +210,15 @@ class UploadGuardMiddleware:
         if not boundary:
             await self.app(scope, receive, send)
             return
-        inspector = _PartInspector(boundary, fields)
+        inspector = _PartInspector(boundary, fields, self.field_checks.get(scope["path"], {}))
         answered = False
 
         async def inspecting_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request":
                 inspector.feed(message.get("body", b""))
+                if inspector.error is None and not message.get("more_body", False):
+                    inspector.error = await inspector.checks_error()
                 if inspector.error is not None:
                     return {"type": "http.disconnect"}
             return message

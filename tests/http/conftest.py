@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import jwt
@@ -27,10 +28,15 @@ def served_database_url(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def server_url(demo_models: dict[str, str], served_database_url: str | None,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The served instance's state: `data/` (NEURONOVA_DATA_DIR), `tasks.db` (BentoML's task store), `server.log`."""
+    return tmp_path_factory.mktemp("server-state")
+
+
+@pytest.fixture(scope="session")
+def server_url(demo_models: dict[str, str], served_database_url: str | None, server_state: Path) -> Iterator[str]:
     """Start the whole service (API workers + runners) and wait until /readyz answers."""
-    state = tmp_path_factory.mktemp("server-state")
+    state = server_state
     env = {
         "NEURONOVA_FEEDBACK__DATABASE_URL": served_database_url or "",
         "NEURONOVA_AUTH__SECRET": JWT_SECRET,

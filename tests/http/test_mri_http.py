@@ -8,6 +8,7 @@ import asyncio
 import base64
 import gzip
 import io
+import sqlite3
 import time
 
 import bentoml
@@ -140,3 +141,26 @@ def test_hostile_archives_are_refused(http) -> None:
                             data={"patient_id": "P000045"}).json()["task_id"]
         polled = wait_for(http, task_id, {"failed", "completed"})
         assert polled["status"] == "failed" and polled["error"]["code"] == code
+
+
+def test_a_study_missing_a_required_sequence_is_refused_at_submission(http, server_state) -> None:
+    """`sequence_type` names T1 and FLAIR only: 400 naming T1ce and T2 from both task routes, and no task is stored
+    (BentoML's task store keeps every accepted request)."""
+    from tests.unit.mri.mri_inputs import nifti_bytes
+
+    case = synthetic_case(14, (48, 48, 32), (3.0, 3.0, 3.0))
+    files = [("image", (f"{i}.nii", nifti_bytes(case.volume.data[i], case.volume.affine))) for i in (0, 3)]
+
+    def stored() -> int:
+        with sqlite3.connect(server_state / "tasks.db") as connection:
+            return connection.execute("SELECT count(*) FROM result").fetchone()[0]
+
+    before = stored()
+    for route in (f"{ROUTE}/submit", ROUTE):
+        response = http.post(route, files=files, data={"patient_id": "P000046", "sequence_type": "T1, flair"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "INVALID_REQUEST" and "['T1ce', 'T2']" in error["message"]
+        assert error["details"] == {"reason": "missing_required_sequences", "missing": ["T1ce", "T2"],
+                                    "required": ["T1", "T1ce", "T2", "FLAIR"], "received": ["T1", "FLAIR"]}
+    assert stored() == before

@@ -116,6 +116,39 @@ def test_large_multipart_upload_streams_through() -> None:
     assert ok.status_code == 200 and ok.json()["image"] == ["file:a.nii", "file:b.nii"]
 
 
+def test_field_checks_see_the_last_value_as_bentoml_decodes_it_before_the_route_sees_the_body() -> None:
+    """A field check runs once the whole body has arrived, wherever the field stands (here after a large file), on
+    the value BentoML reads (the last one, JSON-decoded); a refusal means the route never ran. Values over the size
+    cap are not checked."""
+    from api.uploads import MAX_CHECKED_BYTES
+    from core.errors import InvalidRequest
+
+    seen, routed = [], []
+
+    async def refuse_dwi(value):
+        seen.append(value)
+        return InvalidRequest("no DWI", {"field": "sequence_type"}) if "DWI" in value else None
+
+    async def route(request: Request) -> JSONResponse:
+        routed.append(len(await request.body()))
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/mri", route, methods=["POST"])])
+    client = TestClient(UploadGuardMiddleware(app, {"/mri": frozenset({"image"})},
+                                              field_checks={"/mri": {"sequence_type": refuse_dwi}}))
+
+    def post(*values: str):
+        body = [("image", ("a.nii", b"\0" * 300_000))] + [("sequence_type", (None, v.encode())) for v in values]
+        return client.post("/mri", files=body)
+
+    refused = post("T1", '["T2", "DWI"]')
+    assert refused.status_code == 400 and refused.json()["error"]["message"] == "no DWI" and routed == []
+    assert seen == [["T2", "DWI"]]
+    assert post("DWI", "T1").status_code == 200 and seen[-1] == "T1" and len(routed) == 1
+    assert post("DWI" + " " * MAX_CHECKED_BYTES).status_code == 200 and len(seen) == 2
+    assert client.post("/mri", files={"image": ("a.nii", b"1")}).status_code == 200 and len(seen) == 2
+
+
 def test_file_fields_come_from_bentoml_api_methods() -> None:
     class Spec:
         def __init__(self, fields: list[str]) -> None:

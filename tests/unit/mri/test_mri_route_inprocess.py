@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.unit.mri.mri_inputs import case_dicom_files, four_d_nifti, zip_bytes
+from tests.unit.mri.mri_inputs import case_dicom_files, four_d_nifti, nifti_bytes, zip_bytes
 from training_export.synthetic_mri import synthetic_case
 from training_export.train_mri import dice
 
@@ -115,21 +115,45 @@ def test_dicom_series_zip_gives_the_same_mask_and_a_seg(client, case, nifti_run)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
 
 
-def test_one_file_per_sequence_with_sequence_type_and_a_missing_sequence_refused_by_name(client, case) -> None:
-    from tests.unit.mri.mri_inputs import nifti_bytes
+def bentoml_task_count() -> int:
+    from api.tasks import bentoml_result_store_path
 
+    with sqlite3.connect(bentoml_result_store_path()) as connection:
+        return connection.execute("SELECT count(*) FROM result").fetchone()[0]
+
+
+def test_one_file_per_sequence_with_sequence_type_and_a_missing_sequence_refused_by_name(client, case) -> None:
     parts = [("image", (f"{i}.nii", nifti_bytes(case.volume.data[i], case.volume.affine))) for i in (3, 1, 0, 2)]
     task_id = submit(client, parts, sequence_type="FLAIR,T1ce,T1,T2")
     body = client.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
     assert body["volume"]["missing_sequences"] == [] and body["result"]["confidence"] == "normal"
     assert [s["sequence"] for s in body["volume"]["sequences"]] == ["T1", "T1ce", "T2", "FLAIR"]
-    task_id = submit(client, parts[:2], sequence_type="FLAIR,T1ce")
-    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["code"] == "INVALID_REQUEST" and "['T1', 'T2']" in error["message"]
-    assert error["details"]["missing"] == ["T1", "T2"] and error["details"]["reason"] == "missing_required_sequences"
-    assert client.get(f"/task/{task_id}").json()["error"]["details"]["missing"] == ["T1", "T2"]
+
+    stored = bentoml_task_count()
+    for route in (f"{ROUTE}/submit", ROUTE):  # refused at submission: no task, nothing kept in BentoML's task store
+        response = client.post(route, files=parts[:2], data={"patient_id": "P123456", "sequence_type": "FLAIR,T1ce"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "INVALID_REQUEST" and "['T1', 'T2']" in error["message"]
+        assert error["details"] == {"reason": "missing_required_sequences", "missing": ["T1", "T2"],
+                                    "required": ["T1", "T1ce", "T2", "FLAIR"], "received": ["FLAIR", "T1ce"]}
+    assert bentoml_task_count() == stored
+
+
+def test_a_missing_sequence_known_only_after_decoding_fails_the_task(client, case) -> None:
+    """Without `sequence_type` the submission is accepted; decoding matches the files to T1 and FLAIR by their names,
+    and the task fails with the error a submission naming them gets at once. An unknown sequence name is the task's
+    to refuse, as before."""
+    parts = [("image", (f"{sequence}.nii", nifti_bytes(case.volume.data[i], case.volume.affine)))
+             for i, sequence in ((0, "t1"), (3, "flair"))]
+    task_id = submit(client, parts)
+    polled = client.get(f"/task/{task_id}").json()
+    assert polled["status"] == "failed" and polled["error"]["details"]["missing"] == ["T1ce", "T2"], polled
+    named = client.post(f"{ROUTE}/submit", files=parts, data={"patient_id": "P123456", "sequence_type": "T1,FLAIR"})
+    assert named.status_code == 400 and named.json()["error"]["message"] == polled["error"]["message"]
+    assert named.json()["error"]["details"] == polled["error"]["details"]
+    unknown = submit(client, parts, sequence_type="T1,DWI")
+    assert client.get(f"/task/{unknown}").json()["error"]["details"]["sequence_type"] == ["T1", "DWI"]
 
 
 def test_uncertainty_on_request(client, case) -> None:
@@ -254,9 +278,8 @@ def test_real_files_are_never_a_tumour_finding_without_a_warning(client, name) -
 def test_the_issue_case_one_healthy_t1_is_refused_naming_the_missing_sequences(client) -> None:
     from tests.unit.mri.mri_inputs import NIBABEL_DATA
 
-    task_id = submit(client, [("image", ("anatomical.nii", (NIBABEL_DATA / "anatomical.nii").read_bytes()))],
-                     sequence_type="T1")
-    response = client.get(f"{ROUTE}/get", params={"task_id": task_id})
+    response = client.post(f"{ROUTE}/submit", data={"patient_id": "P123456", "sequence_type": "T1"},
+                           files=[("image", ("anatomical.nii", (NIBABEL_DATA / "anatomical.nii").read_bytes()))])
     assert response.status_code == 400 and response.json()["error"]["details"]["missing"] == ["T1ce", "T2", "FLAIR"]
 
 

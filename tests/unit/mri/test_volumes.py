@@ -9,9 +9,9 @@ import pytest
 from core.cards.segmentation import MRI_SEQUENCES, SequenceRule, VolumeInputSpec
 from core.errors import ImageTooLarge, InvalidImageFormat, InvalidRequest
 from core.volumes import RawSeries
+from preprocessing.sequences import parse_sequence_types
 from preprocessing.volumes import (
     decode_upload,
-    parse_sequence_types,
     prepare_labels,
     prepare_volume,
     resample_to_grid,
