@@ -1,6 +1,7 @@
 """NeuroNova Inference: the public API. Validation, auth, response shaping; the models live in `runners/`."""
 
 import asyncio
+import importlib
 import logging
 import os
 import time
@@ -234,15 +235,16 @@ class NeuroNova:
         """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.
 
         The MRI pipeline (torch, MONAI, nibabel, highdicom) is imported by the first MRI task, not at start-up: an API
-        worker that serves CT and biomarkers only stays small."""
-        from api.mri import SegmentationRequest, segment_mri
+        worker that serves CT and biomarkers only stays small; in a thread, so that seconds of importing never stall the
+        event loop (and the other requests and runner connections it serves)."""
+        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
 
-        request = SegmentationRequest(
+        request = mri.SegmentationRequest(
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image,
             sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
         )
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
-                                 lambda: segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)
+                                 lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)

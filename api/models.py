@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
@@ -17,6 +18,7 @@ from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
 from core.schemas import ModelInfo, ModelStatus
 
 CardT = TypeVar("CardT", bound=CardBase)
+T = TypeVar("T")
 DESCRIBE_TTL_SECONDS = 2.0
 """How long a runner's description is reused: a model switched in the runner is seen by the API within this time."""
 DESCRIBE_TIMEOUT_SECONDS = 10.0
@@ -63,6 +65,26 @@ def segmentation_summary(card: Any, describe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+STALE_CONNECTION_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+"""What a runner call meets on a pooled keep-alive connection that the runner closed while this worker's event loop
+was busy (it could not read the close in time): the call never reached the runner."""
+
+
+STALE_CONNECTION_ATTEMPTS = 3
+"""A long stall can leave several pooled connections stale; each failed attempt discards the one it used."""
+
+
+async def retried_if_stale(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again on another connection while the pooled ones are stale. Runner methods only compute (describe,
+    predict, explain, segment), so another attempt is safe; a runner that is really gone fails every attempt."""
+    for _ in range(STALE_CONNECTION_ATTEMPTS - 1):
+        try:
+            return await call()
+        except STALE_CONNECTION_ERRORS:
+            continue
+    return await call()
+
+
 class ModelSlot(Generic[CardT]):
     """One model route's view of its runner (a `bentoml.depends` handle)."""
 
@@ -76,7 +98,7 @@ class ModelSlot(Generic[CardT]):
     async def describe(self) -> dict[str, Any]:
         """The runner's own description; `loaded: False` with the reason when it cannot be reached."""
         try:
-            return await asyncio.wait_for(self.runner.to_async.describe(), DESCRIBE_TIMEOUT_SECONDS)
+            return await asyncio.wait_for(retried_if_stale(self.runner.to_async.describe), DESCRIBE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - an unreachable runner is a status, not a crash
             return {"loaded": False, "error": f"runner unreachable: {type(exc).__name__}"}
 
@@ -100,7 +122,7 @@ class ModelSlot(Generic[CardT]):
     async def call(self, method: str, batch: np.ndarray, *args: Any) -> np.ndarray:
         """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR."""
         try:
-            return await getattr(self.runner.to_async, method)(batch, *args)
+            return await retried_if_stale(lambda: getattr(self.runner.to_async, method)(batch, *args))
         except NeuroNovaError:
             raise
         except BentoMLException as exc:

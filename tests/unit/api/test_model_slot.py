@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import aiohttp
+import numpy as np
 import pytest
 
 from api import models
@@ -32,3 +34,49 @@ def test_a_silent_runner_is_unreachable_after_the_timeout(monkeypatch):
     assert not status.loaded and status.error == "runner unreachable: TimeoutError"
     with pytest.raises(ModelNotLoaded):
         asyncio.run(asyncio.wait_for(slot.loaded(), 5))
+
+
+class StaleConnectionsRunner:
+    """A runner reached through `stale` pooled connections that it closed while the worker's event loop was busy:
+    each call on one fails with aiohttp's ClientOSError before reaching the runner, then the runner answers."""
+
+    def __init__(self, stale: int) -> None:
+        self.stale = stale
+        self.calls: list[str] = []
+        self.to_async = SimpleNamespace(describe=self._describe, predict=self._predict)
+
+    def _connection(self, method: str) -> None:
+        self.calls.append(method)
+        if self.stale:
+            self.stale -= 1
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+
+    async def _describe(self) -> dict:
+        self._connection("describe")
+        return {"loaded": True, "tag": "neuronova-ct:v1"}
+
+    async def _predict(self, batch: np.ndarray) -> np.ndarray:
+        self._connection("predict")
+        return batch * 2
+
+
+def test_stale_pooled_connections_are_retried_not_reported_as_an_unloaded_model():
+    runner = StaleConnectionsRunner(stale=models.STALE_CONNECTION_ATTEMPTS - 1)
+    slot = ModelSlot("ct_classification", runner, ClassificationCard)
+
+    assert asyncio.run(slot.describe())["loaded"] is True
+    assert runner.calls == ["describe"] * models.STALE_CONNECTION_ATTEMPTS
+    runner.stale, runner.calls = 1, []
+    np.testing.assert_array_equal(asyncio.run(slot.call("predict", np.ones(3))), np.full(3, 2.0))
+    assert runner.calls == ["predict", "predict"]
+
+
+def test_a_runner_that_resets_every_attempt_is_unreachable_after_a_bounded_number():
+    runner = StaleConnectionsRunner(stale=10)
+    slot = ModelSlot("ct_classification", runner, ClassificationCard)
+
+    status = asyncio.run(slot.status())
+    assert not status.loaded and status.error == "runner unreachable: ClientOSError"
+    assert len(runner.calls) == models.STALE_CONNECTION_ATTEMPTS
+    with pytest.raises(aiohttp.ClientOSError):
+        asyncio.run(slot.call("predict", np.ones(3)))
