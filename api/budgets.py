@@ -30,3 +30,8 @@ async def within_budget(step: str, work: Awaitable[T], budgets: Mapping[str, flo
     except TimeoutError as exc:
         raise StepBudgetExceeded(f"the task's {step} step ran past its budget of {seconds:g} s",
                                  {"reason": "step_budget_exceeded", "step": step, "budget_seconds": seconds}) from exc
+
+
+def scaled(budgets: Mapping[str, float], step: str, factor: float) -> dict[str, float]:
+    """`budgets` with `step`'s budget (if it has one) multiplied by `factor` (a step doing `factor` times the work)."""
+    return {**budgets, **({step: budgets[step] * factor} if step in budgets else {})}

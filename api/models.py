@@ -119,15 +119,21 @@ class ModelSlot(Generic[CardT]):
         """Drop the cached description (after a model switch was noticed)."""
         self._cached = None
 
-    async def call(self, method: str, batch: np.ndarray, *args: Any) -> np.ndarray:
-        """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR."""
+    async def call(self, method: str, batch: np.ndarray, *args: Any, retry_stale: bool = True) -> np.ndarray:
+        """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR,
+        an unreachable runner MODEL_NOT_LOADED. `retry_stale=False` for long calls (an MRI volume): a connection that
+        breaks may then be a runner that died of the input, which must not be sent again."""
+        invoke = lambda: getattr(self.runner.to_async, method)(batch, *args)  # noqa: E731
         try:
-            return await retried_if_stale(lambda: getattr(self.runner.to_async, method)(batch, *args))
+            return await (retried_if_stale(invoke) if retry_stale else invoke())
         except NeuroNovaError:
             raise
         except BentoMLException as exc:
             self._cached = None
             raise ModelInferenceError(f"{self.model_id} runner failed", {"reason": type(exc).__name__}) from exc
+        except aiohttp.ClientError as exc:
+            self._cached = None
+            raise ModelNotLoaded(f"{self.model_id} runner is unreachable", {"reason": type(exc).__name__}) from exc
 
     async def status(self) -> ModelStatus:
         described = await self.describe()

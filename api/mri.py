@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from api.budgets import within_budget
+from api.budgets import scaled, within_budget
 from api.models import ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
@@ -58,7 +58,13 @@ from postprocessing.outputs import (
     unit_grey,
     volume_nifti_gz,
 )
-from postprocessing.uncertainty import INTERVAL_PERCENTILES, normalised_entropy, pass_region_volumes, volume_interval
+from postprocessing.uncertainty import (
+    FLIPS,
+    INTERVAL_PERCENTILES,
+    normalised_entropy,
+    pass_region_volumes,
+    volume_interval,
+)
 from preprocessing.sequences import check_required_sequences, parse_sequence_types
 from preprocessing.volumes import (
     PreparedVolume,
@@ -125,18 +131,22 @@ async def segment_mri(
                                                                       limits.max_volume_voxels), budgets)
     report("inference")
     passes, passes_ms = None, 0.0
-    if request.uncertainty:
+    if request.uncertainty:  # one model pass per mirroring: the inference budget grows with them
         passes_started = time.perf_counter()
-        passes = await within_budget("inference", slot.call("segment_passes", prepared.tensor, request.task_id), budgets)
+        passes_budget = scaled(budgets, "inference", len(FLIPS))
+        passes = await within_budget("inference", slot.call("segment_passes", prepared.tensor, request.task_id,
+                                                            retry_stale=False), passes_budget)
         probabilities, passes_ms = passes[0], elapsed_ms(passes_started)
     else:
-        probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.task_id), budgets)
+        probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.task_id,
+                                                                    retry_stale=False), budgets)
     attention = None
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
     if request.xai and explainable:
         report("explaining")
-        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.task_id), budgets)
+        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.task_id,
+                                                                retry_stale=False), budgets)
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,

@@ -152,6 +152,8 @@ class TaskStore:
         self._finish(task_id, "completed", result=result)
 
     def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> None:
+        """Fail an active task; its cancel flag is set too, so work still running for it (a runner past a step's
+        budget, a worker shutting down) stops at its next check instead of holding the model."""
         body = error.to_body() if isinstance(error, NeuroNovaError) else error
         self._finish(task_id, "failed", error=body["error"])
 
@@ -159,22 +161,28 @@ class TaskStore:
         with self._connect() as connection:
             connection.execute(
                 "UPDATE tasks SET status = ?, progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END, "
+                "cancel_requested = CASE WHEN ? = 'failed' THEN 1 ELSE cancel_requested END, "
                 "current_step = ?, estimated_remaining_seconds = 0, finished_at = ?, result = ?, error = ? "
                 "WHERE task_id = ? AND status IN ('pending', 'processing')",
-                (status, status, status, time.time(), json.dumps(result) if result is not None else None,
+                (status, status, status, status, time.time(), json.dumps(result) if result is not None else None,
                  json.dumps(error) if error is not None else None, task_id),
             )
 
     def fail_unfinished(self, error: dict[str, Any], owner_pid: int | None = None) -> list[str]:
-        """Fail every active task (only those run by `owner_pid`, if given) with the SPEC error body `error`; the
-        ids. For a server that stops, or starts after a crash: no task is left `processing` for ever."""
-        query = "SELECT task_id FROM tasks WHERE status IN ('pending', 'processing')"
+        """Fail the active tasks of `owner_pid` — or, without one, those whose owner process is gone — with the SPEC
+        error body `error`; the ids. For a server that stops, or starts after a crash: no task is left `processing`
+        for ever, and a task another live server runs on the same data directory is left to it."""
         with self._connect() as connection:
-            rows = connection.execute(query + (" AND owner_pid = ?" if owner_pid is not None else ""),
-                                      (owner_pid,) if owner_pid is not None else ()).fetchall()
-        for (task_id,) in rows:
+            rows = connection.execute(
+                "SELECT task_id, owner_pid FROM tasks WHERE status IN ('pending', 'processing')").fetchall()
+
+        def is_target(owner: int | None) -> bool:
+            return owner == owner_pid if owner_pid is not None else owner is None or not _pid_alive(owner)
+
+        failed = [task_id for task_id, owner in rows if is_target(owner)]
+        for task_id in failed:
             self.fail(task_id, error)
-        return [task_id for (task_id,) in rows]
+        return failed
 
     def cancel(self, task_id: str) -> TaskRecord | None:
         """Set the cancel flag and mark an active task cancelled at once (its work stops at the next check)."""

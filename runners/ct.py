@@ -143,7 +143,10 @@ class CTClassifier:
     model_ref = bentoml.models.BentoModel(settings.ct.model_tag)
 
     def __init__(self) -> None:
+        from runners.engines import gpu_devices
+
         self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
+        self.gpu_devices = gpu_devices()  # once, at start: on a GPU host it imports torch, never on the event loop
 
     @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=32, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -170,6 +173,4 @@ class CTClassifier:
         """Version, generation, card, engine and live timing of the served model (or why none is loaded),
         answered on the event loop (not queued behind a long batch in the runner's one model thread), and the
         GPUs this runner sees (reported by /health: the API workers do not load torch)."""
-        from runners.engines import gpu_devices
-
-        return {**self.served.describe(), "gpu_devices": gpu_devices()}
+        return {**self.served.describe(), "gpu_devices": self.gpu_devices}

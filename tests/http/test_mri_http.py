@@ -118,19 +118,17 @@ def test_dicom_series_zip_with_seg_and_cancel_across_processes(http, server_url)
 
 
 def test_the_base_route_answers_at_once_with_a_task(http) -> None:
-    """`POST /predict/mri_segmentation` (the design's asynchronous route) → 202 and a task id at once (well before the
-    segmentation is done; measured 1.0 s on the shared 2-core machine at load average 5), and the task completes as one
-    submitted via /submit."""
+    """`POST /predict/mri_segmentation` (the design's asynchronous route) → 202 with a task id and `in_progress`, the
+    submission's answer (run synchronously, the route would answer the segmentation itself), and the task completes as
+    one submitted via /submit. How fast the 202 comes is measured, not asserted: 9-23 ms on a quiet 2-core machine
+    (docs/performance.md)."""
     case = synthetic_case(13, (96, 96, 64), (2.0, 2.0, 2.0))
-    started = time.monotonic()
     response = http.post(ROUTE, files={"image": ("case.nii.gz", four_d_nifti(case, compressed=True))},
                          data={"patient_id": "P000045"})
-    answered_s = time.monotonic() - started
-    assert response.status_code == 202 and response.json()["status"] == "in_progress"
-    task_id = response.json()["task_id"]
-    polled = wait_for(http, task_id, {"completed", "failed"})
-    assert polled["status"] == "completed", polled
-    assert answered_s < min(3.0, (time.monotonic() - started) / 2)
+    assert response.status_code == 202 and set(response.json()) == {"task_id", "status"}
+    assert response.json()["status"] == "in_progress"
+    polled = wait_for(http, response.json()["task_id"], {"completed", "failed"})
+    assert polled["status"] == "completed" and polled["result"]["result"]["tumor_detected"] is True, polled
     assert http.get(f"{ROUTE}/get", params={"task_id": task_id}).json()["result"]["tumor_detected"] is True
 
 

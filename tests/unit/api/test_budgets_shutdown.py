@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 from _bentoml_impl.tasks.result import Sqlite3Store
 
-from api.budgets import StepBudgetExceeded, within_budget
+from api.budgets import StepBudgetExceeded, scaled, within_budget
 from api.shutdown import fail_own_tasks, is_bentoml_worker, recover_after_crash, remove_stale_sqlite_sidecars
 from core.tasks import TaskStore, task_store_path
 
@@ -54,6 +55,10 @@ while True:
 def test_restart_fails_left_tasks_and_a_fresh_task_db_works_beside_an_orphan_holding_the_old_one(tmp_path) -> None:
     tasks = TaskStore(task_store_path(tmp_path))
     tasks.create("left", None, "mri_segmentation")
+    killed_server = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed_server.wait()
+    with sqlite3.connect(tasks.path) as connection:  # the task's worker died with its server
+        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'left'", (killed_server.pid,))
     result_store = tmp_path / "task_result.db"
     orphan = subprocess.Popen([sys.executable, "-c", HOLDER, str(result_store)], stdout=subprocess.PIPE)
     try:
@@ -75,6 +80,16 @@ def test_restart_fails_left_tasks_and_a_fresh_task_db_works_beside_an_orphan_hol
 def test_the_shutdown_deadline_fails_only_this_workers_tasks(tmp_path) -> None:
     tasks = TaskStore(task_store_path(tmp_path))
     tasks.create("mine", None, "mri_segmentation")
+    tasks.create("another_workers", None, "mri_segmentation")
+    with sqlite3.connect(tasks.path) as connection:
+        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'another_workers'", (os.getppid(),))
     fail_own_tasks(tasks)
     record = tasks.get("mine")
     assert record.status == "failed" and record.error["details"] == {"reason": "server_shutdown"}
+    assert tasks.get("another_workers").status == "pending"
+
+
+def test_a_step_doing_n_times_the_work_gets_n_times_its_budget() -> None:
+    budgets = {"inference": 900.0, "decoding": 60.0}
+    assert scaled(budgets, "inference", 8) == {"inference": 7200.0, "decoding": 60.0}
+    assert scaled(budgets, "explaining", 8) == budgets and budgets["inference"] == 900.0

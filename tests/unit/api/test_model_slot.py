@@ -78,5 +78,11 @@ def test_a_runner_that_resets_every_attempt_is_unreachable_after_a_bounded_numbe
     status = asyncio.run(slot.status())
     assert not status.loaded and status.error == "runner unreachable: ClientOSError"
     assert len(runner.calls) == models.STALE_CONNECTION_ATTEMPTS
-    with pytest.raises(aiohttp.ClientOSError):
+    runner.calls = []
+    with pytest.raises(ModelNotLoaded) as refused:  # 503 in the error schema, not a 500
         asyncio.run(slot.call("predict", np.ones(3)))
+    assert refused.value.details == {"reason": "ClientOSError"} and len(runner.calls) == models.STALE_CONNECTION_ATTEMPTS
+    runner.calls = []
+    with pytest.raises(ModelNotLoaded):  # a long call is never sent twice
+        asyncio.run(slot.call("predict", np.ones(3), retry_stale=False))
+    assert runner.calls == ["predict"]

@@ -36,7 +36,7 @@ class StandInSlot:
     async def loaded(self) -> RunnerModel:
         return self.model
 
-    async def call(self, method: str, volume: np.ndarray, task_id: str) -> np.ndarray:
+    async def call(self, method: str, volume: np.ndarray, task_id: str, retry_stale: bool = True) -> np.ndarray:
         self.calls.append(method)
         if method == "explain":
             return np.linspace(0, 1, volume[0].size, dtype=np.float32).reshape(volume.shape[1:])

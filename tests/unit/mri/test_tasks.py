@@ -190,15 +190,19 @@ def test_task_routes_middleware_scrubs_submissions_and_cancels_through_our_store
     assert sent[2]["status"] == 400 and len(seen) == 2
 
 
-def test_fail_unfinished_fails_active_tasks_of_one_owner_or_all(store: TaskStore) -> None:
-    for task_id in ("mine", "done", "other"):
+def test_fail_unfinished_fails_one_owners_tasks_or_those_whose_owner_is_gone(store: TaskStore) -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    for task_id in ("mine", "done", "orphaned", "live"):
         store.create(task_id, None, "mri_segmentation")
     store.complete("done", {"ok": True})
     with sqlite3.connect(store.path) as connection:
-        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'other'", (os.getppid(),))
+        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'orphaned'", (ended.pid,))
+        connection.execute("UPDATE tasks SET owner_pid = ? WHERE task_id = 'live'", (os.getppid(),))
     error = {"success": False, "error": {"code": "INTERNAL_SERVER_ERROR", "message": "stopped", "details": {}}}
     assert store.fail_unfinished(error, owner_pid=os.getpid()) == ["mine"]
-    assert (store.get("mine").status, store.get("done").status, store.get("other").status) == \
+    assert (store.get("mine").status, store.get("done").status, store.get("live").status) == \
         ("failed", "completed", "pending")
-    assert store.fail_unfinished(error) == ["other"]
-    assert store.get("other").error["message"] == "stopped" and store.get("done").result == {"ok": True}
+    assert store.fail_unfinished(error) == ["orphaned"]  # a live process's task is left to it
+    assert store.get("orphaned").error["message"] == "stopped" and store.get("done").result == {"ok": True}
+    assert store.get("live").status == "pending" and store.cancel_requested("mine") and not store.cancel_requested("live")

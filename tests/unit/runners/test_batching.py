@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from statistics import median
 
 from bentoml._internal.marshal import dispatcher
 
@@ -55,4 +56,6 @@ def test_load_still_forms_batches_and_a_lone_request_after_a_burst_is_not_held()
     sizes, before, after = asyncio.run(_serve())
 
     assert max(sizes) >= 16  # requests queued behind the busy model leave together
-    assert sorted(after)[len(after) // 2] < MODEL_SECONDS + 0.015  # no learned wait on lone requests
+    # No learned wait on lone requests: after the burst they take what they took before it (BentoML's own estimate
+    # held them ~88 ms against ~20 ms here), compared with each other so that a slow machine slows both alike.
+    assert median(after) < 1.5 * median(before) + 0.005
