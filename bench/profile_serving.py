@@ -29,20 +29,13 @@ from bench.biomarker import ROUTE as BIOMARKER_ROUTE  # noqa: E402
 from bench.ct import ROUTE as CT_ROUTE  # noqa: E402
 from bench.ct import SERVICE_ENV, sample_dicom  # noqa: E402
 from bench.harness import BENTOML_SERVE, run_load, serving  # noqa: E402
+from bench.soak import role  # noqa: E402
 from training_export.synthetic_biomarker import generate_cohort  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOP = 30
 EVERYWHERE = 0.9
 """Inclusive shares above this are the process's main loop, not a place the time goes."""
-
-
-def role(process: psutil.Process) -> str:
-    args = process.cmdline()
-    if "--service-name" not in args:
-        return "arbiter"
-    worker = args[args.index("--worker-id") + 1] if "--worker-id" in args else "1"
-    return f"{args[args.index('--service-name') + 1]}-{worker}"
 
 
 def summarise(raw: str) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -110,7 +103,7 @@ def main() -> None:
             processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
             cpu_before = {p.pid: sum(p.cpu_times()[:2]) for p in processes}
             served_before = served[0]
-            outputs = {p.pid: RESULTS / f"profile-{args.route}-{role(p)}.txt" for p in processes}
+            outputs = {p.pid: RESULTS / f"profile-{args.route}-{role(p).replace(':', '-')}.txt" for p in processes}
             py_spy = str(Path(sys.executable).parent / "py-spy")
             recorders = [subprocess.Popen([py_spy, "record", "--pid", str(p.pid), "--duration", str(args.seconds),
                                            "--rate", "200", "--format", "raw", "--nonblocking",

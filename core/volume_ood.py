@@ -22,6 +22,8 @@ import itertools
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.volumes import voxel_volume_mm3
+
 DEFAULT_VOLUME_COVERAGE = 97.5
 OUTLIER_Z = 4.0
 MIN_CALIBRATION_STUDIES = 10
@@ -29,7 +31,7 @@ MIN_CALIBRATION_STUDIES = 10
 
 def voxel_ml(affine: np.ndarray) -> float:
     """Volume of one voxel of a grid, in mL."""
-    return abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    return voxel_volume_mm3(affine) / 1000.0
 
 
 def descriptor_names(sequences: list[str] | tuple[str, ...]) -> list[str]:

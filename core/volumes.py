@@ -12,6 +12,11 @@ from pydicom.dataset import Dataset
 VolumeFormat = Literal["nifti", "dicom"]
 
 
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel of the grid with this voxel-to-world affine, in mm³."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+
 @dataclass(frozen=True)
 class SeriesSource:
     """Where one sequence came from (no patient identifiers).
@@ -62,7 +67,7 @@ class DecodedVolume:
 
     @property
     def voxel_volume_mm3(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3])))
+        return voxel_volume_mm3(self.affine)
 
     @property
     def format(self) -> VolumeFormat:

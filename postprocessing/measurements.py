@@ -8,12 +8,9 @@ import numpy as np
 
 from core.cards.segmentation import SegmentationCard
 from core.schemas import BoundingBox, LabelStatistics, TumorLocation, TumorVolume
+from core.volumes import voxel_volume_mm3
 
 MM3_PER_ML = 1000.0
-
-
-def voxel_volume_mm3(affine: np.ndarray) -> float:
-    return float(abs(np.linalg.det(affine[:3, :3])))
 
 
 def to_mm(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
