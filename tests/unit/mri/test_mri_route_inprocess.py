@@ -9,6 +9,7 @@ import io
 import json
 import sqlite3
 import threading
+import time
 
 import nibabel as nib
 import numpy as np
@@ -33,9 +34,16 @@ def case():
 
 
 def submit(client, files, **data) -> str:
+    """Submit a task and return its id once BentoML no longer reports it in progress (the test client normally
+    returns after the task's background run, but `/get` of a task still running answers 400)."""
     response = client.post(f"{ROUTE}/submit", files=files, data={"patient_id": "P123456", **data})
     assert response.status_code == 200, response.text
-    return response.json()["task_id"]
+    task_id = response.json()["task_id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"{ROUTE}/status", params={"task_id": task_id}).json()["status"] == "in_progress":
+        assert time.monotonic() < deadline, f"task {task_id} still in progress"
+        time.sleep(0.05)
+    return task_id
 
 
 def mask_of(body: dict) -> nib.Nifti1Image:
