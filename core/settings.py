@@ -62,6 +62,23 @@ class FeedbackSettings(BaseModel):
         "unset: SQLite file <data_dir>/feedback/feedback.sqlite3 with inputs as files beside it")
 
 
+class DistributedSettings(BaseModel):
+    """Replicas behind a load balancer (docs/scale-out.md). Unset: one machine, SQLite and the local data directory."""
+
+    database_url: str | None = Field(default=None, description=(
+        "PostgreSQL URL (postgresql://user:password@host:5432/neuronova) holding task state, the MRI work queue, the "
+        "active-model registry and the rate-limit counters, shared by every replica; unset: embedded (one machine)"))
+    shared_dir: str | None = Field(default=None, description=(
+        "a volume every replica mounts (ReadWriteMany): uploaded studies, task results, the explain/feedback cache "
+        "and uploaded model exports, as write-once files (never a database); required with database_url"))
+    replica_id: str | None = Field(default=None, description="this replica's name in logs and task leases "
+                                   "(default: host name and process id)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.database_url is not None
+
+
 class ModelSlot(BaseModel):
     """Which model-store tag a runner loads at start-up, and the ONNX Runtime threads of its CPU engine."""
 
@@ -92,6 +109,7 @@ class Settings(BaseSettings):
     mri: ModelSlot = ModelSlot(model_tag="neuronova-mri:latest")
     biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
     feedback: FeedbackSettings = FeedbackSettings()
+    distributed: DistributedSettings = DistributedSettings()
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
     ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
     occlusion_steps: int = Field(default=7, ge=2, le=16, description="occlusion grid per side: steps² extra forward "
