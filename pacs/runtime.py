@@ -1,0 +1,91 @@
+"""How the PACS connection lives in the service: built per API worker from the settings, its job loop (and, in one
+worker only, the `/changes` poller) started as background tasks on the worker's event loop, stopped with it.
+
+Imported by the service only when `NEURONOVA_PACS__CONFIG` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from api.models import ModelSlot
+from core.errors import NeuroNovaError, NotFound
+from core.settings import Settings
+from core.tasks import TaskStore
+from pacs.config import load_config
+from pacs.dicomweb import PacsUnavailable
+from pacs.flow import PacsFlow, hold_poller_lock
+from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
+
+log = logging.getLogger("neuronova.pacs")
+
+
+def notify_tokens(settings: Settings) -> dict[str, str]:
+    """The static token `/pacs/notify` accepts besides an admin JWT (none when the config names none)."""
+    token = load_config(settings.pacs.config).notify_token()  # type: ignore[arg-type]
+    return {"/pacs/notify": token} if token else {}
+
+
+def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskStore) -> PacsFlow:
+    config = load_config(settings.pacs.config)  # type: ignore[arg-type]
+    return PacsFlow(config, JobStore(job_store_path(settings.data_dir)), slots, tasks, settings.limits,
+                    Path(settings.data_dir) / "pacs" / "results")
+
+
+def recover(settings: Settings) -> None:
+    """Once per server start, before the workers: jobs a killed server left running are queued again (once)."""
+    requeued = JobStore(job_store_path(settings.data_dir)).recover()
+    if requeued:
+        log.warning("pacs: %d job(s) interrupted by the last shutdown queued to run again: %s", len(requeued),
+                    ", ".join(requeued))
+
+
+class Background:
+    """The worker's PACS tasks: the job loop always, the `/changes` poller where configured and this worker holds
+    the poller lock."""
+
+    def __init__(self, flow: PacsFlow, data_dir: str) -> None:
+        self.flow = flow
+        self.data_dir = Path(data_dir)
+        self.tasks: list[asyncio.Task] = []
+        self.lock: Any = None
+
+    def start(self) -> None:
+        self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
+        if self.flow.config.changes is not None:
+            self.lock = hold_poller_lock(self.data_dir / "pacs" / "poller.lock")
+            if self.lock is not None:
+                self.tasks.append(asyncio.create_task(self.flow.poll_changes(), name="pacs-changes"))
+                log.info("pacs: polling %s/changes every %.1f s", self.flow.config.changes.url,
+                         self.flow.config.changes.interval_seconds)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.lock is not None:
+            self.lock.close()
+
+
+class PacsUnreachable(NeuroNovaError):
+    """The PACS did not answer the study search: the notification should be sent again later."""
+
+    code, status = "PACS_UNAVAILABLE", 503
+
+
+async def notified(flow: PacsFlow, notice: Notice) -> Notified:
+    """The jobs for a notified study; PacsUnreachable when its series cannot be searched now."""
+    try:
+        return Notified(jobs=await flow.notify(notice.study_instance_uid))
+    except PacsUnavailable as exc:
+        raise PacsUnreachable(f"the PACS did not answer: {exc}", {"study_instance_uid": notice.study_instance_uid})
+
+
+def job_of(flow: PacsFlow, job_id: str) -> Job:
+    job = flow.jobs.get(job_id)
+    if job is None:
+        raise NotFound("unknown PACS job id", {"job_id": job_id})
+    return job
