@@ -282,11 +282,11 @@ class NeuroNova:
     @ops.post("/pacs/notify", response_model=Notified, status_code=202)
     @handles_errors
     async def pacs_notify(self, notice: Notice) -> JSONResponse:
-        """A study became stable in the PACS (Orthanc's Lua `OnStableStudy`): select series, queue a job per model
-        (idempotent); admin JWT or the configured PACS token."""
+        """A study became stable in the PACS (Orthanc's Lua `OnStableStudy`): queued for a worker to select series
+        and queue a job per model (idempotent); answers at once. Admin JWT or the configured PACS token."""
         from pacs.runtime import notified
 
-        body = await notified(self._pacs(), notice)
+        body = notified(self._pacs(), notice)
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
     @ops.get("/pacs/jobs", response_model=list[Job])

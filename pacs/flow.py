@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from api.classification import GRAD_CAM, classify_slice
 from api.models import ModelSlot
 from api.shaping import class_probabilities
-from core.errors import NeuroNovaError
+from core.errors import ModelNotLoaded, NeuroNovaError
 from core.settings import LimitSettings
 from core.tasks import TaskStore
 from pacs.config import PacsConfig
@@ -54,9 +54,15 @@ class PacsFlow:
         self.pacs = pacs or DicomWebPacs(config.source, config.store_to)
         self.wake = asyncio.Event()
 
-    async def notify(self, study_uid: str) -> list[Job]:
+    def notify(self, study_uid: str) -> None:
+        """Queue a stable-study notification for the job loop (returns at once: see `Notified`)."""
+        self.jobs.notice(study_uid)
+        self.wake.set()
+
+    async def resolve(self, study_uid: str) -> list[str]:
         """Select series for every configured model and queue a job per match (an existing job is reused); a study
-        no model matches is recorded as skipped, with each model's reason. PacsUnavailable when QIDO fails."""
+        no model matches is recorded as skipped, with each model's reason. The job ids; PacsUnavailable when the
+        study's series cannot be searched now."""
         series: list[StudySeries] = await asyncio.to_thread(self.pacs.study_series, study_uid)
         facts = [SeriesFacts.from_instance(s.header, s.instance_count) for s in series]
         found, reasons = [], []
@@ -75,12 +81,16 @@ class PacsFlow:
             job_id, _ = self.jobs.add(study_uid, None, None, {}, state="skipped", reason=reason)
             log.info("pacs: study %s left alone (%s)", study_uid, reason)
             found.append(job_id)
-        self.wake.set()
-        return [job for job in (self.jobs.get(job_id) for job_id in found) if job is not None]
+        return found
 
     async def run_forever(self) -> None:
-        """Work the queue: claim a due job, run it, repeat; idle, wake on a notification or every poll interval."""
+        """Work the queues: a due notification (resolved into jobs), else a due job; idle, wake on a notification
+        or every poll interval."""
         while True:
+            notice = await asyncio.to_thread(self.jobs.claim_notice)
+            if notice is not None:
+                await self.handle_notice(*notice)
+                continue
             job = await asyncio.to_thread(self.jobs.claim)
             if job is None:
                 self.wake.clear()
@@ -90,6 +100,20 @@ class PacsFlow:
                     pass
                 continue
             await self.run(job)
+
+    async def handle_notice(self, study_uid: str, received_at: float) -> None:
+        try:
+            await self.resolve(study_uid)
+        except asyncio.CancelledError:
+            raise
+        except (PacsUnavailable, ModelNotLoaded) as exc:
+            delay = self.config.export_retry.delay(self.jobs.notice_failures(study_uid) + 1)
+            log.warning("pacs: study %s could not be searched (%s), retrying in %.1f s", study_uid, exc, delay)
+            self.jobs.notice_failed(study_uid, delay)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bad study is logged and dropped, never the worker's end
+            log.warning("pacs: notification of study %s dropped: %s: %s", study_uid, type(exc).__name__, exc)
+        self.jobs.notice_handled(study_uid, received_at)
 
     async def run(self, job: Job) -> None:
         """Compute (unless the result files are already written) and export one claimed job."""
@@ -208,7 +232,7 @@ class PacsFlow:
             for change in page["Changes"]:
                 if change["ChangeType"] == STABLE_STUDY:
                     study = (await client.get(f"/studies/{change['ID']}")).raise_for_status().json()
-                    await self.notify(study["MainDicomTags"]["StudyInstanceUID"])
+                    self.notify(study["MainDicomTags"]["StudyInstanceUID"])
                 since = int(change["Seq"])
                 self.jobs.set_cursor("orthanc_changes", since)
             if page["Done"]:

@@ -54,7 +54,14 @@ CREATE TABLE IF NOT EXISTS pacs_jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS pacs_cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL)
+CREATE TABLE IF NOT EXISTS pacs_cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pacs_notices (
+    study_uid TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    lease_pid INTEGER
+)
 """
 
 
@@ -135,6 +142,47 @@ class JobStore:
             )
         return job_id, True
 
+    def notice(self, study_uid: str) -> None:
+        """Queue a stable-study notification (a pending one for the study is refreshed, not doubled)."""
+        with self._connect() as connection:
+            connection.execute(
+                "INSERT INTO pacs_notices (study_uid, received_at) VALUES (?, ?) ON CONFLICT(study_uid) DO UPDATE "
+                "SET received_at = excluded.received_at, not_before = 0", (study_uid, time.time()))
+
+    def claim_notice(self) -> tuple[str, float] | None:
+        """Lease the oldest due notification: (StudyInstanceUID, when it was received)."""
+        now = time.time()
+        with self._transaction() as connection:
+            rows = connection.execute("SELECT study_uid, received_at, lease_pid FROM pacs_notices "
+                                      "WHERE not_before <= ? ORDER BY received_at", (now,)).fetchall()
+            for row in rows:
+                if row["lease_pid"] is not None and _pid_alive(row["lease_pid"]):
+                    continue
+                connection.execute("UPDATE pacs_notices SET lease_pid = ? WHERE study_uid = ?",
+                                   (os.getpid(), row["study_uid"]))
+                return row["study_uid"], row["received_at"]
+        return None
+
+    def notice_handled(self, study_uid: str, received_at: float) -> None:
+        """Drop a handled notification, unless the study was notified again meanwhile (then it is handled again)."""
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM pacs_notices WHERE study_uid = ? AND received_at = ?",
+                               (study_uid, received_at))
+            connection.execute("UPDATE pacs_notices SET lease_pid = NULL WHERE study_uid = ?", (study_uid,))
+
+    def notice_failed(self, study_uid: str, delay_s: float) -> int:
+        """Try the notification again in `delay_s` (the PACS did not answer); how often it failed so far."""
+        with self._transaction() as connection:
+            connection.execute("UPDATE pacs_notices SET failures = failures + 1, not_before = ?, lease_pid = NULL "
+                               "WHERE study_uid = ?", (time.time() + delay_s, study_uid))
+            row = connection.execute("SELECT failures FROM pacs_notices WHERE study_uid = ?", (study_uid,)).fetchone()
+        return 0 if row is None else int(row["failures"])
+
+    def notice_failures(self, study_uid: str) -> int:
+        with self._connect() as connection:
+            row = connection.execute("SELECT failures FROM pacs_notices WHERE study_uid = ?", (study_uid,)).fetchone()
+        return 0 if row is None else int(row["failures"])
+
     def claim(self) -> Job | None:
         """Lease the oldest due job (queued or exporting) to this process; a running job's runs counter goes up."""
         now = time.time()
@@ -196,6 +244,7 @@ class JobStore:
                               state="queued", lease_pid=None, not_before=0)
                     requeued.append(row["job_id"])
             connection.execute("UPDATE pacs_jobs SET lease_pid = NULL WHERE lease_pid IS NOT NULL")
+            connection.execute("UPDATE pacs_notices SET lease_pid = NULL WHERE lease_pid IS NOT NULL")
         return requeued
 
     def get(self, job_id: str) -> Job | None:
@@ -267,6 +316,8 @@ class Notice(BaseModel):
 
 
 class Notified(BaseModel):
-    """The jobs a notification made or found (a study that matched no rule: one `skipped` job saying why)."""
+    """A notification accepted: a worker searches the study and queues its jobs (`GET /pacs/jobs?study_instance_uid=`).
+    The route never calls the PACS back: Orthanc's Lua waits for the answer, holding its REST API."""
 
-    jobs: list[Job]
+    study_instance_uid: str
+    queued: bool = True

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from api.models import ModelSlot
-from core.errors import NeuroNovaError, NotFound
+from core.errors import NotFound
 from core.settings import Settings
 from core.tasks import TaskStore
 from pacs.config import load_config
-from pacs.dicomweb import PacsUnavailable
 from pacs.flow import PacsFlow, hold_poller_lock
 from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
 
@@ -70,18 +69,9 @@ class Background:
             self.lock.close()
 
 
-class PacsUnreachable(NeuroNovaError):
-    """The PACS did not answer the study search: the notification should be sent again later."""
-
-    code, status = "PACS_UNAVAILABLE", 503
-
-
-async def notified(flow: PacsFlow, notice: Notice) -> Notified:
-    """The jobs for a notified study; PacsUnreachable when its series cannot be searched now."""
-    try:
-        return Notified(jobs=await flow.notify(notice.study_instance_uid))
-    except PacsUnavailable as exc:
-        raise PacsUnreachable(f"the PACS did not answer: {exc}", {"study_instance_uid": notice.study_instance_uid})
+def notified(flow: PacsFlow, notice: Notice) -> Notified:
+    flow.notify(notice.study_instance_uid)
+    return Notified(study_instance_uid=notice.study_instance_uid)
 
 
 def job_of(flow: PacsFlow, job_id: str) -> Job:
