@@ -3,8 +3,9 @@ Grad-CAM overlay as an RGB Secondary Capture and its class-probability report.
 
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
-demo, has a SeriesDescription starting "NOT FOR DIAGNOSIS". Each object opens a new series in the source's study;
-patient and study attributes are copied from the source, never invented.
+demo, has a SeriesDescription starting "NOT FOR DIAGNOSIS". Each object opens a new series in the source's study.
+Patient and study attributes come from the source's de-identified header (`study_reference`), like the SEG the MRI
+route returns: PatientID and the study's UIDs and dates, never names or birth dates.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import ENHANCING, NECROTIC_CORE, OEDEMA, SegmentationCard
 from core.volumes import SeriesSource
+from preprocessing.dicom_series import deidentified_header
 
 OUR_MANUFACTURER = "NeuroNova Inference"
 """The Manufacturer of every object we write: how our own result series are recognised (`pacs.selection`)."""
@@ -38,6 +40,8 @@ _DEMO = re.compile(r"\bdemo\b|not for clinical use", re.IGNORECASE)
 _LO = 64
 """Longest DICOM LO (Long String) value."""
 _PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))
+_TYPE_2_PATIENT_STUDY = ("PatientID", "PatientSex", "StudyID", "StudyDate", "StudyTime")
+"""Type-2 Patient and General Study attributes (beside those `deidentified_header` empties) highdicom copies."""
 """DICOM patient-orientation letters of the +/- x, y, z axes of the LPS patient system."""
 
 Card = SegmentationCard | ClassificationCard
@@ -120,6 +124,16 @@ def shown_without_sr(objects: Sequence[Dataset]) -> list[Dataset]:
     return [ds for ds in objects if ds.Modality != "SR"]
 
 
+def study_reference(source: Dataset) -> Dataset:
+    """The source's header as the result objects copy it: de-identified (no pixel data, names, birth date or
+    private tags), with every type-2 patient and study attribute present (empty when the source lacks it)."""
+    reference = deidentified_header(source)
+    for keyword in _TYPE_2_PATIENT_STUDY:
+        if keyword not in reference:
+            setattr(reference, keyword, "")
+    return reference
+
+
 def dataset_bytes(dataset: Dataset) -> bytes:
     """A result object as a DICOM Part 10 file (what STOW-RS and C-STORE send)."""
     buffer = DicomBytesIO()
@@ -151,7 +165,7 @@ def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: Segmentation
         for number, label in enumerate(present, start=1)
     ]
     return hd.seg.Segmentation(
-        source_images=list(source.headers), pixel_array=frames,
+        source_images=[study_reference(header) for header in source.headers], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
         **identity.equipment("tumour segmentation"),
@@ -204,7 +218,7 @@ def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: Classific
     same_grid = overlay_rgb.shape[:2] == (source.get("Rows"), source.get("Columns"))
     spacing = source.get("PixelSpacing") if same_grid else None
     capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
+        ref_dataset=study_reference(source), pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
         series_instance_uid=hd.UID(), series_number=CT_OVERLAY_SERIES_NUMBER, sop_instance_uid=hd.UID(),
         instance_number=1, pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
@@ -233,7 +247,8 @@ def patient_orientation(cosines: Sequence[float] | None) -> tuple[str, str]:
 def ct_probability_report(source: Dataset, probabilities: dict[str, float], predicted: str,
                           card: ClassificationCard, model_tag: str) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report on the source slice: one measurement group per class (finding type = the class, one
-    Probability measurement), the predicted class's group also holding it as Classification; probabilities must sum to 1."""
+    Probability measurement), the predicted class's group also holding it as Classification; the probabilities
+    must sum to 1."""
     if predicted not in probabilities:
         raise ValueError(f"predicted class {predicted!r} is not among {sorted(probabilities)}")
     if not np.isclose(sum(probabilities.values()), 1.0, atol=1e-4):
@@ -256,7 +271,8 @@ def ct_probability_report(source: Dataset, probabilities: dict[str, float], pred
                                      procedure_reported=codes.LN.HeadCT, imaging_measurements=groups,
                                      title=codes.DCM.ImagingMeasurementReport)
     return hd.sr.Comprehensive3DSR(
-        evidence=[source], content=report, series_instance_uid=hd.UID(), series_number=CT_REPORT_SERIES_NUMBER,
+        evidence=[study_reference(source)], content=report, series_instance_uid=hd.UID(),
+        series_number=CT_REPORT_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, is_complete=True,
         coding_schemes=[CodingSchemeIdentificationItem(designator=CLASS_SCHEME,
                                                              name="NeuroNova Inference classes")],
