@@ -25,7 +25,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import ENHANCING, NECROTIC_CORE, OEDEMA, SegmentationCard
+from core.schemas import LabelStatistics
 from core.volumes import SeriesSource
+from postprocessing.measurements import MM3_PER_ML
 from preprocessing.dicom_series import deidentified_header
 
 OUR_MANUFACTURER = "NeuroNova Inference"
@@ -134,6 +136,12 @@ def study_reference(source: Dataset) -> Dataset:
     return reference
 
 
+def result_uid(uid_key: str | None, *parts: str) -> str:
+    """A new UID; with `uid_key` (e.g. a PACS job's idempotency key) the same UID for the same key and parts, so a
+    job done again writes the same instances again (the PACS keeps one of each) rather than a second result set."""
+    return hd.UID() if uid_key is None else generate_uid(entropy_srcs=[uid_key, *parts])
+
+
 def dataset_bytes(dataset: Dataset) -> bytes:
     """A result object as a DICOM Part 10 file (what STOW-RS and C-STORE send)."""
     buffer = DicomBytesIO()
@@ -141,13 +149,13 @@ def dataset_bytes(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str
-                    ) -> hd.seg.Segmentation:
+def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str, *,
+                    uid_key: str | None = None) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of the tumour labels present, on and referencing the source series.
 
     `labels` is on the series' own grid: x = column, y = row, z = the series' slices in `source.headers` order.
     Patient and study attributes come from the de-identified headers, so no names or birth dates are written.
-    Segment labels are the card's label names.
+    Segment labels are the card's label names. `uid_key`: see `result_uid`.
     """
     identity = ModelIdentity.of(card, model_tag)
     present = [label for label in card.tumor_labels() if np.any(labels == label.value)]
@@ -167,19 +175,21 @@ def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: Segmentation
     return hd.seg.Segmentation(
         source_images=[study_reference(header) for header in source.headers], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+        series_instance_uid=result_uid(uid_key, "seg", "series"), series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid_key, "seg", "instance"), instance_number=1,
         **identity.equipment("tumour segmentation"),
     )
 
 
 def mr_measurement_report(segmentation: hd.seg.Segmentation, source_images: list[Dataset],
-                          volumes_ml: dict[str, float], card: SegmentationCard, model_tag: str
-                          ) -> hd.sr.Comprehensive3DSR:
+                          volumes_ml: dict[str, float], card: SegmentationCard, model_tag: str, *,
+                          uid_key: str | None = None) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 measurement report: per SEG segment, its volume in mL, referencing the segment.
 
     `volumes_ml` maps each segment label (the card's label names) to its volume as the pipeline measured it,
-    i.e. voxel count x voxel volume (`postprocessing.measurements.label_statistics`); it must name exactly the
-    SEG's segments. `source_images` are the source series' instances (headers suffice) the SEG references.
+    i.e. voxel count x voxel volume (`segment_volumes_ml`); it must name exactly the SEG's segments.
+    `source_images` are the source series' instances (headers suffice) the SEG references. `uid_key`: see
+    `result_uid`.
     """
     identity = ModelIdentity.of(card, model_tag)
     segments = {item.SegmentLabel: item for item in segmentation.SegmentSequence}
@@ -187,7 +197,8 @@ def mr_measurement_report(segmentation: hd.seg.Segmentation, source_images: list
         raise ValueError(f"volumes name {sorted(volumes_ml)}, the SEG's segments are {sorted(segments)}")
     groups = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(uid_key, "mr-report", label),
+                                                         identifier=label),
             referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, item.SegmentNumber),
             finding_category=hd.sr.CodedConcept.from_dataset(item.SegmentedPropertyCategoryCodeSequence[0]),
             finding_type=hd.sr.CodedConcept.from_dataset(item.SegmentedPropertyTypeCodeSequence[0]),
@@ -203,25 +214,29 @@ def mr_measurement_report(segmentation: hd.seg.Segmentation, source_images: list
                                      procedure_reported=codes.LN.BrainMRI, imaging_measurements=groups,
                                      title=codes.DCM.ImagingMeasurementReport)
     return hd.sr.Comprehensive3DSR(
-        evidence=[segmentation, *source_images], content=report, series_instance_uid=hd.UID(),
-        series_number=MR_REPORT_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1, is_complete=True,
+        evidence=[segmentation, *source_images], content=report,
+        series_instance_uid=result_uid(uid_key, "mr-report", "series"), series_number=MR_REPORT_SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid_key, "mr-report", "instance"), instance_number=1, is_complete=True,
         **identity.equipment("tumour volumes"),
     )
 
 
-def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: ClassificationCard, model_tag: str
-                       ) -> hd.sc.SCImage:
+def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: ClassificationCard, model_tag: str, *,
+                       uid_key: str | None = None) -> hd.sc.SCImage:
     """The Grad-CAM overlay (uint8 RGB, rows x columns x 3, as `xai.render.overlay` draws it in the source's
     geometry) as a Secondary Capture in the source's study, in a new series; the source's pixel spacing and
-    orientation are kept when the overlay has the source's size."""
+    orientation are kept when the overlay has the source's size. `uid_key`: see `result_uid`."""
+    if overlay_rgb.dtype != np.uint8 or overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3:
+        raise ValueError(f"the overlay must be uint8 rows x columns x 3, not {overlay_rgb.dtype} {overlay_rgb.shape}")
     identity = ModelIdentity.of(card, model_tag)
     same_grid = overlay_rgb.shape[:2] == (source.get("Rows"), source.get("Columns"))
     spacing = source.get("PixelSpacing") if same_grid else None
     capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=study_reference(source), pixel_array=np.ascontiguousarray(overlay_rgb, dtype=np.uint8),
+        ref_dataset=study_reference(source), pixel_array=np.ascontiguousarray(overlay_rgb),
         photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-        series_instance_uid=hd.UID(), series_number=CT_OVERLAY_SERIES_NUMBER, sop_instance_uid=hd.UID(),
-        instance_number=1, pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
+        series_instance_uid=result_uid(uid_key, "ct-overlay", "series"), series_number=CT_OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid_key, "ct-overlay", "instance"), instance_number=1,
+        pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
         patient_orientation=patient_orientation(source.get("ImageOrientationPatient") if same_grid else None),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         **identity.equipment("Grad-CAM overlay"),
@@ -245,10 +260,11 @@ def patient_orientation(cosines: Sequence[float] | None) -> tuple[str, str]:
 
 
 def ct_probability_report(source: Dataset, probabilities: dict[str, float], predicted: str,
-                          card: ClassificationCard, model_tag: str) -> hd.sr.Comprehensive3DSR:
+                          card: ClassificationCard, model_tag: str, *, uid_key: str | None = None
+                          ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report on the source slice: one measurement group per class (finding type = the class, one
     Probability measurement), the predicted class's group also holding it as Classification; the probabilities
-    must sum to 1."""
+    must sum to 1. `uid_key`: see `result_uid`."""
     if predicted not in probabilities:
         raise ValueError(f"predicted class {predicted!r} is not among {sorted(probabilities)}")
     if not np.isclose(sum(probabilities.values()), 1.0, atol=1e-4):
@@ -257,7 +273,8 @@ def ct_probability_report(source: Dataset, probabilities: dict[str, float], pred
     image = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(uid_key, "ct-report", name),
+                                                         identifier=name),
             finding_type=class_concept(name), finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
             algorithm_id=identity.sr_algorithm(), source_images=[image],
             measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability),
@@ -271,11 +288,10 @@ def ct_probability_report(source: Dataset, probabilities: dict[str, float], pred
                                      procedure_reported=codes.LN.HeadCT, imaging_measurements=groups,
                                      title=codes.DCM.ImagingMeasurementReport)
     return hd.sr.Comprehensive3DSR(
-        evidence=[study_reference(source)], content=report, series_instance_uid=hd.UID(),
-        series_number=CT_REPORT_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(), instance_number=1, is_complete=True,
-        coding_schemes=[CodingSchemeIdentificationItem(designator=CLASS_SCHEME,
-                                                             name="NeuroNova Inference classes")],
+        evidence=[study_reference(source)], content=report,
+        series_instance_uid=result_uid(uid_key, "ct-report", "series"), series_number=CT_REPORT_SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid_key, "ct-report", "instance"), instance_number=1, is_complete=True,
+        coding_schemes=[CodingSchemeIdentificationItem(designator=CLASS_SCHEME, name="NeuroNova Inference classes")],
         **identity.equipment("class probabilities"),
     )
 
@@ -286,18 +302,24 @@ def class_concept(name: str) -> hd.sr.CodedConcept:
 
 
 def mr_results(labels: np.ndarray, source: SeriesSource, volumes_ml: dict[str, float], card: SegmentationCard,
-               model_tag: str) -> ResultSet:
-    """The MR result set: the SEG, then its measurement report."""
-    segmentation = mr_segmentation(labels, source, card, model_tag)
-    return ResultSet((segmentation, mr_measurement_report(segmentation, list(source.headers), volumes_ml, card,
-                                                          model_tag)))
+               model_tag: str, *, uid_key: str | None = None) -> ResultSet:
+    """The MR result set: the SEG, then its measurement report (see `mr_segmentation`, `mr_measurement_report`)."""
+    segmentation = mr_segmentation(labels, source, card, model_tag, uid_key=uid_key)
+    report = mr_measurement_report(segmentation, list(source.headers), volumes_ml, card, model_tag, uid_key=uid_key)
+    return ResultSet((segmentation, report))
 
 
 def ct_results(source: Dataset, overlay_rgb: np.ndarray, probabilities: dict[str, float], predicted: str,
-               card: ClassificationCard, model_tag: str) -> ResultSet:
+               card: ClassificationCard, model_tag: str, *, uid_key: str | None = None) -> ResultSet:
     """The CT result set: the overlay capture, then the probability report."""
-    return ResultSet((ct_overlay_capture(source, overlay_rgb, card, model_tag),
-                      ct_probability_report(source, probabilities, predicted, card, model_tag)))
+    return ResultSet((ct_overlay_capture(source, overlay_rgb, card, model_tag, uid_key=uid_key),
+                      ct_probability_report(source, probabilities, predicted, card, model_tag, uid_key=uid_key)))
+
+
+def segment_volumes_ml(statistics: Sequence[LabelStatistics]) -> dict[str, float]:
+    """Each present label's volume in mL as `postprocessing.measurements.label_statistics` measured it (voxel count
+    x voxel volume; from its mm³, which keeps more digits than its mL): what `mr_measurement_report` takes."""
+    return {s.label: s.volume_mm3 / MM3_PER_ML for s in statistics if s.voxel_count}
 
 
 def read_volumes_ml(report: Dataset) -> dict[str, float]:

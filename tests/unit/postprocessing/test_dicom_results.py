@@ -28,6 +28,7 @@ from postprocessing.dicom_results import (
     patient_orientation,
     read_probabilities,
     read_volumes_ml,
+    segment_volumes_ml,
 )
 from postprocessing.measurements import label_statistics
 from preprocessing.volumes import decode_upload
@@ -54,7 +55,8 @@ def mr_case():
     files = case_dicom_files(case, sequences=("FLAIR",))["FLAIR"]
     volume = decode_upload([(None, f) for f in files], MR_CARD.input, LIMITS)
     statistics = label_statistics(case.labels, volume.affine, MR_CARD)
-    volumes_ml = {s.label: s.volume_ml for s in statistics if s.voxel_count}
+    volumes_ml = segment_volumes_ml(statistics)
+    assert volumes_ml == pytest.approx({s.label: s.volume_ml for s in statistics if s.voxel_count}, abs=1e-4)
     return volume.source_of("FLAIR"), case.labels, volumes_ml
 
 
@@ -210,3 +212,32 @@ def test_a_model_not_marked_demo_writes_no_warning_prefix(ct_source, ct_overlay)
 def test_small_helpers() -> None:
     assert class_concept("No Tumor").value == "NO_TUMOR" and class_concept("No Tumor").meaning == "No Tumor"
     assert patient_orientation([0, 1, 0, 0, 0, -1]) == ("P", "F") and patient_orientation(None) == ("L", "P")
+
+
+def test_a_uid_key_makes_a_redone_job_write_the_same_instances(mr_case, ct_source, ct_overlay) -> None:
+    source, labels, volumes_ml = mr_case
+
+    def uids(key: str | None) -> list[tuple[str, str]]:
+        mr = mr_results(labels, source, volumes_ml, MR_CARD, MR_TAG, uid_key=key).objects
+        ct = ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", CT_CARD, CT_TAG, uid_key=key).objects
+        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in (*mr, *ct)]
+
+    once, again = uids("study-1/series-a/neuronova-mri:v1"), uids("study-1/series-a/neuronova-mri:v1")
+    assert once == again and len({uid for pair in once for uid in pair}) == 8
+    assert not set(once) & set(uids("study-1/series-a/neuronova-mri:v2"))
+    assert not set(uids(None)) & set(uids(None))
+
+
+def test_realistic_probabilities_and_overlays(ct_source, ct_overlay) -> None:
+    logits = np.array([2.3, -0.4, 0.9, -1.7], np.float32)
+    softmax = np.exp(logits) / np.exp(logits).sum()
+    probabilities = dict(zip(CT_CLASSES, softmax.tolist()))
+    report = round_trip(ct_probability_report(ct_source, probabilities, "Glioma", CT_CARD, CT_TAG))
+    read, predicted = read_probabilities(report)
+    assert read == pytest.approx(probabilities, abs=1e-9) and sum(read.values()) == pytest.approx(1.0, abs=1e-6)
+
+    smaller = np.ascontiguousarray(ct_overlay[::2, ::2])
+    capture = round_trip(ct_results(ct_source, smaller, probabilities, predicted, CT_CARD, CT_TAG).objects[0])
+    assert capture.pixel_array.shape == smaller.shape and "PixelSpacing" not in capture  # not the source's grid
+    with pytest.raises(ValueError, match="uint8 rows x columns x 3"):
+        ct_results(ct_source, ct_overlay / 255.0, probabilities, predicted, CT_CARD, CT_TAG)
