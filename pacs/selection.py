@@ -21,6 +21,12 @@ from postprocessing.dicom_results import OUR_MANUFACTURER
 
 Orientation = Literal["axial", "sagittal", "coronal"]
 ModelId = Literal["mri_segmentation", "ct_classification"]
+FACT_KEYWORDS: tuple[str, ...] = (
+    "SeriesInstanceUID", "Modality", "SeriesDescription", "SliceThickness", "ImageType", "ImageOrientationPatient",
+    "SeriesNumber", "Manufacturer", "SoftwareVersions",
+)
+"""All `SeriesFacts.from_instance` reads (beside an enhanced image's shared functional groups): the `includefield`
+values a QIDO-RS instance search needs to ask for."""
 _ORIENTATION_OF_NORMAL_AXIS: tuple[Orientation, ...] = ("sagittal", "coronal", "axial")
 """The plane whose normal runs mostly along the patient's x (left-right), y (front-back) or z (head-foot) axis."""
 

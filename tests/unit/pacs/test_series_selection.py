@@ -17,7 +17,7 @@ from pydicom.tag import Tag
 
 from core.cards.base import DEMO_INTENDED_USE, Provenance
 from core.cards.classification import CT_CLASSES, ClassificationCard
-from pacs.selection import ModelRules, SeriesFacts, SeriesRule, is_our_output, orientation, select_series
+from pacs.selection import FACT_KEYWORDS, ModelRules, SeriesFacts, SeriesRule, is_our_output, orientation, select_series
 from postprocessing.dicom_results import OUR_MANUFACTURER, ct_overlay_capture
 from training_export.synthetic_ct import generate_ct_slice, write_ct_dicom
 from training_export.synthetic_mri import synthetic_case
@@ -77,6 +77,16 @@ def test_a_four_sequence_mr_study_gives_each_role_its_series(mr_study, mr_facts)
     assert selection.matched and selection.reason is None and selection.model_id == "mri_segmentation"
     assert selection.series == {ROLE_OF_SEQUENCE[s]: facts.series_uid for s, facts in mr_facts.items()}
     assert list(selection.series) == list(MRI_RULES.series)  # roles in the rules' order
+
+
+def test_the_fact_keywords_are_all_selection_reads(mr_study, mr_facts, ct_slice) -> None:
+    """What a QIDO-RS search with includefield=FACT_KEYWORDS returns gives the same facts as the full metadata."""
+    for full in (pydicom.dcmread(io.BytesIO(mr_study["T2"][0])), ct_slice):
+        searched = Dataset()
+        for keyword in FACT_KEYWORDS:
+            if keyword in full:
+                searched[keyword] = full[keyword]
+        assert SeriesFacts.from_instance(searched, 7) == SeriesFacts.from_instance(metadata(full), 7)
 
 
 def test_a_series_serves_one_role_even_where_a_greedy_choice_would_starve_another(mr_facts) -> None:
