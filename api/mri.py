@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from api.budgets import scaled, within_budget
 from api.models import ModelSlot
@@ -43,6 +42,7 @@ from core.settings import LimitSettings
 from core.tasks import TaskStore
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
+from postprocessing.dicom_results import dataset_bytes
 from postprocessing.masks import (
     PostProcessingOptions,
     clean_mask,
@@ -140,16 +140,10 @@ async def segment_series(
     through the same validated decoding as uploads (written back as Part 10 files, one sequence after another), so
     a PACS's objects meet every check an upload meets."""
     uploads = await asyncio.to_thread(lambda: [
-        (f"{sequence}-{index}.dcm", part10_bytes(dataset))
+        (f"{sequence}-{index}.dcm", dataset_bytes(dataset))
         for sequence, datasets in series.items() for index, dataset in enumerate(datasets)
     ])
     return await segment_uploads(slot, tasks, replace(request, sequence_type=list(series)), uploads, limits)
-
-
-def part10_bytes(dataset: Dataset) -> bytes:
-    buffer = DicomBytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 async def segment_uploads(

@@ -33,7 +33,7 @@ from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
 from pacs.jobs import NO_RULE, Job, JobStore
 from pacs.selection import SeriesFacts, select_series
-from postprocessing.dicom_results import ct_results, dataset_bytes, mr_results
+from postprocessing.dicom_results import ct_results, dataset_bytes, mr_results, segment_volumes_ml
 from xai.render import overlay, to_source_geometry
 
 log = logging.getLogger("neuronova.pacs")
@@ -169,11 +169,11 @@ class PacsFlow:
             self.jobs.log(job.job_id, "no tumour was found: no SEG or report written")
             return []
         card = (await slot.loaded()).card
-        voxel_ml = volume.voxel_volume_mm3 / 1000.0
-        volumes = {s.label: s.voxel_count * voxel_ml for s in response.result.label_statistics if s.voxel_count}
         labels = mri.delivered_labels(response.result.mask)
-        source = volume.source_of(volume.reference_sequence)
-        built = await asyncio.to_thread(mr_results, labels, source, volumes, card, response.model_version)
+        built = await asyncio.to_thread(
+            lambda: mr_results(labels, volume.source_of(volume.reference_sequence),
+                               segment_volumes_ml(response.result.label_statistics), card, response.model_version,
+                               uid_key=job.job_id))
         return list(built.objects)
 
     async def _classify(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
@@ -187,8 +187,8 @@ class PacsFlow:
         heatmap = next(iter(out.heatmaps.values()))
         overlay_rgb = overlay(out.prepared.display, to_source_geometry(heatmap, out.prepared.display.shape))
         probabilities = {label: float(p) for label, p in zip(card.contract_labels(), out.probabilities)}
-        built = await asyncio.to_thread(ct_results, source, overlay_rgb, probabilities, result.predicted_class, card,
-                                        out.model.tag)
+        built = await asyncio.to_thread(lambda: ct_results(source, overlay_rgb, probabilities, result.predicted_class,
+                                                           card, out.model.tag, uid_key=job.job_id))
         return list(built.objects)
 
     async def export(self, job: Job, folder: Path) -> None:

@@ -7,9 +7,12 @@ Imported by the service only when `NEURONOVA_PACS__CONFIG` is set.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from api.models import ModelSlot
 from core.errors import NotFound
@@ -18,6 +21,7 @@ from core.tasks import TaskStore
 from pacs.config import load_config
 from pacs.flow import PacsFlow, hold_poller_lock
 from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
+from preprocessing.transforms import to_layout
 
 log = logging.getLogger("neuronova.pacs")
 
@@ -42,6 +46,23 @@ def recover(settings: Settings) -> None:
                     ", ".join(requeued))
 
 
+async def warm_up(flow: PacsFlow) -> None:
+    """Load now what the first job of each configured model would otherwise wait for (tens of seconds on a busy
+    2-core machine): the MRI pipeline in this worker, Grad-CAM (torch) in the CT runner, by one blank explanation.
+    A PACS-connected server runs both with every study, so the memory is spent anyway."""
+    models = {rules.model_id for rules in flow.config.models}
+    try:
+        if "mri_segmentation" in models:
+            await asyncio.to_thread(importlib.import_module, "api.mri")
+        if "ct_classification" in models:
+            slot = flow.slots["ct_classification"]
+            spec = (await slot.loaded()).card.input
+            blank = np.zeros((spec.channels, spec.height, spec.width), dtype=np.float32)
+            await slot.call("explain", to_layout(blank, spec)[None])
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only means a slower first job
+        log.warning("pacs: warm-up incomplete (%s): the first job loads what it needs", type(exc).__name__)
+
+
 class Background:
     """The worker's PACS tasks: the job loop always, the `/changes` poller where configured and this worker holds
     the poller lock."""
@@ -53,6 +74,7 @@ class Background:
         self.lock: Any = None
 
     def start(self) -> None:
+        self.tasks.append(asyncio.create_task(warm_up(self.flow), name="pacs-warm-up"))
         self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
         if self.flow.config.changes is not None:
             self.lock = hold_poller_lock(self.data_dir / "pacs" / "poller.lock")
