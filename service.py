@@ -129,9 +129,10 @@ class NeuroNova:
 
     @bentoml.on_startup
     async def start_pacs(self) -> None:
-        """Each API worker works the PACS job queue (and one of them polls `/changes`) where configured."""
+        """Where configured, each API worker warms up what PACS jobs run (it is ready after that) and works the PACS
+        job queue; one of them polls `/changes`."""
         if self.pacs_background is not None:
-            self.pacs_background.start()
+            await self.pacs_background.start()
 
     @bentoml.on_shutdown
     async def stop_pacs(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from api.models import ModelSlot
-from core.errors import NotFound
+from core.errors import ModelNotLoaded, NotFound
 from core.settings import Settings
 from core.tasks import TaskStore
 from pacs.config import load_config
@@ -46,21 +47,34 @@ def recover(settings: Settings) -> None:
                     ", ".join(requeued))
 
 
-async def warm_up(flow: PacsFlow) -> None:
-    """Load now what the first job of each configured model would otherwise wait for (tens of seconds on a busy
-    2-core machine): the MRI pipeline in this worker, Grad-CAM (torch) in the CT runner, by one blank explanation.
-    A PACS-connected server runs both with every study, so the memory is spent anyway."""
-    models = {rules.model_id for rules in flow.config.models}
-    try:
-        if "mri_segmentation" in models:
-            await asyncio.to_thread(importlib.import_module, "api.mri")
-        if "ct_classification" in models:
-            slot = flow.slots["ct_classification"]
+async def warm_up_pipeline(flow: PacsFlow) -> None:
+    """Import the MRI pipeline in this worker now (tens of seconds on a busy 2-core machine) rather than with the
+    first MRI job: a PACS-connected server segments every brain-MR study, so its first is served at full speed."""
+    if any(rules.model_id == "mri_segmentation" for rules in flow.config.models):
+        await asyncio.to_thread(importlib.import_module, "api.mri")
+
+
+async def warm_up_gradcam(flow: PacsFlow, runner_wait_s: float = 300.0) -> None:
+    """Have the CT runner load Grad-CAM (torch) by one blank explanation, once it answers (after start-up: the
+    runners are reachable only once the workers serve); every CT job of the PACS explains."""
+    if not any(rules.model_id == "ct_classification" for rules in flow.config.models):
+        return
+    slot = flow.slots["ct_classification"]
+    deadline = time.monotonic() + runner_wait_s
+    while True:
+        try:
             spec = (await slot.loaded()).card.input
             blank = np.zeros((spec.channels, spec.height, spec.width), dtype=np.float32)
             await slot.call("explain", to_layout(blank, spec)[None])
-    except Exception as exc:  # noqa: BLE001 - a failed warm-up only means a slower first job
-        log.warning("pacs: warm-up incomplete (%s): the first job loads what it needs", type(exc).__name__)
+            return
+        except ModelNotLoaded:
+            if time.monotonic() > deadline:
+                log.warning("pacs: the CT runner did not answer for the warm-up: the first CT job loads Grad-CAM")
+                return
+            await asyncio.sleep(1.0)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only makes the first CT job slower
+            log.warning("pacs: CT warm-up failed (%s): the first CT job loads Grad-CAM", type(exc).__name__)
+            return
 
 
 class Background:
@@ -73,8 +87,10 @@ class Background:
         self.tasks: list[asyncio.Task] = []
         self.lock: Any = None
 
-    def start(self) -> None:
-        self.tasks.append(asyncio.create_task(warm_up(self.flow), name="pacs-warm-up"))
+    async def start(self) -> None:
+        """Import the MRI pipeline (the worker is ready after it), then work the queue in the background."""
+        await warm_up_pipeline(self.flow)
+        self.tasks.append(asyncio.create_task(warm_up_gradcam(self.flow), name="pacs-warm-up"))
         self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
         if self.flow.config.changes is not None:
             self.lock = hold_poller_lock(self.data_dir / "pacs" / "poller.lock")

@@ -139,7 +139,9 @@ def test_3_every_result_object_is_valid_dicom_naming_the_model_version(orthanc: 
             assert_dciodvfy_clean(dataset)
             what = f"{name} {dataset.Modality}"
             assert dataset.get("SoftwareVersions") == job["model_version"], what
-            assert job["model_version"] in dataset.ContributingEquipmentSequence[0].ContributionDescription, what
+            assert any(item.get("SoftwareVersions") == job["model_version"]
+                       and job["model_version"] in item.ContributionDescription
+                       for item in dataset.ContributingEquipmentSequence), what
             assert dataset.SeriesDescription.startswith("NOT FOR DIAGNOSIS"), what
 
 
