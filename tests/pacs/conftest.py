@@ -126,7 +126,7 @@ class PacsService:
 
     def config(self, changes: bool) -> Path:
         config = yaml.safe_load((ROOT / "deploy" / "pacs" / "pacs.yaml").read_text())
-        config["source"] = {"url": self.orthanc.dicomweb_url}
+        config["source"] = {"url": self.orthanc.dicomweb_url, "timeout_seconds": 5}
         config["export_retry"] = {"initial_seconds": 1, "max_seconds": 4}
         config["poll_seconds"] = 0.2
         if changes:
