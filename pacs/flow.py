@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from api.classification import GRAD_CAM, classify_slice
 from api.models import ModelSlot
 from api.shaping import class_probabilities
-from core.errors import ModelNotLoaded, NeuroNovaError
+from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
 from core.settings import LimitSettings
 from core.tasks import TaskStore
 from pacs.config import PacsConfig
@@ -38,6 +38,8 @@ from xai.render import overlay, to_source_geometry
 
 log = logging.getLogger("neuronova.pacs")
 STABLE_STUDY = "StableStudy"
+OVERLOADED = "ServiceUnavailable"
+"""A runner call shed by adaptive batching (pitfall G13) or a runner restarting: the job is tried again later."""
 
 
 class PacsFlow:
@@ -125,21 +127,27 @@ class PacsFlow:
                 self.jobs.ready_to_export(job.job_id, f"built {len(datasets)} result object(s): "
                                           + ", ".join(str(ds.Modality) for ds in datasets))
             await self.export(job, folder)
-        except PacsUnavailable as exc:
+        except (PacsUnavailable, ModelNotLoaded, ModelInferenceError) as exc:
+            if isinstance(exc, ModelInferenceError) and exc.details.get("reason") != OVERLOADED:
+                self._failed(job, exc)
+                return
             current = self.jobs.get(job.job_id)
             delay = self.config.export_retry.delay((current.export_failures if current else 0) + 1)
             if current is not None and current.state == "exporting":
                 log.warning("pacs: job %s export failed (%s), retrying in %.1f s", job.job_id, exc, delay)
                 self.jobs.export_failed(job.job_id, f"export failed: {exc}", delay)
             else:
-                log.warning("pacs: job %s could not read its series (%s), retrying in %.1f s", job.job_id, exc, delay)
-                self.jobs.retry_later(job.job_id, f"retrieve failed: {exc}", delay)
+                log.warning("pacs: job %s could not run now (%s), retrying in %.1f s", job.job_id, exc, delay)
+                self.jobs.retry_later(job.job_id, f"could not run now: {exc}", delay)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one job's failure is recorded, never the worker's end
-            reason = exc.message if isinstance(exc, NeuroNovaError) else f"{type(exc).__name__}: {exc}"
-            log.warning("pacs: job %s failed: %s", job.job_id, reason)
-            self.jobs.fail(job.job_id, reason[:500])
+            self._failed(job, exc)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        reason = exc.message if isinstance(exc, NeuroNovaError) else f"{type(exc).__name__}: {exc}"
+        log.warning("pacs: job %s failed: %s", job.job_id, reason)
+        self.jobs.fail(job.job_id, reason[:500])
 
     async def compute(self, job: Job) -> list[Dataset]:
         """Retrieve the job's series and run its model; the result objects, in store order."""
@@ -255,8 +263,8 @@ def read_results(folder: Path) -> list[Dataset]:
     return [dcmread(path) for path in sorted(folder.glob("*.dcm"))]
 
 
-def hold_poller_lock(path: Path) -> Any:
-    """An exclusive lock on `path` (one `/changes` poller per server), or None when another worker holds it.
+def hold_lock(path: Path) -> Any:
+    """An exclusive lock on `path` (e.g. one `/changes` poller per server), or None when another worker holds it.
     The lock lives as long as the returned file object (and goes with the process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "w")  # noqa: SIM115 - held open for the process's life

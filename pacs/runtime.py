@@ -20,7 +20,7 @@ from core.errors import ModelNotLoaded, NotFound
 from core.settings import Settings
 from core.tasks import TaskStore
 from pacs.config import load_config
-from pacs.flow import PacsFlow, hold_poller_lock
+from pacs.flow import PacsFlow, hold_lock
 from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
 from preprocessing.transforms import to_layout
 
@@ -54,12 +54,23 @@ async def warm_up_pipeline(flow: PacsFlow) -> None:
         await asyncio.to_thread(importlib.import_module, "api.mri")
 
 
-async def warm_up_gradcam(flow: PacsFlow, runner_wait_s: float = 300.0) -> None:
+async def warm_up_gradcam(flow: PacsFlow, lock_path: Path, runner_wait_s: float = 300.0) -> None:
     """Have the CT runner load Grad-CAM (torch) by one blank explanation, once it answers (after start-up: the
-    runners are reachable only once the workers serve); every CT job of the PACS explains."""
+    runners are reachable only once the workers serve); every CT job of the PACS explains. One worker does it (the
+    one holding `lock_path`): a second explanation queued behind the loading one would be shed by adaptive batching
+    (pitfall G13)."""
     if not any(rules.model_id == "ct_classification" for rules in flow.config.models):
         return
-    slot = flow.slots["ct_classification"]
+    lock = hold_lock(lock_path)
+    if lock is None:
+        return
+    try:
+        await _explain_blank(flow.slots["ct_classification"], runner_wait_s)
+    finally:
+        lock.close()
+
+
+async def _explain_blank(slot: ModelSlot, runner_wait_s: float) -> None:
     deadline = time.monotonic() + runner_wait_s
     while True:
         try:
@@ -90,10 +101,11 @@ class Background:
     async def start(self) -> None:
         """Import the MRI pipeline (the worker is ready after it), then work the queue in the background."""
         await warm_up_pipeline(self.flow)
-        self.tasks.append(asyncio.create_task(warm_up_gradcam(self.flow), name="pacs-warm-up"))
+        self.tasks.append(asyncio.create_task(warm_up_gradcam(self.flow, self.data_dir / "pacs" / "warm-up.lock"),
+                                              name="pacs-warm-up"))
         self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
         if self.flow.config.changes is not None:
-            self.lock = hold_poller_lock(self.data_dir / "pacs" / "poller.lock")
+            self.lock = hold_lock(self.data_dir / "pacs" / "poller.lock")
             if self.lock is not None:
                 self.tasks.append(asyncio.create_task(self.flow.poll_changes(), name="pacs-changes"))
                 log.info("pacs: polling %s/changes every %.1f s", self.flow.config.changes.url,
