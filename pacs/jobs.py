@@ -184,16 +184,23 @@ class JobStore:
         return 0 if row is None else int(row["failures"])
 
     def claim(self) -> Job | None:
-        """Lease the oldest due job (queued or exporting) to this process; a running job's runs counter goes up."""
+        """Lease the oldest due job to this process: queued (it starts running: its runs counter goes up), exporting,
+        or running under a worker process that is gone (it runs again, unless it already ran `MAX_RUNS` times)."""
         now = time.time()
         with self._transaction() as connection:
             rows = connection.execute(
-                "SELECT job_id, state, lease_pid FROM pacs_jobs WHERE state IN ('queued', 'exporting') "
+                "SELECT job_id, state, lease_pid, runs FROM pacs_jobs WHERE state IN ('queued', 'exporting', 'running') "
                 "AND not_before <= ? ORDER BY created_at", (now,)).fetchall()
             for row in rows:
                 if row["lease_pid"] is not None and _pid_alive(row["lease_pid"]):
                     continue
-                if row["state"] == "queued":
+                if row["state"] == "running":
+                    if row["runs"] >= MAX_RUNS:
+                        self._set(connection, row["job_id"], now, "failed: its worker ended mid-run twice",
+                                  state="failed", reason="interrupted twice", lease_pid=None)
+                        continue
+                    self._set(connection, row["job_id"], now, "its worker ended mid-run: running it again")
+                if row["state"] in ("queued", "running"):
                     connection.execute("UPDATE pacs_jobs SET state = 'running', runs = runs + 1, lease_pid = ?, "
                                        "updated_at = ? WHERE job_id = ?", (os.getpid(), now, row["job_id"]))
                 else:
@@ -238,7 +245,7 @@ class JobStore:
             for row in connection.execute("SELECT job_id, runs FROM pacs_jobs WHERE state = 'running'").fetchall():
                 if row["runs"] >= MAX_RUNS:
                     self._set(connection, row["job_id"], now, "failed: interrupted by a restart twice", state="failed",
-                              reason="interrupted by a restart twice", lease_pid=None)
+                              reason="interrupted twice", lease_pid=None)
                 else:
                     self._set(connection, row["job_id"], now, "interrupted by a restart: queued to run again",
                               state="queued", lease_pid=None, not_before=0)

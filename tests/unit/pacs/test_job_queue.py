@@ -74,8 +74,21 @@ def test_a_restart_runs_an_interrupted_job_again_once(jobs: JobStore) -> None:
         if run < MAX_RUNS:
             assert requeued == [job_id] and jobs.get(job_id).state == "queued"  # type: ignore[union-attr]
     job = jobs.get(job_id)
-    assert job is not None and job.state == "failed" and job.reason == "interrupted by a restart twice"
+    assert job is not None and job.state == "failed" and job.reason == "interrupted twice"
     assert jobs.claim() is None
+
+
+def test_a_job_whose_worker_died_mid_run_runs_again_once_without_a_restart(jobs: JobStore) -> None:
+    job_id, _ = jobs.add(STUDY, "mri_segmentation", "m:1", SERIES)
+    for run in range(1, MAX_RUNS + 1):
+        claimed = jobs.claim()
+        assert claimed is not None and claimed.job_id == job_id and claimed.runs == run
+        with jobs._connect() as connection:
+            connection.execute("UPDATE pacs_jobs SET lease_pid = ?", (dead_pid(),))
+    assert jobs.claim() is None
+    job = jobs.get(job_id)
+    assert job is not None and job.state == "failed" and job.reason == "interrupted twice"
+    assert "its worker ended mid-run: running it again" in [entry["message"] for entry in job.log]
 
 
 def test_an_export_that_fails_waits_its_backoff_and_keeps_its_state(jobs: JobStore) -> None:
