@@ -37,7 +37,11 @@ class StudySeries:
 def _client(endpoint: DicomWebEndpoint) -> DICOMwebClient:
     session = requests.Session()
     session.headers.update(endpoint.headers())
-    return DICOMwebClient(url=endpoint.url, session=session, timeout=endpoint.timeout_seconds)
+    client = DICOMwebClient(url=endpoint.url, session=session, timeout=endpoint.timeout_seconds)
+    # Its own retries (5 attempts, 2-16 s apart, on any exception: a refused connection took 30 s) would hold a
+    # worker; the job queue retries with backoff instead, and frees the worker meanwhile.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _calling(what: str):

@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from pydantic import ValidationError
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 
-from pacs.config import EndpointAuth, ExportRetry, PacsConfig, load_config
-from pacs.dicomweb import PacsRefused, PacsUnavailable, _calling
+from pacs.config import DicomWebEndpoint, EndpointAuth, ExportRetry, PacsConfig, load_config
+from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, _calling
 from pacs.jobs import MAX_RUNS, JobStore, idempotency_key
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -202,3 +206,17 @@ def test_transport_failures_are_retried_and_refusals_are_not() -> None:
         failing(http_error(503))()
     with pytest.raises(PacsRefused, match="HTTP 400"):
         failing(http_error(400))()
+
+
+def test_an_unreachable_pacs_fails_fast_for_the_queue_to_retry() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = DicomWebEndpoint(url=f"http://127.0.0.1:{port}/dicom-web", timeout_seconds=5)
+    pacs = DicomWebPacs(endpoint, endpoint)
+    started = time.monotonic()
+    with pytest.raises(PacsUnavailable, match="ConnectionError"):
+        pacs.study_series("1.2.3")
+    with pytest.raises(PacsUnavailable, match="ConnectionError"):
+        pacs.store("1.2.3", [dcmread(get_testdata_file("CT_small.dcm"))])
+    assert time.monotonic() - started < 5  # no client-side retries (dicomweb-client's own took 30 s)
