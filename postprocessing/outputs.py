@@ -5,15 +5,13 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 
-import highdicom as hd
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation
-from pydicom.filebase import DicomBytesIO
-from pydicom.sr.codedict import codes
 
 from core.cards.segmentation import ENHANCING, NECROTIC_CORE, OEDEMA, SegmentationCard
 from core.volumes import SeriesSource
+from postprocessing.dicom_results import dataset_bytes, mr_segmentation
 from xai.render import png_data_url
 
 LABEL_COLORS: dict[str, tuple[int, int, int]] = {
@@ -23,8 +21,6 @@ LABEL_COLORS: dict[str, tuple[int, int, int]] = {
 PREVIEW_ALPHA = 0.5
 _DISPLAY_PERCENTILES = (0.5, 99.5)
 _SCANNER_XFORM = 1
-_SEG_PROPERTY_TYPES = {NECROTIC_CORE: codes.SCT.Necrosis, OEDEMA: codes.SCT.Edema, ENHANCING: codes.SCT.Neoplasm}
-SEG_SERIES_NUMBER = 9901
 
 
 @dataclass(frozen=True)
@@ -92,35 +88,5 @@ def unit_grey(plane: np.ndarray) -> np.ndarray:
 
 
 def dicom_seg(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str) -> bytes:
-    """A binary DICOM SEG of the tumour labels present, on and referencing the source series (highdicom).
-
-    `labels` is on the series' own grid: x = column, y = row, z = the series' slices in `source.headers` order.
-    Patient and study attributes come from the de-identified headers, so no names or birth dates are written.
-    """
-    present = [label for label in card.tumor_labels() if np.any(labels == label.value)]
-    segment_of_value = np.zeros(256, dtype=np.uint8)
-    for number, label in enumerate(present, start=1):
-        segment_of_value[label.value] = number
-    frames = np.ascontiguousarray(np.transpose(segment_of_value[labels], (2, 1, 0)))
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=card.name[:64], version=model_tag[:64], family=codes.cid7162.ArtificialIntelligence,
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label.name,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=_SEG_PROPERTY_TYPES[label.name],
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-        )
-        for number, label in enumerate(present, start=1)
-    ]
-    segmentation = hd.seg.Segmentation(
-        source_images=list(source.headers), pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="NeuroNova", manufacturer_model_name="NeuroNova Inference", software_versions=model_tag[:64],
-        device_serial_number="0", series_description="NeuroNova tumour segmentation (AI, demo)",
-    )
-    buffer = DicomBytesIO()
-    segmentation.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    """The binary DICOM SEG of the tumour labels present (`dicom_results.mr_segmentation`) as a Part 10 file."""
+    return dataset_bytes(mr_segmentation(labels, source, card, model_tag))

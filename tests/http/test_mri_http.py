@@ -90,7 +90,8 @@ def test_dicom_series_zip_with_seg_and_cancel_across_processes(http, server_url)
     assert polled["status"] == "completed", polled
     body = http.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
     seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
-    assert seg.Modality == "SEG" and seg.SeriesDescription == "NeuroNova tumour segmentation (AI, demo)"
+    assert seg.Modality == "SEG" and seg.SeriesDescription == "NOT FOR DIAGNOSIS - NeuroNova tumour segmentation"
+    assert seg.Manufacturer == "NeuroNova Inference" and seg.SoftwareVersions == body["model_version"]
 
     # Cancel across processes while the runner holds the task: the runner process is frozen as soon as the API has
     # handed the volume over (step "inference"); frozen, it cannot finish, so the cancel (API worker) lands while the

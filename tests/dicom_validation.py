@@ -1,0 +1,50 @@
+"""DICOM conformance of the objects we write, checked by dicom3tools' `dciodvfy` (David Clunie's IOD verifier).
+
+A dataset passes when `dciodvfy` reports no line starting with "Error" (or "Abort": it could not read the file);
+warnings are allowed and shown only when the check fails. Where `dciodvfy` is not installed the check skips with the
+reason, except under CI (`CI` set), where it fails: CI installs dicom3tools (`.ci/run`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.postgres import under_ci
+
+DCIODVFY = "dciodvfy"
+FAILING_PREFIXES = ("Error", "Abort")
+
+
+def dciodvfy_findings(path: Path, binary: str) -> list[str]:
+    """`dciodvfy`'s report lines (errors, warnings) on a DICOM file."""
+    done = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+def require_dciodvfy() -> str:
+    """The `dciodvfy` binary; otherwise skip the test, or fail it under CI."""
+    binary = shutil.which(DCIODVFY)
+    if binary is not None:
+        return binary
+    reason = f"{DCIODVFY} is not on PATH (Debian: apt-get install dicom3tools)"
+    if under_ci():
+        pytest.fail(f"CI is set and the DICOM check cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def assert_dciodvfy_clean(dataset_or_path: Dataset | str | Path) -> None:
+    """Fail when `dciodvfy` reports an error on the dataset (written as a Part 10 file) or file."""
+    binary = require_dciodvfy()
+    with tempfile.TemporaryDirectory(prefix="neuronova-dciodvfy-") as folder:
+        path = Path(dataset_or_path) if isinstance(dataset_or_path, (str, Path)) else Path(folder) / "object.dcm"
+        if isinstance(dataset_or_path, Dataset):
+            dataset_or_path.save_as(path, enforce_file_format=True)
+        findings = dciodvfy_findings(path, binary)
+    errors = [line for line in findings if line.startswith(FAILING_PREFIXES)]
+    assert not errors, f"dciodvfy found {len(errors)} error(s):\n" + "\n".join(findings)
