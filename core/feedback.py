@@ -133,7 +133,7 @@ class FeedbackStore:
         replicas and no feedback URL of its own: the replicas' database, inputs as write-once files on the shared
         volume (`<shared_dir>/feedback/inputs`, named by their content's hash)."""
         distributed = settings.distributed
-        if settings.feedback.database_url is None and distributed.enabled:
+        if not settings.feedback.database_url and distributed.enabled:
             return cls(Path(settings.data_dir) / "feedback", distributed.database_url,
                        Path(distributed.shared_dir or settings.data_dir) / "feedback" / "inputs")
         return cls(Path(settings.data_dir) / "feedback", settings.feedback.database_url)

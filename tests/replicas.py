@@ -14,6 +14,7 @@ Use the session fixture `replicas` (a `ReplicaSet`); a test that kills, pauses o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,11 @@ READY_TIMEOUT_S = 300.0
 """Two replicas start side by side on a shared 2-core machine: model loading of both takes minutes at worst."""
 API_WORKERS = 1
 """API workers per replica (the service's default is 2): one keeps two replicas within CI's memory."""
+
+RATE_LIMITED_ROUTE = "/model_info"
+RATE_LIMITED_PER_MINUTE = 20
+"""One route with a low limit (per client, one limit across the replicas in distributed mode) for the rate-limit test;
+every other route keeps the HTTP tests' limit that never binds."""
 
 HAPROXY_CONFIG = """\
 global
@@ -219,6 +225,7 @@ def replica_env(name: str, home: Path, data_dir: Path, database_url: str, shared
         "NEURONOVA_DISTRIBUTED__DATABASE_URL": database_url,
         "NEURONOVA_DISTRIBUTED__SHARED_DIR": str(shared_dir),
         "NEURONOVA_DISTRIBUTED__REPLICA_ID": name,
+        "NEURONOVA_RATE_LIMIT__PER_ROUTE_PER_MINUTE": json.dumps({RATE_LIMITED_ROUTE: RATE_LIMITED_PER_MINUTE}),
     }
 
 
