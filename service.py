@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import bentoml
 import psutil
@@ -202,7 +202,7 @@ class NeuroNova:
         model_id: str,
         version: str | None = None,
         rollback: bool = False,
-        model_file: Optional[Path] = None,  # noqa: UP045 - not `Path | None`: BentoML refuses the upload (G19)
+        model_file: Path = None,  # type: ignore[assignment] - `Path | None` and Optional[Path] break uploads (G19)
         sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
     ) -> UpdateModelResponse:
         """Admin: switch a model to another store version, or an uploaded export (with sha256), or roll back."""
