@@ -31,7 +31,7 @@ def distributed(postgres_server, tmp_path, monkeypatch) -> str:
     url = postgres_server.new_database()
     monkeypatch.setenv("NEURONOVA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("NEURONOVA_DISTRIBUTED__DATABASE_URL", url)
-    monkeypatch.setenv("NEURONOVA_DISTRIBUTED__SHARED_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("NEURONOVA_DISTRIBUTED__SHARED_DIR", str(tmp_path / "volume"))
     get_settings.cache_clear()
     yield url
     get_settings.cache_clear()
@@ -129,10 +129,10 @@ def test_rate_limit_fails_open_without_the_database():
 
 def test_request_cache_and_feedback_live_on_the_shared_volume(distributed, tmp_path):
     settings = get_settings()
-    assert cache_directory(settings) == tmp_path / "shared" / "request_cache"
+    assert cache_directory(settings) == tmp_path / "volume" / "request_cache"
     feedback = FeedbackStore.from_settings(settings)
     assert feedback.engine.dialect.name == "postgresql"
-    assert isinstance(feedback.inputs, InputFiles) and feedback.inputs.directory == tmp_path / "shared" / "feedback" / "inputs"
+    assert isinstance(feedback.inputs, InputFiles) and feedback.inputs.directory == tmp_path / "volume" / "feedback" / "inputs"
     cached = CachedRequest(request_id="r1", model_id="ct_classification", model_version="neuronova-ct:v1",
                            input_sha256="ab" * 32, arrays={"tensor": np.ones((1, 4, 4), np.float32)},
                            facts={"labels": ["Glioma", "No Tumor"], "predicted_class": "Glioma"})
