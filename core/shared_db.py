@@ -18,7 +18,11 @@ from core.settings import get_settings
 
 # pg_advisory_xact_lock key serialising this schema's creation (distinct from core.feedback_db's).
 SCHEMA_LOCK_KEY = 0x4E4E_5201
-POOL_SIZE = 4
+POOL_SIZE = 2
+MAX_OVERFLOW = 2
+"""Connections per process: a runner polls on one; an API worker counts rate limits on up to four at once (0.35 ms
+each). A replica (2 API workers, 3 runners) holds at most 20, the task queue's own pool aside: size PostgreSQL's
+max_connections (or a PgBouncer) for the replica count."""
 
 metadata = MetaData()
 
@@ -58,7 +62,7 @@ def engine(database_url: str | None = None) -> Engine:
             parsed = make_url(url)
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            made = create_engine(parsed, pool_size=POOL_SIZE, pool_pre_ping=True)
+            made = create_engine(parsed, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True)
             create_schema(made)
             _ENGINES[url] = made
         return _ENGINES[url]
