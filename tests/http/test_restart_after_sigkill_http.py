@@ -12,7 +12,6 @@ Each new server must find every earlier feedback record and finished task record
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import threading
@@ -95,19 +94,15 @@ def kill_under_writes(server: Server, pick: Callable[[Server], psutil.Process]) 
 
 
 def crash(server: Server) -> None:
-    """SIGKILL every process of the server at once (the node is lost); nothing gets to clean up."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.process.pid, signal.SIGKILL)
+    """SIGKILL every process of the server at once (the node is lost); nothing gets to clean up. BentoML starts each
+    worker in a session of its own, so they are found as the arbiter's children, not by process group."""
+    arbiter = psutil.Process(server.process.pid)
+    tree = [arbiter, *arbiter.children(recursive=True)]
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     server.process.wait()
-    tree = [*server.tree, *(p for p in psutil.process_iter() if _in_group(p, server.process.pid))]
     wait_gone(tree, time.monotonic(), SHUTDOWN_BOUND_S)
-
-
-def _in_group(process: psutil.Process, pgid: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == pgid
-    except ProcessLookupError:
-        return False
 
 
 @pytest.mark.slow
