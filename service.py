@@ -32,7 +32,7 @@ from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.phi import PatientId
-from api.request_cache import RequestCache
+from api.request_cache import RequestCache, cache_directory
 from api.shutdown import at_deadline, fail_own_tasks, guard_worker_process, is_bentoml_worker, recover_after_crash
 from api.shaping import (
     class_probabilities,
@@ -105,10 +105,9 @@ class NeuroNova:
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
-        data_dir = Path(settings.data_dir)
         self.tasks = TaskStore(task_store_path(settings.data_dir))
         at_deadline(lambda: fail_own_tasks(self.tasks))
-        self.requests = RequestCache(data_dir / "request_cache", settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
+        self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
         self.pacs = self.pacs_background = None
@@ -226,7 +225,7 @@ class NeuroNova:
         model_id: str,
         version: str | None = None,
         rollback: bool = False,
-        model_file: Path | None = None,
+        model_file: Path = None,  # type: ignore[assignment] - `Path | None` and Optional[Path] break uploads (G19)
         sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
     ) -> UpdateModelResponse:
         """Admin: switch a model to another store version, or an uploaded export (with sha256), or roll back."""
@@ -353,7 +352,8 @@ NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
                               path_tokens=importlib.import_module("pacs.runtime").notify_tokens(settings)
                               if settings.pacs.config else None)
-NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS)
+NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS,
+                              database_url=settings.distributed.database_url)
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_current_service().mri)}
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import bentoml
 from pydantic import BaseModel
 
 from api.models import ModelSlot
-from core import active_models, store
+from core import active_models, model_exports, store
 from core.errors import InvalidRequest, ModelNotLoaded
 
 SWITCH_TIMEOUT_S = 120.0
@@ -28,14 +27,17 @@ class UpdateModelResponse(BaseModel):
 
 
 def import_export_file(path: Path, sha256: str) -> str:
-    """Import an exported model (`bentoml models export`) after checking its sha256; return its tag."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    """Import an exported model (`bentoml models export`) after checking its sha256; return its tag. With replicas,
+    the export is also published on the shared volume for the others (`core.model_exports`)."""
+    digest = model_exports.file_sha256(path)
     if digest != sha256.lower():
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
     try:
-        return str(bentoml.models.import_model(str(path.resolve())).tag)
+        tag = str(bentoml.models.import_model(str(path.resolve())).tag)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error
         raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
+    model_exports.publish(path, digest, tag)
+    return tag
 
 
 def resolve_target(slot: ModelSlot, old_tag: str, version: str | None, rollback: bool) -> str:
@@ -49,7 +51,7 @@ def resolve_target(slot: ModelSlot, old_tag: str, version: str | None, rollback:
     else:
         raise InvalidRequest("give a version (model store tag), a model_file with its sha256, or rollback=true")
     try:
-        stored = store.get_model(target)
+        stored = model_exports.local_model(target)
     except ModelNotLoaded as exc:
         raise InvalidRequest(exc.message, exc.details) from exc
     try:

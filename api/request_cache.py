@@ -1,4 +1,11 @@
-"""A bounded, expiring cache of recent requests' prepared inputs, shared by all API workers (files in the data dir).
+"""A bounded, expiring cache of recent requests' prepared inputs, shared by all API workers: files in the data dir,
+or, with replicas, on the shared volume (`distributed.shared_dir`), so any replica explains or records feedback on a
+request another one answered.
+
+Safe with writers on several hosts: an entry is one write-once file named by its request id's hash, written under
+a unique temporary name and renamed into place (atomic on POSIX and NFS, and NFS's close-to-open consistency shows a
+reader the whole file); there is no index file, so nothing is read-modified-written; sweeps by several workers only
+unlink, and a vanished file is skipped.
 
 `/xai/explain` explains an earlier request from it, and `/feedback` copies the de-identified input from it into the
 feedback store. Entries hold pixels and model facts only: no patient identifiers.
@@ -18,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import NotFound
+from core.settings import Settings
 
+TEMP_SUFFIX = ".tmp"
 SWEEP_FRACTION = 32
 """A worker sweeps once it has written 1/32 of either bound since its last sweep; between sweeps the cache can hold
 that much more than its bounds, per worker."""
@@ -42,6 +52,12 @@ class CachedRequest:
     input_sha256: str
     arrays: dict[str, np.ndarray]
     facts: dict[str, Any]
+
+
+def cache_directory(settings: Settings) -> Path:
+    """`<shared_dir>/request_cache` with replicas, else `<data_dir>/request_cache`."""
+    shared = settings.distributed.shared_dir if settings.distributed.enabled else None
+    return Path(shared or settings.data_dir) / "request_cache"
 
 
 class RequestCache:
@@ -67,9 +83,10 @@ class RequestCache:
                 "input_sha256": entry.input_sha256, "facts": entry.facts}
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
         path = self._path(entry.request_id)
-        temp = path.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_bytes(buffer.getvalue())
-        temp.replace(path)
+        handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=TEMP_SUFFIX)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(buffer.getvalue())
+        os.replace(temp, path)
         self._unswept_entries += 1
         self._unswept_bytes += buffer.tell()
         if (self._unswept_entries * SWEEP_FRACTION >= self.max_entries
@@ -100,11 +117,13 @@ class RequestCache:
         entries = []
         with os.scandir(self.directory) as listing:
             for item in listing:
-                if not item.name.endswith(".npz"):
-                    continue
                 try:
                     stat = item.stat()
                 except FileNotFoundError:
+                    continue
+                if item.name.endswith(TEMP_SUFFIX) and time.time() - stat.st_mtime > self.ttl_seconds:
+                    Path(item.path).unlink(missing_ok=True)  # a writer that died between write and rename
+                if not item.name.endswith(".npz"):
                     continue
                 entries.append((stat.st_mtime, stat.st_size, Path(item.path)))
         entries.sort()

@@ -34,37 +34,56 @@ class Server:
     pid: int
 
 
+def start_process(command: list[str], env: dict[str, str], log_path: Path, port: int) -> subprocess.Popen:
+    """`command` (with `{port}` filled in) in its own process group with extra `env`, output to `log_path`."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [part.format(port=port) for part in command], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def wait_ready(process: subprocess.Popen, url: str, log_path: Path, ready_path: str = "/readyz",
+               timeout_s: float = 240.0) -> None:
+    """Return once `url + ready_path` answers below 500; raise with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}{ready_path}", timeout=2).status_code < 500:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group of `process`; SIGKILL what is left of it after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def serving(command: list[str], env: dict[str, str], log_path: Path, ready_path: str = "/readyz",
             timeout_s: float = 240.0) -> Iterator[Server]:
     """`command` (with `{port}` filled in) in its own process group with extra `env`; yields it once `ready_path`
     answers 200, and stops the whole group afterwards."""
     port = free_port()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [part.format(port=port) for part in command], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    log_path.write_bytes(b"")
+    process = start_process(command, env, log_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}{ready_path}", timeout=2).status_code < 500:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(process, url, log_path, ready_path, timeout_s)
         yield Server(url, process.pid)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process)
 
 
 BENTOML_SERVE = [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", "--host", "127.0.0.1", "--port", "{port}"]

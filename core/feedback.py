@@ -4,7 +4,9 @@ The API (`api/feedback.py`) validates a verdict against the request it reviews a
 fine-tuning reads the labelled inputs back. Embedded default: SQLite in the data dir, each reviewed request's
 de-identified model input (pixels only) and reviewed mask an .npz file beside it. Production: PostgreSQL by URL
 (`feedback.database_url`), inputs and masks stored in the database with the record, so every API host and the
-fine-tuning job need nothing but the URL.
+fine-tuning job need nothing but the URL. Replicas without a feedback URL of their own: the replicas' PostgreSQL
+(`distributed.database_url`), inputs and masks as write-once files on the shared volume (the fine-tuning job mounts
+it too).
 """
 
 from __future__ import annotations
@@ -117,15 +119,23 @@ def _npz(arrays: dict[str, np.ndarray]) -> tuple[str, bytes]:
 class FeedbackStore:
     """Append-only feedback records in SQL (SQLite file in `directory` unless `database_url` names another)."""
 
-    def __init__(self, directory: Path, database_url: str | None = None) -> None:
+    def __init__(self, directory: Path, database_url: str | None = None, inputs_dir: Path | None = None) -> None:
         if not database_url:
             directory.mkdir(parents=True, exist_ok=True)
         self.engine = open_engine(database_url or default_database_url(directory))
-        self.inputs: InputStore = InputFiles(directory / "inputs") if self.engine.dialect.name == "sqlite" else InputRows()
+        if inputs_dir is None and self.engine.dialect.name == "sqlite":
+            inputs_dir = directory / "inputs"
+        self.inputs: InputStore = InputFiles(inputs_dir) if inputs_dir is not None else InputRows()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeedbackStore:
-        """The store the configuration chooses: `<data_dir>/feedback`, or the database URL when one is set."""
+        """The store the configuration chooses: `<data_dir>/feedback`, or the database URL when one is set. With
+        replicas and no feedback URL of its own: the replicas' database, inputs as write-once files on the shared
+        volume (`<shared_dir>/feedback/inputs`, named by their content's hash)."""
+        distributed = settings.distributed
+        if not settings.feedback.database_url and distributed.enabled:
+            return cls(Path(settings.data_dir) / "feedback", distributed.database_url,
+                       Path(distributed.shared_dir or settings.data_dir) / "feedback" / "inputs")
         return cls(Path(settings.data_dir) / "feedback", settings.feedback.database_url)
 
     def record(self, entry: FeedbackEntry) -> int:

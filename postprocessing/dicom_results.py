@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.sr.codedict import codes
@@ -42,9 +42,9 @@ _DEMO = re.compile(r"\bdemo\b|not for clinical use", re.IGNORECASE)
 _LO = 64
 """Longest DICOM LO (Long String) value."""
 _PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))
+"""DICOM patient-orientation letters of the +/- x, y, z axes of the LPS patient system."""
 _TYPE_2_PATIENT_STUDY = ("PatientID", "PatientSex", "StudyID", "StudyDate", "StudyTime")
 """Type-2 Patient and General Study attributes (beside those `deidentified_header` empties) highdicom copies."""
-"""DICOM patient-orientation letters of the +/- x, y, z axes of the LPS patient system."""
 
 Card = SegmentationCard | ClassificationCard
 
@@ -222,10 +222,14 @@ def mr_measurement_report(segmentation: hd.seg.Segmentation, source_images: list
 
 
 def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: ClassificationCard, model_tag: str, *,
-                       uid_key: str | None = None) -> hd.sc.SCImage:
-    """The Grad-CAM overlay (uint8 RGB, rows x columns x 3, as `xai.render.overlay` draws it in the source's
-    geometry) as a Secondary Capture in the source's study, in a new series; the source's pixel spacing and
-    orientation are kept when the overlay has the source's size. `uid_key`: see `result_uid`."""
+                       finding: str | None = None, uid_key: str | None = None) -> hd.sc.SCImage:
+    """The Grad-CAM overlay as a Secondary Capture in the source's study, in a new series.
+
+    `overlay_rgb` is uint8 rows x columns x 3 as the CT route draws it (`api.shaping.heatmap_explanation`):
+    `xai.render.overlay(prepared.display, to_source_geometry(heatmap, prepared.display.shape))`. The source's pixel
+    spacing and orientation are kept when the overlay has the source's size. `finding` (e.g. "Glioma 61%") goes
+    into the SeriesDescription, which viewers list even where they ignore SR. `uid_key`: see `result_uid`.
+    """
     if overlay_rgb.dtype != np.uint8 or overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3:
         raise ValueError(f"the overlay must be uint8 rows x columns x 3, not {overlay_rgb.dtype} {overlay_rgb.shape}")
     identity = ModelIdentity.of(card, model_tag)
@@ -239,7 +243,7 @@ def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: Classific
         pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
         patient_orientation=patient_orientation(source.get("ImageOrientationPatient") if same_grid else None),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **identity.equipment("Grad-CAM overlay"),
+        **identity.equipment(f"Grad-CAM {finding or 'overlay'}"),
     )
     # General Series Laterality (type 2C): the source's, else present and empty (unknown). highdicom takes only L/R,
     # and dciodvfy counts an absent one as an error where it cannot tell whether the body part is paired.
@@ -311,8 +315,10 @@ def mr_results(labels: np.ndarray, source: SeriesSource, volumes_ml: dict[str, f
 
 def ct_results(source: Dataset, overlay_rgb: np.ndarray, probabilities: dict[str, float], predicted: str,
                card: ClassificationCard, model_tag: str, *, uid_key: str | None = None) -> ResultSet:
-    """The CT result set: the overlay capture, then the probability report."""
-    return ResultSet((ct_overlay_capture(source, overlay_rgb, card, model_tag, uid_key=uid_key),
+    """The CT result set: the overlay capture (its description naming the predicted class and probability), then
+    the probability report."""
+    finding = f"{predicted} {probabilities[predicted]:.0%}" if predicted in probabilities else None
+    return ResultSet((ct_overlay_capture(source, overlay_rgb, card, model_tag, finding=finding, uid_key=uid_key),
                       ct_probability_report(source, probabilities, predicted, card, model_tag, uid_key=uid_key)))
 
 

@@ -10,7 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import bentoml
 
-from core import active_models, store
+from core import active_models, model_exports
 from core.errors import ModelNotLoaded
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class SwitchableModel(Generic[M]):
         self.generation = 0
         self.load_error: str | None = None
         self._load(active_models.active_tag(model_id, default_tag))
-        self._seen_mtime = active_models.registry_mtime()
+        self._seen_stamp = active_models.registry_stamp()
         threading.Thread(target=self._watch, name=f"{model_id}-watch", daemon=True).start()
 
     def get(self) -> tuple[M, int]:
@@ -61,7 +61,7 @@ class SwitchableModel(Generic[M]):
 
     def _load(self, tag: str) -> None:
         try:
-            stored = self.default_ref() if tag == self.default_tag else store.get_model(tag)
+            stored = self.default_ref() if tag == self.default_tag else model_exports.local_model(tag)
             loaded = self.loader(stored)
         except Exception as exc:  # noqa: BLE001 - a runner that cannot load stays up and reports why
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -74,16 +74,19 @@ class SwitchableModel(Generic[M]):
     def _watch(self) -> None:
         while True:
             time.sleep(WATCH_INTERVAL_S)
-            mtime = active_models.registry_mtime()
-            if mtime != self._seen_mtime:
-                self._seen_mtime = mtime
-                self.follow_registry()
+            try:
+                stamp = active_models.registry_stamp()
+                if stamp != self._seen_stamp:
+                    self.follow_registry()
+                    self._seen_stamp = stamp
+            except Exception as exc:  # noqa: BLE001 - a shared database briefly away: keep serving, poll again
+                log.warning("%s: cannot read the model registry: %s", self.model_id, exc)
 
     def follow_registry(self) -> None:
         """Load the registry's active tag when it differs from the served one."""
         wanted = active_models.active_tag(self.model_id, self.default_tag)
         try:
-            resolved = str(store.get_model(wanted).tag)
+            resolved = str(model_exports.local_model(wanted).tag)
         except ModelNotLoaded as exc:
             self.load_error = exc.message
             return

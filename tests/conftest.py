@@ -17,7 +17,8 @@ os.environ.setdefault("NEURONOVA_AUTH__SECRET", IN_PROCESS_SECRET)
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.postgres"]  # the `postgres_server` fixture: a real PostgreSQL on loopback
+# `postgres_server`: a real PostgreSQL on loopback; `replicas`: two replicas behind haproxy sharing it (issue #14)
+pytest_plugins = ["tests.postgres", "tests.replicas"]
 
 
 @pytest.fixture(scope="session")

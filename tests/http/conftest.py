@@ -36,17 +36,21 @@ def server_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server_url(demo_models: dict[str, str], served_database_url: str | None, server_state: Path) -> Iterator[str]:
     """Start the whole service (API workers + runners) and wait until /readyz answers."""
-    state = server_state
-    env = {
-        "NEURONOVA_FEEDBACK__DATABASE_URL": served_database_url or "",
+    env = {**server_env(server_state / "data", served_database_url), "BENTOML_RESULT_STORE": str(server_state / "tasks.db")}
+    with served(env, server_state / "server.log") as url:
+        yield url
+
+
+def server_env(data_dir: Path, database_url: str | None) -> dict[str, str]:
+    """The environment of a served test instance: the test JWT secret, rate limits out of the way, its data dir and
+    feedback database (the replicas harness, tests/replicas.py, starts its replicas with it too)."""
+    return {
+        "NEURONOVA_FEEDBACK__DATABASE_URL": database_url or "",
         "NEURONOVA_AUTH__SECRET": JWT_SECRET,
         "NEURONOVA_RATE_LIMIT__DEFAULT_PER_MINUTE": "100000",
         "NEURONOVA_RATE_LIMIT__PER_ROUTE_PER_MINUTE": "{}",
-        "NEURONOVA_DATA_DIR": str(state / "data"),
-        "BENTOML_RESULT_STORE": str(state / "tasks.db"),
+        "NEURONOVA_DATA_DIR": str(data_dir),
     }
-    with served(env, state / "server.log") as url:
-        yield url
 
 
 @pytest.fixture(scope="session")

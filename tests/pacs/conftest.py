@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 from pydicom import dcmread
@@ -148,10 +147,15 @@ class PacsService:
         self.server = self._running.__enter__()
 
     def crash(self) -> None:
-        """SIGKILL the whole server (arbiter, API workers, runners) at once."""
+        """SIGKILL the whole server (arbiter, API workers, runners) at once: nothing gets to clean up. BentoML runs
+        each worker in a session of its own, so they are found as the arbiter's children, not by process group."""
         assert self.server is not None and self._running is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.pid, signal.SIGKILL)
+        arbiter = psutil.Process(self.server.pid)
+        tree = [arbiter, *arbiter.children(recursive=True)]
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(tree, timeout=30)
         self._running.__exit__(None, None, None)
         self._running = self.server = None
 

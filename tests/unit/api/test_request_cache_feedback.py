@@ -73,3 +73,45 @@ def test_a_large_cache_is_swept_every_few_puts_and_stays_near_its_bound(tmp_path
     assert cache.get("r199").request_id == "r199"
     with pytest.raises(NotFound):
         cache.get("r0")
+
+
+def _writer(directory: str, worker: int) -> None:
+    cache = RequestCache(__import__("pathlib").Path(directory), max_entries=1000, ttl_seconds=60, max_bytes=2**30)
+    for index in range(40):
+        cache.put(entry("shared", float(worker)))  # every writer rewrites one id, as replicas may for one request id
+        cache.put(entry(f"own-{worker}-{index}", float(index)))
+
+
+def test_concurrent_writers_never_expose_a_partial_entry(tmp_path):
+    """Processes standing in for replicas on one shared volume: unique temporary names and atomic renames, no index
+    file, so a reader always finds a whole entry (one writer's) and every writer's own entries survive."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_writer, args=(str(tmp_path), worker)) for worker in range(3)]
+    for process in writers:
+        process.start()
+    reader = RequestCache(tmp_path, max_entries=1000, ttl_seconds=60, max_bytes=2**30)
+    seen = set()
+    while any(process.is_alive() for process in writers):
+        try:
+            seen.add(float(reader.get("shared").arrays["tensor"][0, 0, 0]))
+        except NotFound:
+            pass
+    for process in writers:
+        process.join()
+        assert process.exitcode == 0
+    assert seen <= {0.0, 1.0, 2.0}
+    assert float(reader.get("shared").arrays["tensor"][0, 0, 0]) in {0.0, 1.0, 2.0}
+    assert all(reader.get(f"own-{w}-{i}").arrays["tensor"][0, 0, 0] == i for w in range(3) for i in range(40))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_dead_writers_temporary_file_is_swept_after_the_ttl(tmp_path):
+    cache = RequestCache(tmp_path, max_entries=1, ttl_seconds=60, max_bytes=2**20)
+    stale, fresh = tmp_path / ".x.abc.tmp", tmp_path / ".y.def.tmp"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    cache.put(entry("a"))  # max_entries=1: this put sweeps
+    assert not stale.exists() and fresh.exists()

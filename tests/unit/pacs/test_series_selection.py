@@ -19,9 +19,9 @@ from core.cards.base import DEMO_INTENDED_USE, Provenance
 from core.cards.classification import CT_CLASSES, ClassificationCard
 from pacs.selection import FACT_KEYWORDS, ModelRules, SeriesFacts, SeriesRule, is_our_output, orientation, select_series
 from postprocessing.dicom_results import OUR_MANUFACTURER, ct_overlay_capture
+from tests.unit.mri.mri_inputs import case_dicom_files
 from training_export.synthetic_ct import generate_ct_slice, write_ct_dicom
 from training_export.synthetic_mri import synthetic_case
-from tests.unit.mri.mri_inputs import case_dicom_files
 
 MRI_RULES = ModelRules.model_validate({
     "model_id": "mri_segmentation",

@@ -32,7 +32,8 @@ from postprocessing.dicom_results import (
 )
 from postprocessing.measurements import label_statistics
 from preprocessing.volumes import decode_upload
-from tests.dicom_validation import assert_dciodvfy_clean
+from tests import dicom_validation
+from tests.dicom_validation import assert_dciodvfy_clean, require_dciodvfy
 from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, small_case
 from training_export.synthetic_ct import generate_ct_slice, write_ct_dicom
 from xai.render import overlay, to_source_geometry
@@ -164,6 +165,7 @@ def test_the_ct_overlay_is_an_rgb_capture_in_the_source_study(ct_source, ct_over
     np.testing.assert_array_equal(capture.pixel_array, ct_overlay)
     assert [float(v) for v in capture.PixelSpacing] == [float(v) for v in ct_source.PixelSpacing]
     assert list(capture.PatientOrientation) == ["L", "P"]
+    assert capture.SeriesDescription == f"{NOT_FOR_DIAGNOSIS} - NeuroNova Grad-CAM Glioma 61%"  # seen without SR
     assert ct_set.shown_without_sr == [ct_set.objects[0]]
 
 
@@ -202,10 +204,20 @@ def test_dciodvfy_check_fails_on_an_object_with_errors(tmp_path) -> None:
     assert_dciodvfy_clean(get_testdata_file("CT_small.dcm"))  # warnings only
 
 
+def test_without_dciodvfy_the_check_skips_but_fails_under_ci(monkeypatch) -> None:
+    monkeypatch.setattr(dicom_validation.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install dicom3tools"):
+        require_dciodvfy()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_dciodvfy()
+
+
 def test_a_model_not_marked_demo_writes_no_warning_prefix(ct_source, ct_overlay) -> None:
     clinical = CT_CARD.model_copy(update={"intended_use": "triage support, validated at site X"})
     capture, report = ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", clinical, CT_TAG).objects
-    assert capture.SeriesDescription == "NeuroNova Grad-CAM overlay"
+    assert capture.SeriesDescription == "NeuroNova Grad-CAM Glioma 61%"
     assert report.SeriesDescription == "NeuroNova class probabilities"
 
 

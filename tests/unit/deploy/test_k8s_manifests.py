@@ -1,0 +1,75 @@
+"""The Kubernetes manifests (deploy/k8s, kustomize) validate offline against the schemas kubernetes-validate bundles,
+and say what the scale-out path needs: probes, the 30 s grace, a disruption budget, autoscaling, Secrets by
+reference only, the shared volume and the distributed settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # an older cluster still supported upstream, and the newest schemas
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def resources() -> dict[str, dict]:
+    """Every resource kustomize applies, by kind."""
+    documents = [doc for name in kustomization()["resources"] for doc in yaml.safe_load_all((K8S / name).read_text())]
+    return {doc["kind"]: doc for doc in documents}
+
+
+def test_kustomization_lists_every_manifest():
+    listed = set(kustomization()["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_manifest_validates_strictly(name, version):
+    for document in yaml.safe_load_all((K8S / name).read_text()):
+        kubernetes_validate.validate(document, version, strict=True)  # raises ValidationError naming the field
+
+
+def test_a_broken_manifest_is_caught():
+    deployment = resources()["Deployment"]
+    broken = {**deployment, "spec": {**deployment["spec"], "replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_deployment_probes_grace_secrets_and_volumes():
+    by_kind = resources()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert container["livenessProbe"]["httpGet"]["path"] in ("/livez", "/health")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {item["name"]: item for item in container["env"]}
+    for secret in ("NEURONOVA_DISTRIBUTED__DATABASE_URL", "NEURONOVA_AUTH__SECRET"):
+        assert "value" not in env[secret] and env[secret]["valueFrom"]["secretKeyRef"]["name"] == "neuronova-secrets"
+    assert "Secret" not in by_kind  # by reference only: no secret value in the repository
+    settings = by_kind["ConfigMap"]["data"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert settings["NEURONOVA_DISTRIBUTED__SHARED_DIR"] == mounts["shared"]
+    assert settings["NEURONOVA_DATA_DIR"] == mounts["data"]
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    shared_claim = by_kind["PersistentVolumeClaim"]
+    assert claims["shared"] == shared_claim["metadata"]["name"] and shared_claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_budget_autoscaler_and_service_select_the_deployment():
+    by_kind = resources()
+    deployment = by_kind["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert by_kind["Service"]["spec"]["selector"].items() <= labels.items()
+    hpa = by_kind["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["minReplicas"] >= 2 and {m["type"] for m in hpa["metrics"]} == {"Pods", "Resource"}
