@@ -69,7 +69,7 @@ from core.schemas import (
 )
 from core.settings import get_settings
 from core.tasks import TaskStore, task_store_path
-from pacs.jobs import Job, Notice, Notified
+from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
 from preprocessing.tabular import encode_request
@@ -291,7 +291,7 @@ class NeuroNova:
 
     @ops.get("/pacs/jobs", response_model=list[Job])
     @handles_errors
-    async def pacs_jobs(self, study_instance_uid: str | None = None, state: str | None = None,
+    async def pacs_jobs(self, study_instance_uid: str | None = None, state: JobState | None = None,
                         limit: int = Query(default=100, ge=1, le=1000)) -> JSONResponse:
         """Operators: the newest PACS jobs, optionally of one study or in one state."""
         jobs = self._pacs().jobs.list(study_instance_uid, state, limit)
