@@ -64,7 +64,10 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 _ACTIVE_SQL = "status IN ('pending', 'processing')"
-_FENCE = "task_id = %(task_id)s AND (%(attempt)s::integer IS NULL OR attempt = %(attempt)s::integer)"
+_FENCE = (f"task_id = %(task_id)s AND (%(attempt)s::integer IS NULL AND {_ACTIVE_SQL} "
+          "OR attempt = %(attempt)s::integer AND status = 'processing')")
+"""Which row a write may change: a plain task id, an active task; an attempt's reference, the task only while that
+attempt runs it (not after a takeover, a cancel, a hand-back or its end)."""
 
 
 class PostgresTaskStore:
@@ -141,19 +144,21 @@ class PostgresTaskStore:
             connection.execute(
                 f"UPDATE {TABLE} SET status = 'processing', current_step = %(step)s, "
                 "progress = GREATEST(progress, %(progress)s), estimated_remaining_seconds = %(eta)s "
-                f"WHERE {_FENCE} AND {_ACTIVE_SQL}",
+                f"WHERE {_FENCE}",
                 {"step": step, "progress": min(int(value), 99), "eta": eta_seconds, "task_id": task_id, "attempt": attempt})
         self.raise_if_cancelled(ref)
 
     def raise_if_cancelled(self, ref: str) -> None:
+        """Raise TaskCancelled once the task's cancel flag is set; for an attempt's reference, TaskSuperseded once that
+        attempt no longer runs the task (taken over, or handed back)."""
         task_id, attempt = split_ref(ref)
         with self._connect() as connection:
-            row = connection.execute(f"SELECT cancel_requested, attempt FROM {TABLE} WHERE task_id = %s",
+            row = connection.execute(f"SELECT cancel_requested, attempt, status FROM {TABLE} WHERE task_id = %s",
                                      (task_id,)).fetchone()
-        if row and attempt is not None and row["attempt"] != attempt:
-            raise TaskSuperseded(ref)
         if row and row["cancel_requested"]:
             raise TaskCancelled(ref)
+        if row and attempt is not None and (row["attempt"], row["status"]) != (attempt, "processing"):
+            raise TaskSuperseded(ref)
 
     def cancel_requested(self, ref: str) -> bool:
         """Whether this run must stop: cancelled, or (for an attempt's reference) superseded."""
@@ -167,7 +172,7 @@ class PostgresTaskStore:
         """Commit this run's result (its own write-once file); False, and the file removed, when the run was
         superseded or the task is no longer active."""
         task_id, attempt = split_ref(ref)
-        path = self._write_once(self.task_dir(task_id) / f"result-{attempt or 0}.json", json.dumps(result).encode())
+        path = self.write_once(self.task_dir(task_id) / f"result-{attempt or 0}.json", json.dumps(result).encode())
         committed = self._finish(ref, "completed", result_file=path.name)
         if not committed:
             path.unlink(missing_ok=True)
@@ -185,7 +190,7 @@ class PostgresTaskStore:
                 f"UPDATE {TABLE} SET status = %(status)s, progress = CASE WHEN %(status)s = 'completed' THEN 100 "
                 "ELSE progress END, cancel_requested = cancel_requested OR %(status)s = 'failed', "
                 "current_step = %(status)s, estimated_remaining_seconds = 0, finished_at = %(now)s, "
-                f"result_file = %(result_file)s, error = %(error)s WHERE {_FENCE} AND {_ACTIVE_SQL}",
+                f"result_file = %(result_file)s, error = %(error)s WHERE {_FENCE}",
                 {"status": status, "now": time.time(), "result_file": result_file,
                  "error": Jsonb(error) if error is not None else None, "task_id": task_id, "attempt": attempt})
         return done.rowcount == 1
@@ -233,7 +238,7 @@ class PostgresTaskStore:
         )
 
     @staticmethod
-    def _write_once(path: Path, data: bytes) -> Path:
+    def write_once(path: Path, data: bytes) -> Path:
         """Write `path` whole or not at all, never over an existing file (a temporary file, then a hard link)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:

@@ -91,6 +91,9 @@ def test_hand_back_returns_the_task_to_the_queue_for_the_next_attempt(store: Pos
     assert store.hand_back(ref)
     record = store.get("task_1")
     assert (record.status, record.current_step, record.progress) == ("pending", "queued", 15)
+    with pytest.raises(TaskSuperseded):
+        store.report(ref, "inference", 50)  # the handed-back run's runner, still busy: stopped, nothing written
+    assert store.get("task_1").status == "pending"
     assert store.begin_attempt("task_1", "replica-b") == 2
     assert not store.hand_back(ref)  # a superseded run cannot hand back the new one
 
@@ -101,7 +104,7 @@ def test_cancel_from_any_replica_stops_the_run_and_the_queue(store: PostgresTask
     assert record.status == "cancelled" and record.cancel_requested and record.to_json()["cancelled_at"]
     with pytest.raises(TaskCancelled) as raised:
         store.report(ref, "inference", 60)
-    assert not isinstance(raised.value, TaskSuperseded)
+    assert not isinstance(raised.value, TaskSuperseded) and store.get("task_1").progress == 0
     assert not store.complete(ref, {"late": True}) and store.get("task_1").status == "cancelled"
     store.create("task_2", None, None)
     store.cancel("task_2")
