@@ -8,6 +8,7 @@ import base64
 import gzip
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import nibabel as nib
@@ -187,7 +188,8 @@ def test_both_replicas_restarted_keep_every_task_and_hand_back_the_running_one(b
     with replicas.client() as balancer:
         inflight, _ = submit(balancer, LARGE, uncertainty="true")
     running_on(replicas, inflight)
-    stopped = [replica.stop() for replica in replicas.replicas]  # SIGTERM, as Kubernetes stops a pod
+    with ThreadPoolExecutor(len(replicas.replicas)) as pool:  # SIGTERM to both at once, as a rollout of all pods
+        stopped = list(pool.map(Replica.stop, replicas.replicas))
     assert all(seconds < 30 for seconds in stopped), stopped
     assert row(replicas, inflight)["status"] == "pending"  # handed back to the queue, not failed
     replicas.ensure_serving()
@@ -198,4 +200,5 @@ def test_both_replicas_restarted_keep_every_task_and_hand_back_the_running_one(b
                 assert balancer.get(f"{ROUTE}/get", params={"task_id": task_id}).json() == before["result"]
         polled = finished(balancer, inflight)
     assert polled["status"] == "completed", polled
-    assert row(replicas, inflight)["attempt"] == 2 and result_files(replicas, inflight) == ["result-2.json"]
+    attempt = row(replicas, inflight)["attempt"]  # 2, or 3 when one replica took it over before it stopped too
+    assert attempt >= 2 and result_files(replicas, inflight) == [f"result-{attempt}.json"]
