@@ -253,7 +253,7 @@ def replica_set(postgres: PostgresServer, folder: Path, names: tuple[str, ...] =
     """Start a fresh database, the replicas (side by side) and haproxy in front; stop them all (by PID) at the end."""
     require_haproxy()
     database_url = postgres.new_database()
-    shared_dir = folder / "shared"
+    shared_dir = folder / "shared-volume"
     shared_dir.mkdir()
     replicas = []
     for name in names:

@@ -112,6 +112,9 @@ def test_tasks_submitted_through_the_balancer_are_answered_by_the_other_replica(
             assert np.array_equal(mask_of(seen_tasks[task_id]), mask_of(reference))
             assert seen_tasks[task_id]["result"]["result"]["tumor_volume_ml"] == \
                 reference["result"]["result"]["tumor_volume_ml"]
+        for replica in replicas.replicas:  # measured, not asserted (docs/scale-out.md)
+            print(f"replica {replica.name}: {len(replica.processes())} processes, {replica.rss_mib():.0f} MiB resident "
+                  "after MRI tasks")
         unknown = clients["b"].get(f"{ROUTE}/get", params={"task_id": "task_unknown"})
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "NOT_FOUND"
     finally:

@@ -16,7 +16,7 @@ from core.tasks import TaskCancelled, TaskStore, TaskSuperseded, open_task_store
 
 @pytest.fixture
 def store(postgres_server, tmp_path: Path) -> PostgresTaskStore:
-    return PostgresTaskStore(postgres_server.new_database(), tmp_path / "shared")
+    return PostgresTaskStore(postgres_server.new_database(), tmp_path / "volume")
 
 
 def started(store: PostgresTaskStore, task_id: str = "task_1") -> str:
@@ -37,7 +37,7 @@ def test_the_factory_picks_the_store_from_the_settings(postgres_server, tmp_path
     embedded = open_task_store(Settings(data_dir=str(tmp_path / "data")))
     assert isinstance(embedded, TaskStore) and embedded.path.is_relative_to(tmp_path / "data")
     url = postgres_server.new_database()
-    shared = open_task_store(Settings(distributed={"database_url": url, "shared_dir": str(tmp_path / "shared")}))
+    shared = open_task_store(Settings(distributed={"database_url": url, "shared_dir": str(tmp_path / "volume")}))
     assert isinstance(shared, PostgresTaskStore) and shared.database_url == url
     with pytest.raises(ValueError, match="SHARED_DIR"):
         open_task_store(Settings(distributed={"database_url": url}))
