@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 
 from core.pg_tasks import TABLE
 from core.tasks import STEP_PROGRESS
-from tests.replicas import Replica, ReplicaSet
+from tests.replicas import Replica, ReplicaSet, wait_balanced
 from tests.unit.mri.mri_inputs import four_d_nifti
 from training_export.synthetic_mri import synthetic_case
 
@@ -138,6 +138,9 @@ def test_a_replica_killed_mid_inference_loses_nothing(both_serving: ReplicaSet) 
     shared = row(replicas, task_id)
     assert (shared["owner"], shared["attempt"]) == (survivor.name, 2)
     assert result_files(replicas, task_id) == ["result-2.json"]  # exactly one result
+    wait_balanced(replicas.balancer_url, {survivor.name})  # the balancer's health check took the victim out
+    with replicas.client() as balancer:
+        assert {balancer.get(f"/task/{task_id}").headers["x-replica"] for _ in range(4)} == {survivor.name}
 
 
 def test_a_frozen_attempt_resumed_after_the_takeover_cannot_overwrite_it(both_serving: ReplicaSet) -> None:
@@ -169,8 +172,8 @@ def test_a_cancel_sent_to_one_replica_stops_the_task_on_the_other(replicas: Repl
     with replicas.client() as balancer:
         task_id, _ = submit(balancer, LARGE, uncertainty="true")
     runner = running_on(replicas, task_id)
-    with replicas.client(replicas.other(runner)) as other:
-        cancelled = other.delete(f"/task/{task_id}")
+    with replicas.client(replicas.other(runner)) as other:  # BentoML's own cancel route (DELETE /task/<id> alike)
+        cancelled = other.put(f"{ROUTE}/cancel", params={"task_id": task_id})
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     with psycopg.connect(replicas.database_url) as connection:  # the run on `runner` stops at its next window batch
         wait_until(lambda: connection.execute(
@@ -194,6 +197,7 @@ def test_both_replicas_restarted_keep_every_task_and_hand_back_the_running_one(b
     with ThreadPoolExecutor(len(replicas.replicas)) as pool:  # SIGTERM to both at once, as a rollout of all pods
         stopped = list(pool.map(Replica.stop, replicas.replicas))
     assert all(seconds < 30 for seconds in stopped), stopped
+    assert not any(replica.processes() for replica in replicas.replicas)
     assert row(replicas, inflight)["status"] == "pending"  # handed back to the queue, not failed
     replicas.ensure_serving()
     with replicas.client() as balancer:
