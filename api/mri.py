@@ -39,7 +39,7 @@ from core.schemas import (
     VolumeMap,
 )
 from core.settings import LimitSettings
-from core.tasks import TaskStore, split_ref, task_ref
+from core.tasks import TaskStates, split_ref, task_ref
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
 from postprocessing.masks import (
@@ -128,7 +128,7 @@ class ModelOutput:
 
 
 async def segment_mri(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, limits: LimitSettings,
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, limits: LimitSettings,
     cache: RequestCache | None = None,
 ) -> MRISegmentationResponse:
     """Run one segmentation end to end and shape the response; what `/feedback` needs of it goes into `cache`."""

@@ -17,7 +17,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs
 
 from bentoml._internal.configuration.containers import BentoMLContainer
@@ -28,10 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
 from core.settings import Settings
-from core.tasks import TaskCancelled, TaskStore, open_task_store
-
-if TYPE_CHECKING:
-    from core.pg_tasks import PostgresTaskStore
+from core.tasks import TaskCancelled, TaskStates, open_task_store
 
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
 _BENTOML_STATUS = {"in_progress": "processing", "pending": "pending", "completed": "completed", "failed": "failed",
@@ -62,7 +59,7 @@ def current_task_id(ctx: Any) -> str:
 
 
 async def run_tracked(
-    tasks: TaskStore, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
+    tasks: TaskStates, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
     ctx: Any = None,
 ) -> BaseModel | JSONResponse:
     """Run a task body with its state kept in `tasks`: completed with the response, failed with the SPEC error body,
@@ -91,7 +88,7 @@ def _error(error: NeuroNovaError, ctx: Any) -> JSONResponse:
     return error_response(error)
 
 
-def task_status(tasks: TaskStore, task_id: str) -> JSONResponse:
+def task_status(tasks: TaskStates, task_id: str) -> JSONResponse:
     """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404."""
     record = tasks.get(task_id)
     if record is not None:
@@ -103,7 +100,7 @@ def task_status(tasks: TaskStore, task_id: str) -> JSONResponse:
     return JSONResponse(fallback)
 
 
-def cancel_task(tasks: TaskStore, task_id: str) -> JSONResponse:
+def cancel_task(tasks: TaskStates, task_id: str) -> JSONResponse:
     """Cancel an active task: its state turns `cancelled` now and its work stops at the next check."""
     record = tasks.cancel(task_id)
     if record is None:
@@ -249,7 +246,7 @@ def _submitted_task_id(start: Message, body: Message) -> str | None:
     return answer.get("task_id") if isinstance(answer, dict) else None
 
 
-def bentoml_status(tasks: TaskStore | PostgresTaskStore, task_id: str) -> JSONResponse:
+def bentoml_status(tasks: TaskStates, task_id: str) -> JSONResponse:
     """BentoML's `<route>/status` body from our store (distributed mode: the shared store)."""
     record = tasks.get(task_id)
     if record is None:
@@ -259,7 +256,7 @@ def bentoml_status(tasks: TaskStore | PostgresTaskStore, task_id: str) -> JSONRe
                          "executed_at": body["completed_at"] or body["failed_at"] or body["cancelled_at"]})
 
 
-def bentoml_result(tasks: TaskStore | PostgresTaskStore, task_id: str) -> JSONResponse:
+def bentoml_result(tasks: TaskStates, task_id: str) -> JSONResponse:
     """BentoML's `<route>/get` from our store: the result, the task's error with its status, 409 when cancelled,
     400 while it runs."""
     record = tasks.get(task_id)

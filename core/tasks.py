@@ -23,12 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.errors import NeuroNovaError, error_body
 
 if TYPE_CHECKING:
-    from core.pg_tasks import PostgresTaskStore
     from core.settings import Settings
 
 TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
@@ -66,6 +65,19 @@ class TaskCancelled(Exception):
 
 class TaskSuperseded(TaskCancelled):
     """Raised inside an attempt of a task that another attempt has taken over: it stops and writes nothing."""
+
+
+class TaskStates(Protocol):
+    """What the API, the task bodies and the runners use of a task store (`TaskStore`, `PostgresTaskStore`)."""
+
+    def create(self, task_id: str, request_id: str | None, model_id: str | None) -> None: ...
+    def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None: ...
+    def raise_if_cancelled(self, task_id: str) -> None: ...
+    def cancel_requested(self, task_id: str) -> bool: ...
+    def complete(self, task_id: str, result: dict[str, Any]) -> Any: ...
+    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> Any: ...
+    def cancel(self, task_id: str) -> TaskRecord | None: ...
+    def get(self, task_id: str) -> TaskRecord | None: ...
 
 
 def task_ref(task_id: str, attempt: int | None) -> str:
@@ -249,7 +261,7 @@ def task_store_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / "tasks" / "tasks.sqlite"
 
 
-def open_task_store(settings: Settings) -> TaskStore | PostgresTaskStore:
+def open_task_store(settings: Settings) -> TaskStates:
     """The task store the settings ask for: PostgreSQL shared by the replicas (distributed), else the local SQLite file."""
     if settings.distributed.enabled:
         from core.pg_tasks import PostgresTaskStore
