@@ -33,7 +33,14 @@ from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.phi import PatientId
 from api.request_cache import RequestCache, cache_directory
-from api.shutdown import at_deadline, fail_own_tasks, guard_worker_process, is_bentoml_worker, recover_after_crash
+from api.shutdown import (
+    at_deadline,
+    at_signal,
+    fail_own_tasks,
+    guard_worker_process,
+    is_bentoml_worker,
+    recover_after_crash,
+)
 from api.shaping import (
     class_probabilities,
     describe_slice,
@@ -68,7 +75,7 @@ from core.schemas import (
     TaskStatusResponse,
 )
 from core.settings import get_settings
-from core.tasks import TaskStore, task_store_path
+from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
@@ -105,8 +112,17 @@ class NeuroNova:
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
-        self.tasks = TaskStore(task_store_path(settings.data_dir))
-        at_deadline(lambda: fail_own_tasks(self.tasks))
+        self.tasks = open_task_store(settings)
+        self.queue = None
+        if settings.distributed.enabled:  # MRI tasks through the shared queue; a stopping worker hands its task back
+            from api.task_queue import MriQueue, replica_name
+
+            self.queue = MriQueue(self.tasks, settings.distributed.database_url, replica_name(
+                settings.distributed.replica_id), settings.shutdown_grace_seconds)
+            at_signal(self.queue.stop)
+            at_deadline(self.queue.hand_back_running)
+        else:
+            at_deadline(lambda: fail_own_tasks(self.tasks))
         self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
@@ -119,12 +135,25 @@ class NeuroNova:
 
     @bentoml.on_deployment
     def recover() -> None:
-        """Once per start, before the workers: what a killed server left behind (api/shutdown.py, pacs/jobs.py)."""
-        recover_after_crash(TaskStore(task_store_path(settings.data_dir)), bentoml_result_store_path())
+        """Once per start, before the workers: what a killed server left behind (api/shutdown.py, pacs/jobs.py).
+        Distributed, the tasks a killed replica held are taken over by the queue, not failed; the queue's tables are
+        created once."""
+        if settings.distributed.enabled:
+            from api.task_queue import prepare_database
+
+            prepare_database(settings.distributed.database_url)
+        recover_after_crash(None if settings.distributed.enabled else TaskStore(task_store_path(settings.data_dir)),
+                            bentoml_result_store_path())
         if settings.pacs.config:
             from pacs.runtime import recover
 
             recover(settings)
+
+    @bentoml.on_startup
+    async def start_queue(self) -> None:
+        """Distributed mode: this API worker takes queued MRI tasks (one at a time) from now on."""
+        if self.queue is not None:
+            await self.queue.start(self._run_queued)
 
     @bentoml.on_startup
     async def start_pacs(self) -> None:
@@ -134,9 +163,21 @@ class NeuroNova:
             await self.pacs_background.start()
 
     @bentoml.on_shutdown
+    async def stop_queue(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+
+    @bentoml.on_shutdown
     async def stop_pacs(self) -> None:
         if self.pacs_background is not None:
             await self.pacs_background.stop()
+
+    async def _run_queued(self, ref: str, params: dict[str, Any]) -> None:
+        """One attempt of a queued MRI task, by the same pipeline as an embedded task, its writes fenced by `ref`."""
+        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
+        request = mri.SegmentationRequest.from_queued(ref, params, self.queue.upload_paths(split_ref(ref)[0], params))
+        await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id, self.queue.guarded(
+            lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests)))
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
@@ -265,6 +306,10 @@ class NeuroNova:
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image,
             sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
         )
+        if self.queue is not None:  # distributed: whichever replica's worker is free runs it
+            await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
+            await self.queue.submit(request.task_id, list(image), request.queued_params())
+            return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
                                  lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)
 
@@ -358,4 +403,4 @@ NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_current_service().mri)}
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
                               field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
-NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), data_dir=settings.data_dir)
+NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)

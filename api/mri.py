@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -39,7 +40,7 @@ from core.schemas import (
     VolumeMap,
 )
 from core.settings import LimitSettings
-from core.tasks import TaskStore
+from core.tasks import TaskStates, split_ref, task_ref
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
 from postprocessing.dicom_results import dataset_bytes
@@ -86,7 +87,7 @@ Report = Callable[[str], None]
 
 @dataclass(frozen=True)
 class SegmentationRequest:
-    """One segmentation request, as validated by the route."""
+    """One segmentation request, as validated by the route; `attempt` is the run of a queued task (distributed mode)."""
 
     task_id: str
     request_id: str
@@ -95,6 +96,26 @@ class SegmentationRequest:
     xai: bool
     post_processing: PostProcessingOptions
     uncertainty: bool = False
+    attempt: int | None = None
+
+    @property
+    def ref(self) -> str:
+        """How this run addresses its task in the task store and the runner (fenced by the attempt, if any)."""
+        return task_ref(self.task_id, self.attempt)
+
+    def queued_params(self) -> dict[str, Any]:
+        """The parameters a queued task keeps for whichever replica runs it (the uploads travel separately)."""
+        return {"request_id": self.request_id, "sequence_type": self.sequence_type, "xai": self.xai,
+                "post_processing": self.post_processing.model_dump(mode="json"), "uncertainty": self.uncertainty}
+
+    @classmethod
+    def from_queued(cls, ref: str, params: dict[str, Any], images: Sequence[Path]) -> SegmentationRequest:
+        """The request of one attempt of a queued task (`ref`), from `queued_params` and its uploads."""
+        task_id, attempt = split_ref(ref)
+        return cls(task_id=task_id, request_id=params["request_id"], images=images,
+                   sequence_type=params["sequence_type"], xai=params["xai"],
+                   post_processing=PostProcessingOptions(**params["post_processing"]),
+                   uncertainty=params["uncertainty"], attempt=attempt)
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,7 @@ class Segmented:
 
 
 async def segment_mri(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, limits: LimitSettings,
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, limits: LimitSettings,
     cache: RequestCache | None = None,
 ) -> MRISegmentationResponse:
     """Run one segmentation of uploaded files end to end and shape the response; what `/feedback` needs of it goes
@@ -133,7 +154,7 @@ async def segment_mri(
 
 
 async def segment_series(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest,
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest,
     series: dict[str, Sequence[Dataset]], limits: LimitSettings,
 ) -> Segmented:
     """Segment series already retrieved (from a PACS), one per sequence name of the served card. The datasets go
@@ -147,7 +168,7 @@ async def segment_series(
 
 
 async def segment_uploads(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStore, request: SegmentationRequest, uploads: list[Upload],
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, uploads: list[Upload],
     limits: LimitSettings,
 ) -> Segmented:
     """Decode, prepare, run (with the requested extras) and measure; each step reported to the task store."""
@@ -156,7 +177,7 @@ async def segment_uploads(
     card = model.card
 
     def report(step: str) -> None:
-        tasks.report(request.task_id, step)
+        tasks.report(request.ref, step)
 
     report("decoding")
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
@@ -173,18 +194,18 @@ async def segment_uploads(
     if request.uncertainty:  # one model pass per mirroring: the inference budget grows with them
         passes_started = time.perf_counter()
         passes_budget = scaled(budgets, "inference", len(FLIPS))
-        passes = await within_budget("inference", slot.call("segment_passes", prepared.tensor, request.task_id,
+        passes = await within_budget("inference", slot.call("segment_passes", prepared.tensor, request.ref,
                                                             retry_stale=False), passes_budget)
         probabilities, passes_ms = passes[0], elapsed_ms(passes_started)
     else:
-        probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.task_id,
+        probabilities = await within_budget("inference", slot.call("segment", prepared.tensor, request.ref,
                                                                     retry_stale=False), budgets)
     attention = None
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
     if request.xai and explainable:
         report("explaining")
-        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.task_id,
+        attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.ref,
                                                                 retry_stale=False), budgets)
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(

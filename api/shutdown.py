@@ -34,6 +34,7 @@ from core.tasks import TaskStore
 log = logging.getLogger("neuronova.shutdown")
 PARENT_POLL_S = 1.0
 _deadline_callbacks: list[Callable[[], None]] = []
+_signal_callbacks: list[Callable[[], None]] = []
 _deadline_started = threading.Event()
 
 
@@ -41,6 +42,11 @@ def is_bentoml_worker() -> bool:
     """Whether this process is a BentoML worker (API or runner), not the arbiter, a test or a script."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return getattr(spec, "name", "") == "_bentoml_impl.worker.service"
+
+
+def at_signal(callback: Callable[[], None]) -> None:
+    """Run `callback` at the first SIGTERM/SIGINT (in the signal handler: it must only schedule work)."""
+    _signal_callbacks.append(callback)
 
 
 def at_deadline(callback: Callable[[], None]) -> None:
@@ -66,6 +72,11 @@ def start_deadline(grace_s: float) -> None:
     if _deadline_started.is_set():
         return
     _deadline_started.set()
+    for callback in _signal_callbacks:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - the deadline must start whatever a callback does
+            log.exception("signal callback failed")
     threading.Thread(target=_exit_after, args=(grace_s,), name="neuronova-shutdown-deadline", daemon=True).start()
 
 
@@ -109,10 +120,12 @@ def fail_own_tasks(tasks: TaskStore) -> None:
                                      "again", {"reason": "server_shutdown"}), owner_pid=os.getpid())
 
 
-def recover_after_crash(tasks: TaskStore, result_store: Path) -> None:
-    """At server start, before any worker: fail the tasks a killed server left active (BentoML's own task store,
-    which queued them, is wiped at every start) and clear that store's stale SQLite files."""
-    tasks.fail_unfinished(error_body("INTERNAL_SERVER_ERROR", "the server stopped while this task ran; submit it "
-                                     "again", {"reason": "server_restarted"}))
+def recover_after_crash(tasks: TaskStore | None, result_store: Path) -> None:
+    """At server start, before any worker: fail the tasks a killed server left active in the embedded store `tasks`
+    (BentoML's own task store, which queued them, is wiped at every start) and clear that store's stale SQLite files.
+    Distributed mode passes no store: the shared queue hands such tasks to another run instead."""
+    if tasks is not None:
+        tasks.fail_unfinished(error_body("INTERNAL_SERVER_ERROR", "the server stopped while this task ran; submit "
+                                         "it again", {"reason": "server_restarted"}))
     for sidecar in remove_stale_sqlite_sidecars(result_store):
         log.warning("removed %s left by a server that did not stop cleanly", sidecar.name)

@@ -9,6 +9,7 @@ is cooperative through that store's flag.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -26,11 +27,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
-from core.tasks import TaskCancelled, TaskStore, task_store_path
+from core.settings import Settings
+from core.tasks import TaskCancelled, TaskStates, open_task_store
 
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
 _BENTOML_STATUS = {"in_progress": "processing", "pending": "pending", "completed": "completed", "failed": "failed",
                    "canceled": "cancelled"}
+_AS_BENTOML = {"pending": "in_progress", "processing": "in_progress", "completed": "completed", "failed": "failed",
+               "cancelled": "canceled"}
+"""Our statuses as BentoML's clients know them (a queued task is in progress for them: they poll on)."""
 
 
 class TaskCancelledError(NeuroNovaError):
@@ -54,7 +59,7 @@ def current_task_id(ctx: Any) -> str:
 
 
 async def run_tracked(
-    tasks: TaskStore, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
+    tasks: TaskStates, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
     ctx: Any = None,
 ) -> BaseModel | JSONResponse:
     """Run a task body with its state kept in `tasks`: completed with the response, failed with the SPEC error body,
@@ -83,7 +88,7 @@ def _error(error: NeuroNovaError, ctx: Any) -> JSONResponse:
     return error_response(error)
 
 
-def task_status(tasks: TaskStore, task_id: str) -> JSONResponse:
+def task_status(tasks: TaskStates, task_id: str) -> JSONResponse:
     """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404."""
     record = tasks.get(task_id)
     if record is not None:
@@ -95,7 +100,7 @@ def task_status(tasks: TaskStore, task_id: str) -> JSONResponse:
     return JSONResponse(fallback)
 
 
-def cancel_task(tasks: TaskStore, task_id: str) -> JSONResponse:
+def cancel_task(tasks: TaskStates, task_id: str) -> JSONResponse:
     """Cancel an active task: its state turns `cancelled` now and its work stops at the next check."""
     record = tasks.cancel(task_id)
     if record is None:
@@ -155,27 +160,125 @@ class TaskRoutesMiddleware:
       (which keeps each request with its headers for 24 h) never holds a bearer token;
     - `PUT <route>/cancel?task_id=`: cancels through our task store, so the work really stops (BentoML's own
       handler answers 400 and lets the job run on); the answer is the design's task status body.
+
+    Distributed (replicas sharing PostgreSQL), BentoML's own store knows only the tasks its replica accepted, so:
+    - the task is registered in the shared store before the submission is answered (a poll on another replica
+      finds it at once), and a submission BentoML refused after answering (validation) is failed there too;
+    - `GET <route>/status` and `<route>/get` are answered from the shared store, in BentoML's shapes.
     """
 
-    def __init__(self, app: ASGIApp, task_routes: tuple[str, ...], data_dir: str | Path) -> None:
+    def __init__(self, app: ASGIApp, task_routes: tuple[str, ...], settings: Settings) -> None:
         self.app = app
         self.base_paths = frozenset(task_routes)
         self.submit_paths = frozenset(f"{route}/submit" for route in task_routes)
         self.cancel_paths = frozenset(f"{route}/cancel" for route in task_routes)
-        self.tasks = TaskStore(task_store_path(data_dir))
+        self.status_paths = frozenset(f"{route}/status" for route in task_routes)
+        self.get_paths = frozenset(f"{route}/get" for route in task_routes)
+        self.tasks = open_task_store(settings)
+        self.distributed = settings.distributed.enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self.cancel_paths and scope["method"] == "PUT":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        reader = None
+        if method == "PUT" and path in self.cancel_paths:
+            reader = cancel_task
+        elif self.distributed and method == "GET" and path in self.status_paths:
+            reader = bentoml_status
+        elif self.distributed and method == "GET" and path in self.get_paths:
+            reader = bentoml_result
+        if reader:
             task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
-            response = cancel_task(self.tasks, task_id) if task_id else error_response(InvalidRequest("task_id is required"))
+            response = (await asyncio.to_thread(reader, self.tasks, task_id) if task_id
+                        else error_response(InvalidRequest("task_id is required")))
             await response(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"] in self.base_paths and scope["method"] == "POST":
-            path = f"{scope['path']}/submit"
+        if path in self.base_paths and method == "POST":
+            path = f"{path}/submit"
             scope, send = {**scope, "path": path, "raw_path": path.encode()}, _accepted(send)
-        if scope["type"] == "http" and scope["path"] in self.submit_paths:
+        if path in self.submit_paths:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
+            if self.distributed:
+                await self._submit_shared(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def _submit_shared(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Submit, registering the task in the shared store before the answer leaves; BentoML runs the task body
+        (which queues it) after answering, within this call: a body refused by validation never queued it."""
+        accepted: list[str] = []
+        held: Message | None = None
+
+        async def registering(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                held = message
+                return
+            if held is not None:
+                start, held = held, None
+                if task_id := _submitted_task_id(start, message):
+                    await asyncio.to_thread(self.tasks.create, task_id, None, None)
+                    accepted.append(task_id)
+                await send(start)
+            await send(message)
+
+        await self.app(scope, receive, registering)
+        for task_id in accepted:
+            record = await asyncio.to_thread(self.tasks.get, task_id)
+            if record is not None and record.status == "pending" and await asyncio.to_thread(
+                    self.tasks.params, task_id) is None:
+                refused = _bentoml_task(task_id)
+                error = (refused or {}).get("error") or error_body(
+                    "INTERNAL_SERVER_ERROR", "the task could not be queued")["error"]
+                await asyncio.to_thread(self.tasks.fail, task_id, {"error": error})
+
+
+def _submitted_task_id(start: Message, body: Message) -> str | None:
+    """The task id of a successful submission's answer (one JSON body), else None."""
+    if start["status"] >= 300 or body.get("more_body"):
+        return None
+    try:
+        answer = json.loads(body.get("body", b""))
+    except ValueError:
+        return None
+    return answer.get("task_id") if isinstance(answer, dict) else None
+
+
+def bentoml_status(tasks: TaskStates, task_id: str) -> JSONResponse:
+    """BentoML's `<route>/status` body from our store (distributed mode: the shared store)."""
+    record = tasks.get(task_id)
+    if record is None:
+        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+    body = record.to_json()
+    return JSONResponse({"task_id": task_id, "status": _AS_BENTOML[record.status], "created_at": body["created_at"],
+                         "executed_at": body["completed_at"] or body["failed_at"] or body["cancelled_at"]})
+
+
+def bentoml_result(tasks: TaskStates, task_id: str) -> JSONResponse:
+    """BentoML's `<route>/get` from our store: the result, the task's error with its status, 409 when cancelled,
+    400 while it runs."""
+    record = tasks.get(task_id)
+    if record is None:
+        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+    if record.status == "completed":
+        return JSONResponse(record.result)
+    if record.status == "failed" and record.error:
+        return JSONResponse({"success": False, "error": record.error}, status_code=_status_of(record.error["code"]))
+    if record.status == "cancelled":
+        return error_response(TaskCancelledError("the task was cancelled", {"task_id": task_id}))
+    return error_response(InvalidRequest(f"task {task_id} is not completed yet", {"status": record.status}))
+
+
+def _status_of(code: str) -> int:
+    """The HTTP status of an error code (500 for one we do not know)."""
+    pending, statuses = [NeuroNovaError], {}
+    while pending:
+        cls = pending.pop()
+        statuses[cls.code] = cls.status
+        pending.extend(cls.__subclasses__())
+    return statuses.get(code, 500)
 
 
 def _accepted(send: Send) -> Send:

@@ -1,9 +1,15 @@
 """Our durable state of long-running tasks (MRI segmentation): status, progress, step, result or error, cancel flag.
 
-One SQLite file (WAL) under `settings.data_dir`, shared by the API workers that run task bodies and the runner
-processes that do the inference: the runner reports progress into it and checks the cancel flag between window
-batches, so cancelling really stops the work. Unlike BentoML's own task store, this one survives a restart;
-a task whose worker died is reported failed when read.
+Embedded (one machine, the default): one SQLite file (WAL) under `settings.data_dir`, shared by the API workers that
+run task bodies and the runner processes that do the inference: the runner reports progress into it and checks the
+cancel flag between window batches, so cancelling really stops the work. Unlike BentoML's own task store, this one
+survives a restart; a task whose worker died is reported failed when read.
+
+Distributed (`settings.distributed.enabled`): the same interface on PostgreSQL (`core.pg_tasks`), shared by every
+replica; `open_task_store` picks the store. There a task may run more than once (a replica that held it stopped
+answering and another took it over), so the work of one attempt addresses the task by a *reference*
+`<task id>@<attempt>` (`task_ref`): the attempt number is a fencing token, and every write of a superseded attempt is
+refused (`TaskSuperseded`). The embedded store accepts references too and ignores the attempt.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.errors import NeuroNovaError, error_body
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
 ACTIVE: tuple[TaskStatus, ...] = ("pending", "processing")
@@ -54,6 +63,34 @@ class TaskCancelled(Exception):
     """Raised inside a task (API body or runner) once its cancel flag is seen; the work stops there."""
 
 
+class TaskSuperseded(TaskCancelled):
+    """Raised inside an attempt of a task that another attempt has taken over: it stops and writes nothing."""
+
+
+class TaskStates(Protocol):
+    """What the API, the task bodies and the runners use of a task store (`TaskStore`, `PostgresTaskStore`)."""
+
+    def create(self, task_id: str, request_id: str | None, model_id: str | None) -> None: ...
+    def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None: ...
+    def raise_if_cancelled(self, task_id: str) -> None: ...
+    def cancel_requested(self, task_id: str) -> bool: ...
+    def complete(self, task_id: str, result: dict[str, Any]) -> Any: ...
+    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> Any: ...
+    def cancel(self, task_id: str) -> TaskRecord | None: ...
+    def get(self, task_id: str) -> TaskRecord | None: ...
+
+
+def task_ref(task_id: str, attempt: int | None) -> str:
+    """How one attempt's work addresses its task (the task id alone where there are no attempts)."""
+    return task_id if attempt is None else f"{task_id}@{attempt}"
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """`task_ref`'s inverse: the task id and the attempt (None for a plain task id)."""
+    task_id, sep, attempt = ref.rpartition("@")
+    return (task_id, int(attempt)) if sep and attempt.isdigit() else (ref, None)
+
+
 @dataclass(frozen=True)
 class TaskRecord:
     task_id: str
@@ -68,6 +105,8 @@ class TaskRecord:
     finished_at: float | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
+    attempt: int = 0
+    """Runs of the task so far (distributed mode: more than one after a takeover); not part of the polling body."""
 
     def to_json(self) -> dict[str, Any]:
         """The original design's polling body (`TaskStatusResponse` fields)."""
@@ -119,7 +158,7 @@ class TaskStore:
 
     def create(self, task_id: str, request_id: str | None, model_id: str) -> None:
         """Register a task as pending (owned by this process); purges finished rows past retention."""
-        now = time.time()
+        now, task_id = time.time(), split_ref(task_id)[0]
         with self._connect() as connection:
             connection.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
                                (now - RETENTION_SECONDS,))
@@ -131,6 +170,7 @@ class TaskStore:
     def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None:
         """Enter `step` (progress defaults to the step's start); raises TaskCancelled if cancel was requested."""
         value = STEP_PROGRESS.get(step, 0) if progress is None else progress
+        task_id = split_ref(task_id)[0]
         with self._connect() as connection:
             connection.execute(
                 "UPDATE tasks SET status = 'processing', current_step = ?, progress = MAX(progress, ?), "
@@ -144,6 +184,7 @@ class TaskStore:
             raise TaskCancelled(task_id)
 
     def cancel_requested(self, task_id: str) -> bool:
+        task_id = split_ref(task_id)[0]
         with self._connect() as connection:
             row = connection.execute("SELECT cancel_requested FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
         return bool(row and row[0])
@@ -158,6 +199,7 @@ class TaskStore:
         self._finish(task_id, "failed", error=body["error"])
 
     def _finish(self, task_id: str, status: TaskStatus, result: dict | None = None, error: dict | None = None) -> None:
+        task_id = split_ref(task_id)[0]
         with self._connect() as connection:
             connection.execute(
                 "UPDATE tasks SET status = ?, progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END, "
@@ -217,3 +259,12 @@ class TaskStore:
 def task_store_path(data_dir: str | Path) -> Path:
     """Where the task store lives under the settings' data directory (a private folder)."""
     return Path(data_dir) / "tasks" / "tasks.sqlite"
+
+
+def open_task_store(settings: Settings) -> TaskStates:
+    """The task store the settings ask for: PostgreSQL shared by the replicas (distributed), else the local SQLite file."""
+    if settings.distributed.enabled:
+        from core.pg_tasks import PostgresTaskStore
+
+        return PostgresTaskStore.from_settings(settings)
+    return TaskStore(task_store_path(settings.data_dir))

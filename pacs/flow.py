@@ -28,7 +28,7 @@ from api.models import ModelSlot
 from api.shaping import class_probabilities
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
 from core.settings import LimitSettings
-from core.tasks import TaskStore
+from core.tasks import TaskStates
 from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
 from pacs.jobs import NO_RULE, Job, JobStore
@@ -45,7 +45,7 @@ OVERLOADED = "ServiceUnavailable"
 class PacsFlow:
     """Notification -> jobs -> results in the PACS, for one configuration and the service's model slots."""
 
-    def __init__(self, config: PacsConfig, jobs: JobStore, slots: dict[str, ModelSlot], tasks: TaskStore,
+    def __init__(self, config: PacsConfig, jobs: JobStore, slots: dict[str, ModelSlot], tasks: TaskStates,
                  limits: LimitSettings, work_dir: Path, pacs: DicomWebPacs | None = None) -> None:
         self.config = config
         self.jobs = jobs

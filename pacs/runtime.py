@@ -18,7 +18,7 @@ import numpy as np
 from api.models import ModelSlot
 from core.errors import ModelNotLoaded, NotFound
 from core.settings import Settings
-from core.tasks import TaskStore
+from core.tasks import TaskStates
 from pacs.config import load_config
 from pacs.flow import PacsFlow, hold_lock
 from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
@@ -33,7 +33,7 @@ def notify_tokens(settings: Settings) -> dict[str, str]:
     return {"/pacs/notify": token} if token else {}
 
 
-def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskStore) -> PacsFlow:
+def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskStates) -> PacsFlow:
     config = load_config(settings.pacs.config)  # type: ignore[arg-type]
     return PacsFlow(config, JobStore(job_store_path(settings.data_dir)), slots, tasks, settings.limits,
                     Path(settings.data_dir) / "pacs" / "results")

@@ -12,7 +12,7 @@ import bentoml
 import numpy as np
 
 from core.settings import get_settings
-from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, TaskStore, task_store_path
+from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, open_task_store
 from runners.common import RUNNER_CONNECTION
 from runners.switching import SwitchableModel
 
@@ -42,7 +42,7 @@ class MRISegmenter:
 
         self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, lambda: self.model_ref,
                                       lambda model: mri_model.load_segmenter_model(model))
-        self.tasks = TaskStore(task_store_path(settings.data_dir))
+        self.tasks = open_task_store(settings)
 
     def _progress_hook(self, task_id: str) -> ProgressHook:
         """Report inference progress and stop on cancel, between window batches (no-op without a task)."""

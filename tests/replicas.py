@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -105,19 +104,28 @@ class Replica:
         wait_ready(self.process, self.url, self.log_path, timeout_s=timeout_s)
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of the replica (its process group: arbiter, API workers, runners)."""
-        if self.process is None:
-            return []
-        return [p for p in psutil.process_iter() if _pgid(p.pid) == self.process.pid]
+        """Every live process of the replica: arbiter, API workers, runners (BentoML starts each worker in its own
+        session, so they are found by the replica's BENTOML_HOME in their environment, not by process group)."""
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("BENTOML_HOME") == str(self.home):
+                    found.append(process)
+        return found
 
     def signal(self, signum: int) -> None:
         """Send `signum` to every process of the replica."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signum)
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signum)
 
     def kill(self) -> None:
-        """SIGKILL every process of the replica at once (a node lost), and reap the arbiter."""
-        self.signal(signal.SIGKILL)
+        """SIGKILL every process of the replica at once (a node lost), and wait until all are gone."""
+        processes = self.processes()
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(processes, timeout=30)
         assert self.process is not None
         self.process.wait(timeout=30)
 
@@ -129,11 +137,17 @@ class Replica:
         self.signal(signal.SIGCONT)
 
     def stop(self, grace_s: float = 30.0) -> float:
-        """SIGTERM, as Kubernetes stops a pod; SIGKILL what is left after `grace_s`. The seconds it took."""
+        """SIGTERM to the arbiter, as Kubernetes stops a pod; SIGKILL whatever of the replica is left after `grace_s`.
+        The seconds until its last process was gone."""
         assert self.process is not None
         started = time.monotonic()
         self.resume()
+        processes = self.processes()
         stop_group(self.process, grace_s)
+        _, alive = psutil.wait_procs(processes, timeout=max(0.0, grace_s - (time.monotonic() - started)))
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         return time.monotonic() - started
 
     def restart(self) -> None:
@@ -150,13 +164,6 @@ class Replica:
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += process.memory_info().rss
         return total / 2**20
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from api import tasks as api_tasks
 from core.errors import InvalidImageFormat
+from core.settings import Settings
 from core.tasks import TaskCancelled, TaskStore, task_store_path
 
 
@@ -167,7 +168,8 @@ def test_task_routes_middleware_scrubs_submissions_and_cancels_through_our_store
     async def app(scope, receive, send):
         seen.append(dict(scope["headers"]))
 
-    middleware = api_tasks.TaskRoutesMiddleware(app, task_routes=("/predict/mri_segmentation",), data_dir=tmp_path)
+    middleware = api_tasks.TaskRoutesMiddleware(app, task_routes=("/predict/mri_segmentation",),
+                                              settings=Settings(data_dir=str(tmp_path)))
     headers = [(b"authorization", b"Bearer secret"), (b"x-other", b"1")]
     for path in ("/predict/mri_segmentation/submit", "/predict/mri_segmentation/status"):
         asyncio.run(middleware({"type": "http", "method": "POST", "path": path, "headers": headers}, None, None))

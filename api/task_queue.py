@@ -1,0 +1,195 @@
+"""The MRI work queue of distributed mode: procrastinate (a maintained PostgreSQL job queue) with a worker inside every
+API worker process of every replica.
+
+Why procrastinate and not Celery on Redis: the replicas already share PostgreSQL (task state, models, rate limits,
+feedback), and procrastinate needs nothing else — jobs are claimed with `SELECT … FOR UPDATE SKIP LOCKED`, woken by
+LISTEN/NOTIFY with a polling fallback, workers write heartbeats, jobs of a worker without one are found and retried,
+and a job is one row in the same database as the task it runs. Celery would add a broker and a result backend to run,
+secure and back up, and Redis' visibility timeout redelivers long tasks while they still run.
+
+What runs where:
+- submission (any replica): the uploads are written once to the task's folder on the shared volume, the request's
+  parameters to its row, and one job `neuronova.mri_segmentation(task_id)` is deferred;
+- a worker (concurrency 1 per API worker process) takes the job, starts an **attempt** of the task (the fencing token,
+  `core.pg_tasks`) and runs the ordinary pipeline under it; an attempt superseded meanwhile writes nothing;
+- takeover: every worker looks every `STALL_CHECK_S` for jobs held by a worker whose heartbeat is older than
+  `STALLED_AFTER_S` (its replica was killed or frozen) and puts them back in the queue; the next free worker of any
+  replica runs them as a new attempt;
+- shutdown (SIGTERM): the worker stops taking jobs; a job still running after half the shutdown grace is aborted and
+  handed back (task pending again, job retried), so another replica — or this one after its restart — runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate.schema import SchemaManager
+
+from core.pg_tasks import PostgresTaskStore
+from core.tasks import task_ref
+
+log = logging.getLogger("neuronova.queue")
+
+QUEUE = "neuronova-mri"
+TASK_NAME = "neuronova.mri_segmentation"
+HEARTBEAT_S = 2.0
+STALLED_AFTER_S = 10.0
+"""A worker silent this long is taken for dead: its jobs go back to the queue (takeover well within 60 s)."""
+STALL_CHECK_S = 2.0
+FETCH_POLL_S = 1.0
+"""Polling fallback of LISTEN/NOTIFY (a notification can be missed while a listener reconnects)."""
+MAX_RUNS = 20
+"""How often one job may be handed back or taken over before it stays failed (a job that kills its replica)."""
+SCHEMA_LOCK = 0x4E4E_5051
+
+Run = Callable[[str, dict[str, Any]], Awaitable[Any]]
+"""Runs one attempt: (the attempt's task reference, the request's parameters)."""
+
+
+class HandedBack(BaseException):
+    """An attempt stopped without finishing because its process shuts down; the job goes back to the queue. A
+    BaseException, like the cancellation it often comes from, so no error mapping records it as the task's failure."""
+
+
+def replica_name(configured: str | None) -> str:
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def prepare_database(database_url: str) -> None:
+    """Create procrastinate's tables once (replicas starting together take turns on an advisory lock)."""
+    with psycopg.connect(database_url, autocommit=False) as connection:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        if connection.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
+            connection.execute(SchemaManager.get_schema())
+
+
+class MriQueue:
+    """The queue as one API worker process sees it: submit jobs, run them, hand them back at shutdown."""
+
+    def __init__(self, store: PostgresTaskStore, database_url: str, replica: str, shutdown_grace_s: float) -> None:
+        self.store = store
+        self.replica = replica
+        self.shutdown_grace_s = shutdown_grace_s
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=database_url, min_size=1,
+                                                                            max_size=4))
+        self.job = self.app.task(name=TASK_NAME, queue=QUEUE, retry=procrastinate.RetryStrategy(
+            max_attempts=MAX_RUNS, retry_exceptions={HandedBack}))(self._run_job)
+        self.running: set[str] = set()
+        self.stopping = False
+        self._run: Run | None = None
+        self._opened = False
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _open(self) -> None:
+        if not self._opened:
+            await self.app.open_async()
+            self._opened = True
+
+    async def submit(self, task_id: str, uploads: list[Path], params: dict[str, Any]) -> None:
+        """Write the uploads once to the task's shared folder, record the parameters, queue the job."""
+        folder = self.store.task_dir(task_id) / "uploads"
+        names = []
+        for index, upload in enumerate(uploads):
+            name = f"{index}/{upload.name}"
+            await asyncio.to_thread(self.store.write_once, folder / name, upload.read_bytes())
+            names.append(name)
+        await asyncio.to_thread(self.store.set_params, task_id, {**params, "uploads": names})
+        await self._open()
+        await self.job.defer_async(task_id=task_id)
+
+    def upload_paths(self, task_id: str, params: dict[str, Any]) -> list[Path]:
+        folder = self.store.task_dir(task_id) / "uploads"
+        return [folder / name for name in params["uploads"]]
+
+    async def start(self, run: Run) -> None:
+        """Run jobs with `run` in this process until `stop` (and look for stalled ones)."""
+        self._run, self._loop = run, asyncio.get_running_loop()
+        await self._open()
+        self._tasks = [
+            asyncio.create_task(self.app.run_worker_async(
+                queues=[QUEUE], name=self.replica, concurrency=1, install_signal_handlers=False,
+                update_heartbeat_interval=HEARTBEAT_S, stalled_worker_timeout=STALLED_AFTER_S,
+                fetch_job_polling_interval=FETCH_POLL_S, shutdown_graceful_timeout=self.shutdown_grace_s / 2,
+                delete_jobs="successful"), name="neuronova-queue-worker"),
+            asyncio.create_task(self._requeue_stalled(), name="neuronova-queue-stalled"),
+        ]
+
+    def stop(self) -> None:
+        """Stop taking jobs (thread-safe; from a signal handler too): the running job gets half the shutdown grace,
+        then it is aborted and handed back."""
+        self.stopping = True
+        if self._loop is not None:
+            for task in self._tasks:
+                self._loop.call_soon_threadsafe(task.cancel)
+
+    async def close(self) -> None:
+        self.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._opened:
+            await self.app.close_async()
+            self._opened = False
+
+    def hand_back_running(self) -> None:
+        """At the shutdown deadline (any thread): hand back what still runs here; its job, held by a worker that
+        no longer beats, is put back in the queue by another replica's stalled-job check."""
+        for ref in list(self.running):
+            self.store.hand_back(ref)
+
+    def guarded(self, work: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """`work` whose failure while this process shuts down (its runner gone, say) hands the task back instead
+        of failing it."""
+
+        async def run() -> Any:
+            try:
+                return await work()
+            except Exception as exc:
+                if self.stopping:
+                    raise HandedBack(str(exc)) from exc
+                raise
+
+        return run
+
+    async def _run_job(self, task_id: str) -> None:
+        attempt = await asyncio.to_thread(self.store.begin_attempt, task_id, self.replica)
+        if attempt is None:
+            log.info("task %s has nothing left to run (finished or cancelled)", task_id)
+            return
+        ref = task_ref(task_id, attempt)
+        self.running.add(ref)
+        log.info("replica %s runs task %s (attempt %d)", self.replica, task_id, attempt)
+        try:
+            params = await asyncio.to_thread(self.store.params, task_id)
+            assert self._run is not None and params is not None
+            await self._run(ref, params)
+        except (asyncio.CancelledError, HandedBack) as stopped:
+            handed = await asyncio.to_thread(self.store.hand_back, ref)
+            log.warning("replica %s stops: task %s (attempt %d) %s", self.replica, task_id, attempt,
+                        "handed back to the queue" if handed else "was no longer its to hand back")
+            raise HandedBack(ref) from stopped
+        finally:
+            self.running.discard(ref)
+
+    async def _requeue_stalled(self) -> None:
+        """Put the jobs of workers without a recent heartbeat (a replica killed or frozen) back in the queue."""
+        manager = self.app.job_manager
+        while True:
+            await asyncio.sleep(STALL_CHECK_S)
+            try:
+                stalled = await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=STALLED_AFTER_S)
+            except Exception:  # noqa: BLE001 - the database may be restarting: try again later
+                log.exception("looking for stalled jobs failed")
+                continue
+            for job in stalled:
+                with contextlib.suppress(Exception):  # another replica retried it first
+                    await manager.retry_job(job)
+                    log.warning("replica %s put job %s of a silent worker back in the queue", self.replica, job.id)
