@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import bentoml
 import psutil
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from pydantic import Field
 from starlette.responses import JSONResponse
 
@@ -62,7 +62,7 @@ from api.uploads import UploadGuardMiddleware, file_fields_by_path
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import SegmentationCard
 from core.cards.tabular import TabularCard
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, NotFound
 from core.schemas import (
     BiomarkerResponse,
     BiomarkerResult,
@@ -76,6 +76,7 @@ from core.schemas import (
 )
 from core.settings import get_settings
 from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
+from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
 from preprocessing.tabular import encode_request
@@ -125,17 +126,28 @@ class NeuroNova:
         self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
+        self.pacs = self.pacs_background = None
+        if settings.pacs.config:  # the PACS connection (pacs/): only where configured
+            from pacs.runtime import Background, build_flow
+
+            self.pacs = build_flow(settings, {s.model_id: s for s in (self.ct, self.mri)}, self.tasks)
+            self.pacs_background = Background(self.pacs, settings.data_dir)
 
     @bentoml.on_deployment
     def recover() -> None:
-        """Once per start, before the workers: what a killed server left behind (api/shutdown.py). Distributed, the
-        tasks a killed replica held are taken over by the queue, not failed; the queue's tables are created once."""
+        """Once per start, before the workers: what a killed server left behind (api/shutdown.py, pacs/jobs.py).
+        Distributed, the tasks a killed replica held are taken over by the queue, not failed; the queue's tables are
+        created once."""
         if settings.distributed.enabled:
             from api.task_queue import prepare_database
 
             prepare_database(settings.distributed.database_url)
         recover_after_crash(None if settings.distributed.enabled else TaskStore(task_store_path(settings.data_dir)),
                             bentoml_result_store_path())
+        if settings.pacs.config:
+            from pacs.runtime import recover
+
+            recover(settings)
 
     @bentoml.on_startup
     async def start_queue(self) -> None:
@@ -143,10 +155,22 @@ class NeuroNova:
         if self.queue is not None:
             await self.queue.start(self._run_queued)
 
+    @bentoml.on_startup
+    async def start_pacs(self) -> None:
+        """Where configured, each API worker warms up what PACS jobs run (it is ready after that) and works the PACS
+        job queue; one of them polls `/changes`."""
+        if self.pacs_background is not None:
+            await self.pacs_background.start()
+
     @bentoml.on_shutdown
     async def stop_queue(self) -> None:
         if self.queue is not None:
             await self.queue.close()
+
+    @bentoml.on_shutdown
+    async def stop_pacs(self) -> None:
+        if self.pacs_background is not None:
+            await self.pacs_background.stop()
 
     async def _run_queued(self, ref: str, params: dict[str, Any]) -> None:
         """One attempt of a queued MRI task, by the same pipeline as an embedded task, its writes fenced by `ref`."""
@@ -300,6 +324,32 @@ class NeuroNova:
         """Cancel a task: it is marked cancelled at once and its work stops at the next window batch."""
         return cancel_task(self.tasks, task_id)
 
+    @ops.post("/pacs/notify", response_model=Notified, status_code=202)
+    @handles_errors
+    async def pacs_notify(self, notice: Notice) -> JSONResponse:
+        """A study became stable in the PACS (Orthanc's Lua `OnStableStudy`): queued for a worker to select series
+        and queue a job per model (idempotent); answers at once. Admin JWT or the configured PACS token."""
+        from pacs.runtime import notified
+
+        body = notified(self._pacs(), notice)
+        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+    @ops.get("/pacs/jobs", response_model=list[Job])
+    @handles_errors
+    async def pacs_jobs(self, study_instance_uid: str | None = None, state: JobState | None = None,
+                        limit: int = Query(default=100, ge=1, le=1000)) -> JSONResponse:
+        """Operators: the newest PACS jobs, optionally of one study or in one state."""
+        jobs = self._pacs().jobs.list(study_instance_uid, state, limit)
+        return JSONResponse([job.model_dump(mode="json") for job in jobs])
+
+    @ops.get("/pacs/jobs/{job_id}", response_model=Job)
+    @handles_errors
+    async def pacs_job(self, job_id: str) -> JSONResponse:
+        """Operators: one PACS job, with its log."""
+        from pacs.runtime import job_of
+
+        return JSONResponse(job_of(self._pacs(), job_id).model_dump(mode="json"))
+
     @ops.get("/health")
     async def health(self) -> JSONResponse:
         """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load."""
@@ -325,6 +375,11 @@ class NeuroNova:
     def _slots(self) -> list[ModelSlot]:
         return [self.ct, self.biomarker, self.mri]
 
+    def _pacs(self) -> Any:
+        if self.pacs is None:
+            raise NotFound("the PACS connection is not configured (set NEURONOVA_PACS__CONFIG)")
+        return self.pacs
+
 
 def _server_rss_mb() -> float:
     """Resident memory of the whole server: this worker's process tree from the BentoML arbiter down."""
@@ -339,7 +394,9 @@ def _server_rss_mb() -> float:
 # handling (which drops the token before BentoML stores the request).
 NeuroNova.add_asgi_middleware(AccessLogMiddleware)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
-NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth)
+NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
+                              path_tokens=importlib.import_module("pacs.runtime").notify_tokens(settings)
+                              if settings.pacs.config else None)
 NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limit, exempt_paths=PUBLIC_PATHS,
                               database_url=settings.distributed.database_url)
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)

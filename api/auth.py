@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
@@ -16,6 +18,7 @@ log = logging.getLogger("neuronova.auth")
 
 PUBLIC_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 ADMIN_PATHS = frozenset({"/update_model"})
+ADMIN_PREFIXES = ("/pacs/",)
 
 
 def verify_token(token: str, auth: AuthSettings) -> dict[str, Any]:
@@ -44,11 +47,13 @@ def bearer_token(scope: Scope) -> str:
 
 class JWTAuthMiddleware:
     """Verifies the bearer token on every non-public path, puts the claims in `scope["state"]["claims"]`,
-    and requires the admin role on admin paths. Tokens are never logged."""
+    and requires the admin role on admin paths. `path_tokens` are static bearer tokens a path also accepts (what a
+    PACS's script sends to `/pacs/notify`). Tokens are never logged."""
 
-    def __init__(self, app: ASGIApp, auth: AuthSettings) -> None:
+    def __init__(self, app: ASGIApp, auth: AuthSettings, path_tokens: Mapping[str, str] | None = None) -> None:
         self.app = app
         self.auth = auth
+        self.path_tokens = {path: token for path, token in (path_tokens or {}).items() if token}
         if not auth.enabled:
             log.warning("JWT authentication is DISABLED (NEURONOVA_AUTH__ENABLED=false): local development only")
 
@@ -57,8 +62,15 @@ class JWTAuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            claims = verify_token(bearer_token(scope), self.auth)
-            if scope["path"] in ADMIN_PATHS and claims.get(self.auth.role_claim) != self.auth.admin_role:
+            token = bearer_token(scope)
+            static = self.path_tokens.get(scope["path"])
+            if static is not None and hmac.compare_digest(token.encode(), static.encode()):
+                scope.setdefault("state", {})["claims"] = {"sub": f"static token of {scope['path']}"}
+                await self.app(scope, receive, send)
+                return
+            claims = verify_token(token, self.auth)
+            admin_path = scope["path"] in ADMIN_PATHS or scope["path"].startswith(ADMIN_PREFIXES)
+            if admin_path and claims.get(self.auth.role_claim) != self.auth.admin_role:
                 raise Forbidden(f"the {self.auth.admin_role!r} role is required for {scope['path']}")
         except (Unauthorized, Forbidden) as error:
             headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None

@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset
 
 from api.budgets import scaled, within_budget
 from api.models import ModelSlot
@@ -42,6 +43,7 @@ from core.settings import LimitSettings
 from core.tasks import TaskStates, split_ref, task_ref
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
+from postprocessing.dicom_results import dataset_bytes
 from postprocessing.masks import (
     PostProcessingOptions,
     clean_mask,
@@ -69,6 +71,7 @@ from postprocessing.uncertainty import (
 from preprocessing.sequences import check_required_sequences, parse_sequence_types
 from preprocessing.volumes import (
     PreparedVolume,
+    Upload,
     decode_upload,
     prepare_volume,
     resample_to_grid,
@@ -127,11 +130,48 @@ class ModelOutput:
     passes_ms: float = 0.0
 
 
+@dataclass(frozen=True)
+class Segmented:
+    """One finished segmentation: the response, and the decoded volume it was computed on (its sources' headers)."""
+
+    response: MRISegmentationResponse
+    volume: DecodedVolume
+    prepared: PreparedVolume
+
+
 async def segment_mri(
     slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, limits: LimitSettings,
     cache: RequestCache | None = None,
 ) -> MRISegmentationResponse:
-    """Run one segmentation end to end and shape the response; what `/feedback` needs of it goes into `cache`."""
+    """Run one segmentation of uploaded files end to end and shape the response; what `/feedback` needs of it goes
+    into `cache`."""
+    uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
+    segmented = await segment_uploads(slot, tasks, request, uploads, limits)
+    if cache is not None:
+        await asyncio.to_thread(lambda: cache.put(cached_segmentation(segmented.response, segmented.volume,
+                                                                      segmented.prepared)))
+    return segmented.response
+
+
+async def segment_series(
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest,
+    series: dict[str, Sequence[Dataset]], limits: LimitSettings,
+) -> Segmented:
+    """Segment series already retrieved (from a PACS), one per sequence name of the served card. The datasets go
+    through the same validated decoding as uploads (written back as Part 10 files, one sequence after another), so
+    a PACS's objects meet every check an upload meets."""
+    uploads = await asyncio.to_thread(lambda: [
+        (f"{sequence}-{index}.dcm", dataset_bytes(dataset))
+        for sequence, datasets in series.items() for index, dataset in enumerate(datasets)
+    ])
+    return await segment_uploads(slot, tasks, replace(request, sequence_type=list(series)), uploads, limits)
+
+
+async def segment_uploads(
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, uploads: list[Upload],
+    limits: LimitSettings,
+) -> Segmented:
+    """Decode, prepare, run (with the requested extras) and measure; each step reported to the task store."""
     started = time.perf_counter()
     model = await slot.loaded()
     card = model.card
@@ -144,7 +184,6 @@ async def segment_mri(
     if sequence_types is not None:
         check_required_sequences(sequence_types, card.input)
     budgets = limits.task_step_budget_seconds
-    uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
     volume = await within_budget("decoding", asyncio.to_thread(decode_upload, uploads, card.input, limits,
                                                                sequence_types), budgets)
     report("preprocessing")
@@ -189,9 +228,7 @@ async def segment_mri(
         result=result, volume=described,
         xai={GRAD_CAM: explanation} if explanation is not None else None, metadata=response_metadata(),
     )
-    if cache is not None:
-        await asyncio.to_thread(lambda: cache.put(cached_segmentation(response, volume, prepared)))
-    return response
+    return Segmented(response, volume, prepared)
 
 
 def cached_segmentation(response: MRISegmentationResponse, volume: DecodedVolume, prepared: PreparedVolume) -> CachedRequest:

@@ -79,6 +79,14 @@ class DistributedSettings(BaseModel):
         return self.database_url is not None
 
 
+class PacsSettings(BaseModel):
+    """The PACS connection (pacs/, README "Connect your PACS"). Unset: nothing of it runs."""
+
+    config: str | None = Field(default=None, description=(
+        "path of the PACS YAML (DICOMweb source and destination, series rules per model, AE title, optional "
+        "/changes polling); set, the API workers run the PACS job queue and serve /pacs/*"))
+
+
 class ModelSlot(BaseModel):
     """Which model-store tag a runner loads at start-up, and the ONNX Runtime threads of its CPU engine."""
 
@@ -110,6 +118,7 @@ class Settings(BaseSettings):
     biomarker: ModelSlot = ModelSlot(model_tag="neuronova-biomarker:latest")
     feedback: FeedbackSettings = FeedbackSettings()
     distributed: DistributedSettings = DistributedSettings()
+    pacs: PacsSettings = PacsSettings()
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
     ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
     occlusion_steps: int = Field(default=7, ge=2, le=16, description="occlusion grid per side: steps² extra forward "

@@ -86,3 +86,16 @@ def test_disabled_auth_lets_everything_through():
 def test_no_key_configured_is_refused():
     with pytest.raises(Unauthorized, match="no verification key"):
         verify_token(token(), AuthSettings())
+
+
+def test_pacs_routes_need_the_admin_role_and_notify_also_takes_the_pacs_token():
+    routes = [Route(p, whoami, methods=["GET", "POST"]) for p in ("/pacs/notify", "/pacs/jobs")]
+    client = TestClient(JWTAuthMiddleware(Starlette(routes=routes), auth=AUTH,
+                                          path_tokens={"/pacs/notify": "pacs-static-token", "/pacs/jobs": ""}))
+    for path in ("/pacs/notify", "/pacs/jobs"):
+        assert get(client, path, f"Bearer {token()}").status_code == 403
+        assert get(client, path, f"Bearer {token(role='admin')}").status_code == 200
+    accepted = get(client, "/pacs/notify", "Bearer pacs-static-token")
+    assert accepted.status_code == 200 and accepted.json() == {"sub": "static token of /pacs/notify"}
+    assert get(client, "/pacs/jobs", "Bearer pacs-static-token").status_code == 401  # only where it is configured
+    assert get(client, "/pacs/notify", "Bearer pacs-static-tokeN").status_code == 401

@@ -1,0 +1,276 @@
+"""The PACS round trip, run by the API workers: a stable study is notified (Lua `OnStableStudy`, or the `/changes`
+poller), its series are read by QIDO-RS and selected by each model's rules, a job is queued per matching model (once:
+`pacs.jobs`), and a worker runs it: WADO-RS retrieve, the service's own pipeline (MRI: `api.mri.segment_series`;
+CT: `api.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`) written to
+the job's folder, then STOW-RS into the same study, retried with backoff while the PACS is unreachable.
+
+Logs and job state carry UIDs, model versions and counts, never a patient name or id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from api.classification import GRAD_CAM, classify_slice
+from api.models import ModelSlot
+from api.shaping import class_probabilities
+from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
+from core.settings import LimitSettings
+from core.tasks import TaskStates
+from pacs.config import PacsConfig
+from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
+from pacs.jobs import NO_RULE, Job, JobStore
+from pacs.selection import SeriesFacts, select_series
+from postprocessing.dicom_results import ct_results, dataset_bytes, mr_results, segment_volumes_ml
+from xai.render import overlay, to_source_geometry
+
+log = logging.getLogger("neuronova.pacs")
+STABLE_STUDY = "StableStudy"
+OVERLOADED = "ServiceUnavailable"
+"""A runner call shed by adaptive batching (pitfall G13) or a runner restarting: the job is tried again later."""
+
+
+class PacsFlow:
+    """Notification -> jobs -> results in the PACS, for one configuration and the service's model slots."""
+
+    def __init__(self, config: PacsConfig, jobs: JobStore, slots: dict[str, ModelSlot], tasks: TaskStates,
+                 limits: LimitSettings, work_dir: Path, pacs: DicomWebPacs | None = None) -> None:
+        self.config = config
+        self.jobs = jobs
+        self.slots = slots
+        self.tasks = tasks
+        self.limits = limits
+        self.work_dir = work_dir
+        self.pacs = pacs or DicomWebPacs(config.source, config.store_to)
+        self.wake = asyncio.Event()
+
+    def notify(self, study_uid: str) -> None:
+        """Queue a stable-study notification for the job loop (returns at once: see `Notified`)."""
+        self.jobs.notice(study_uid)
+        self.wake.set()
+
+    async def resolve(self, study_uid: str) -> list[str]:
+        """Select series for every configured model and queue a job per match (an existing job is reused); a study
+        no model matches is recorded as skipped, with each model's reason. The job ids; PacsUnavailable when the
+        study's series cannot be searched now."""
+        series: list[StudySeries] = await asyncio.to_thread(self.pacs.study_series, study_uid)
+        facts = [SeriesFacts.from_instance(s.header, s.instance_count) for s in series]
+        found, reasons = [], []
+        for rules in self.config.models:
+            selection = select_series(rules, facts)
+            if not selection.matched:
+                reasons.append(f"{rules.model_id}: {selection.reason}")
+                continue
+            model = await self.slots[rules.model_id].loaded()
+            job_id, new = self.jobs.add(study_uid, rules.model_id, model.tag, selection.series)
+            log.info("pacs: study %s -> %s job %s (%s)", study_uid, rules.model_id, job_id,
+                     "queued" if new else "already known")
+            found.append(job_id)
+        if not found:
+            reason = f"{NO_RULE}: " + "; ".join(reasons)
+            job_id, _ = self.jobs.add(study_uid, None, None, {}, state="skipped", reason=reason)
+            log.info("pacs: study %s left alone (%s)", study_uid, reason)
+            found.append(job_id)
+        return found
+
+    async def run_forever(self) -> None:
+        """Work the queues: a due notification (resolved into jobs), else a due job; idle, wake on a notification
+        or every poll interval."""
+        while True:
+            notice = await asyncio.to_thread(self.jobs.claim_notice)
+            if notice is not None:
+                await self.handle_notice(*notice)
+                continue
+            job = await asyncio.to_thread(self.jobs.claim)
+            if job is None:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.config.poll_seconds)
+                except TimeoutError:
+                    pass
+                continue
+            await self.run(job)
+
+    async def handle_notice(self, study_uid: str, received_at: float) -> None:
+        try:
+            await self.resolve(study_uid)
+        except asyncio.CancelledError:
+            raise
+        except (PacsUnavailable, ModelNotLoaded) as exc:
+            delay = self.config.export_retry.delay(self.jobs.notice_failures(study_uid) + 1)
+            log.warning("pacs: study %s could not be searched (%s), retrying in %.1f s", study_uid, exc, delay)
+            self.jobs.notice_failed(study_uid, delay)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bad study is logged and dropped, never the worker's end
+            log.warning("pacs: notification of study %s dropped: %s: %s", study_uid, type(exc).__name__, exc)
+        self.jobs.notice_handled(study_uid, received_at)
+
+    async def run(self, job: Job) -> None:
+        """Compute (unless the result files are already written) and export one claimed job."""
+        folder = self.work_dir / job.job_id
+        try:
+            if job.state == "running":
+                datasets = await self.compute(job)
+                await asyncio.to_thread(write_results, folder, datasets)
+                self.jobs.ready_to_export(job.job_id, f"built {len(datasets)} result object(s): "
+                                          + ", ".join(str(ds.Modality) for ds in datasets))
+            await self.export(job, folder)
+        except (PacsUnavailable, ModelNotLoaded, ModelInferenceError) as exc:
+            if isinstance(exc, ModelInferenceError) and exc.details.get("reason") != OVERLOADED:
+                self._failed(job, exc)
+                return
+            current = self.jobs.get(job.job_id)
+            delay = self.config.export_retry.delay((current.export_failures if current else 0) + 1)
+            if current is not None and current.state == "exporting":
+                log.warning("pacs: job %s export failed (%s), retrying in %.1f s", job.job_id, exc, delay)
+                self.jobs.export_failed(job.job_id, f"export failed: {exc}", delay)
+            else:
+                log.warning("pacs: job %s could not run now (%s), retrying in %.1f s", job.job_id, exc, delay)
+                self.jobs.retry_later(job.job_id, f"could not run now: {exc}", delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one job's failure is recorded, never the worker's end
+            self._failed(job, exc)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        reason = exc.message if isinstance(exc, NeuroNovaError) else f"{type(exc).__name__}: {exc}"
+        log.warning("pacs: job %s failed: %s", job.job_id, reason)
+        self.jobs.fail(job.job_id, reason[:500])
+
+    async def compute(self, job: Job) -> list[Dataset]:
+        """Retrieve the job's series and run its model; the result objects, in store order."""
+        series = {role: await asyncio.to_thread(self.pacs.retrieve, job.study_instance_uid, uid)
+                  for role, uid in job.series.items()}
+        self.jobs.log(job.job_id, f"retrieved {sum(len(d) for d in series.values())} instance(s) of "
+                      f"{len(series)} series; running {job.model_id}")
+        if job.model_id == "mri_segmentation":
+            return await self._segment(job, series)
+        return await self._classify(job, series)
+
+    async def _segment(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
+        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
+        slot = self.slots["mri_segmentation"]
+        task_id = f"pacs-{job.job_id}-{job.runs}"
+        self.tasks.create(task_id, job.job_id, slot.model_id)
+        request = mri.SegmentationRequest(task_id=task_id, request_id=job.job_id, images=(), sequence_type=None,
+                                          xai=False, post_processing=mri.PostProcessingOptions())
+        try:
+            segmented = await mri.segment_series(slot, self.tasks, request, series, self.limits)
+        except Exception as exc:
+            self.tasks.fail(task_id, {"code": "PACS_JOB_FAILED", "message": type(exc).__name__})
+            raise
+        self.tasks.complete(task_id, {"pacs_job": job.job_id})
+        response, volume = segmented.response, segmented.volume
+        if not response.result.tumor_detected:
+            self.jobs.log(job.job_id, "no tumour was found: no SEG or report written")
+            return []
+        card = (await slot.loaded()).card
+        labels = mri.delivered_labels(response.result.mask)
+        built = await asyncio.to_thread(
+            lambda: mr_results(labels, volume.source_of(volume.reference_sequence),
+                               segment_volumes_ml(response.result.label_statistics), card, response.model_version,
+                               uid_key=job.job_id))
+        return list(built.objects)
+
+    async def _classify(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
+        datasets = next(iter(series.values()))
+        source = sorted(datasets, key=lambda ds: int(ds.get("InstanceNumber") or 0))[len(datasets) // 2]
+        slot = self.slots["ct_classification"]
+        out = await classify_slice(slot, dataset_bytes(source), None, xai_methods=[GRAD_CAM],
+                                   max_pixels=self.limits.max_image_pixels)
+        card = out.model.card
+        result = class_probabilities(out.probabilities, card.contract_labels())
+        heatmap = next(iter(out.heatmaps.values()))
+        overlay_rgb = overlay(out.prepared.display, to_source_geometry(heatmap, out.prepared.display.shape))
+        probabilities = {label: float(p) for label, p in zip(card.contract_labels(), out.probabilities)}
+        built = await asyncio.to_thread(lambda: ct_results(source, overlay_rgb, probabilities, result.predicted_class,
+                                                           card, out.model.tag, uid_key=job.job_id))
+        return list(built.objects)
+
+    async def export(self, job: Job, folder: Path) -> None:
+        """STOW-RS the job's result files into its study; done with what was stored."""
+        datasets = await asyncio.to_thread(read_results, folder)
+        if datasets:
+            try:
+                await asyncio.to_thread(self.pacs.store, job.study_instance_uid, datasets)
+            except PacsRefused as exc:
+                raise RuntimeError(f"the PACS refused the results: {exc}") from None
+        stored = [{"modality": str(ds.Modality), "sop_class_uid": str(ds.SOPClassUID),
+                   "series_instance_uid": str(ds.SeriesInstanceUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
+                  for ds in datasets]
+        self.jobs.done(job.job_id, stored, f"stored {len(stored)} object(s) into the study")
+        log.info("pacs: job %s done: %d object(s) stored into study %s", job.job_id, len(stored),
+                 job.study_instance_uid)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    async def poll_changes(self) -> None:
+        """Follow Orthanc's `/changes` from where the last poll stopped (the first poll starts at the newest change)
+        and notify every StableStudy; an unreachable Orthanc is retried at the next interval."""
+        polling = self.config.changes
+        assert polling is not None
+        headers = polling.auth.headers() if polling.auth is not None else {}
+        async with httpx.AsyncClient(base_url=polling.url, headers=headers, timeout=30) as client:
+            while True:
+                try:
+                    await self._follow_changes(client)
+                except (httpx.HTTPError, PacsUnavailable) as exc:
+                    log.warning("pacs: /changes poll failed: %s", type(exc).__name__)
+                await asyncio.sleep(polling.interval_seconds)
+
+    async def _follow_changes(self, client: httpx.AsyncClient) -> None:
+        since = self.jobs.cursor("orthanc_changes")
+        if since is None:
+            last = (await client.get("/changes", params={"last": ""})).raise_for_status().json()
+            self.jobs.set_cursor("orthanc_changes", int(last["Last"]))
+            return
+        while True:
+            page = (await client.get("/changes", params={"since": since, "limit": 100})).raise_for_status().json()
+            for change in page["Changes"]:
+                if change["ChangeType"] == STABLE_STUDY:
+                    study = (await client.get(f"/studies/{change['ID']}")).raise_for_status().json()
+                    self.notify(study["MainDicomTags"]["StudyInstanceUID"])
+                since = int(change["Seq"])
+                self.jobs.set_cursor("orthanc_changes", since)
+            if page["Done"]:
+                return
+            since = int(page["Last"])
+
+
+def write_results(folder: Path, datasets: Sequence[Dataset]) -> None:
+    """The result files, written whole or not at all (a half-written folder is never exported)."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, mode=0o700)
+    for index, dataset in enumerate(datasets):
+        (partial / f"{index:02d}.dcm").write_bytes(dataset_bytes(dataset))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
+def read_results(folder: Path) -> list[Dataset]:
+    return [dcmread(path) for path in sorted(folder.glob("*.dcm"))]
+
+
+def hold_lock(path: Path) -> Any:
+    """An exclusive lock on `path` (e.g. one `/changes` poller per server), or None when another worker holds it.
+    The lock lives as long as the returned file object (and goes with the process)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

@@ -1,0 +1,131 @@
+"""How the PACS connection lives in the service: built per API worker from the settings, its job loop (and, in one
+worker only, the `/changes` poller) started as background tasks on the worker's event loop, stopped with it.
+
+Imported by the service only when `NEURONOVA_PACS__CONFIG` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.models import ModelSlot
+from core.errors import ModelNotLoaded, NotFound
+from core.settings import Settings
+from core.tasks import TaskStates
+from pacs.config import load_config
+from pacs.flow import PacsFlow, hold_lock
+from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
+from preprocessing.transforms import to_layout
+
+log = logging.getLogger("neuronova.pacs")
+
+
+def notify_tokens(settings: Settings) -> dict[str, str]:
+    """The static token `/pacs/notify` accepts besides an admin JWT (none when the config names none)."""
+    token = load_config(settings.pacs.config).notify_token()  # type: ignore[arg-type]
+    return {"/pacs/notify": token} if token else {}
+
+
+def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskStates) -> PacsFlow:
+    config = load_config(settings.pacs.config)  # type: ignore[arg-type]
+    return PacsFlow(config, JobStore(job_store_path(settings.data_dir)), slots, tasks, settings.limits,
+                    Path(settings.data_dir) / "pacs" / "results")
+
+
+def recover(settings: Settings) -> None:
+    """Once per server start, before the workers: jobs a killed server left running are queued again (once)."""
+    requeued = JobStore(job_store_path(settings.data_dir)).recover()
+    if requeued:
+        log.warning("pacs: %d job(s) interrupted by the last shutdown queued to run again: %s", len(requeued),
+                    ", ".join(requeued))
+
+
+async def warm_up_pipeline(flow: PacsFlow) -> None:
+    """Import the MRI pipeline in this worker now (tens of seconds on a busy 2-core machine) rather than with the
+    first MRI job: a PACS-connected server segments every brain-MR study, so its first is served at full speed."""
+    if any(rules.model_id == "mri_segmentation" for rules in flow.config.models):
+        await asyncio.to_thread(importlib.import_module, "api.mri")
+
+
+async def warm_up_gradcam(flow: PacsFlow, lock_path: Path, runner_wait_s: float = 300.0) -> None:
+    """Have the CT runner load Grad-CAM (torch) by one blank explanation, once it answers (after start-up: the
+    runners are reachable only once the workers serve); every CT job of the PACS explains. One worker does it (the
+    one holding `lock_path`): a second explanation queued behind the loading one would be shed by adaptive batching
+    (pitfall G13)."""
+    if not any(rules.model_id == "ct_classification" for rules in flow.config.models):
+        return
+    lock = hold_lock(lock_path)
+    if lock is None:
+        return
+    try:
+        await _explain_blank(flow.slots["ct_classification"], runner_wait_s)
+    finally:
+        lock.close()
+
+
+async def _explain_blank(slot: ModelSlot, runner_wait_s: float) -> None:
+    deadline = time.monotonic() + runner_wait_s
+    while True:
+        try:
+            spec = (await slot.loaded()).card.input
+            blank = np.zeros((spec.channels, spec.height, spec.width), dtype=np.float32)
+            await slot.call("explain", to_layout(blank, spec)[None])
+            return
+        except ModelNotLoaded:
+            if time.monotonic() > deadline:
+                log.warning("pacs: the CT runner did not answer for the warm-up: the first CT job loads Grad-CAM")
+                return
+            await asyncio.sleep(1.0)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only makes the first CT job slower
+            log.warning("pacs: CT warm-up failed (%s): the first CT job loads Grad-CAM", type(exc).__name__)
+            return
+
+
+class Background:
+    """The worker's PACS tasks: the job loop always, the `/changes` poller where configured and this worker holds
+    the poller lock."""
+
+    def __init__(self, flow: PacsFlow, data_dir: str) -> None:
+        self.flow = flow
+        self.data_dir = Path(data_dir)
+        self.tasks: list[asyncio.Task] = []
+        self.lock: Any = None
+
+    async def start(self) -> None:
+        """Import the MRI pipeline (the worker is ready after it), then work the queue in the background."""
+        await warm_up_pipeline(self.flow)
+        self.tasks.append(asyncio.create_task(warm_up_gradcam(self.flow, self.data_dir / "pacs" / "warm-up.lock"),
+                                              name="pacs-warm-up"))
+        self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
+        if self.flow.config.changes is not None:
+            self.lock = hold_lock(self.data_dir / "pacs" / "poller.lock")
+            if self.lock is not None:
+                self.tasks.append(asyncio.create_task(self.flow.poll_changes(), name="pacs-changes"))
+                log.info("pacs: polling %s/changes every %.1f s", self.flow.config.changes.url,
+                         self.flow.config.changes.interval_seconds)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.lock is not None:
+            self.lock.close()
+
+
+def notified(flow: PacsFlow, notice: Notice) -> Notified:
+    flow.notify(notice.study_instance_uid)
+    return Notified(study_instance_uid=notice.study_instance_uid)
+
+
+def job_of(flow: PacsFlow, job_id: str) -> Job:
+    job = flow.jobs.get(job_id)
+    if job is None:
+        raise NotFound("unknown PACS job id", {"job_id": job_id})
+    return job

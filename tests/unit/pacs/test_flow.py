@@ -1,0 +1,191 @@
+"""The PACS flow's queue handling in-process, with a scripted stand-in for the DICOMweb PACS (the real round trip
+against Orthanc is tests/pacs/): notifications resolved into jobs or a skipped record, retried while the PACS is
+unreachable; exports retried with backoff, refused exports failed; runner overload retried; `/changes` followed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+
+from core.errors import InvalidImageFormat, ModelInferenceError
+from core.tasks import TaskStore
+from pacs.config import PacsConfig
+from pacs.dicomweb import PacsRefused, PacsUnavailable, StudySeries
+from pacs.flow import PacsFlow, hold_lock, read_results, write_results
+from pacs.jobs import JobStore
+
+ROOT = Path(__file__).resolve().parents[3]
+STUDY = "1.2.3.4"
+
+
+class ScriptedPacs:
+    """Answers from lists: each call takes the next item; an exception item is raised."""
+
+    def __init__(self, series: list | None = None, stores: list | None = None, retrieves: list | None = None) -> None:
+        self.series, self.stores, self.retrieves = series or [], stores or [], retrieves or []
+        self.stored: list[list[Dataset]] = []
+
+    @staticmethod
+    def _next(items: list):
+        item = items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def study_series(self, study_uid: str) -> list[StudySeries]:
+        return self._next(self.series)
+
+    def retrieve(self, study_uid: str, series_uid: str) -> list[Dataset]:
+        return self._next(self.retrieves)
+
+    def store(self, study_uid: str, datasets: list[Dataset]) -> None:
+        self._next(self.stores)
+        self.stored.append(datasets)
+
+
+class FailingSlot:
+    """A model slot whose runner fails with `error` (the flow must never reach a model in these tests otherwise)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def loaded(self):
+        raise self.error
+
+
+def ultrasound() -> StudySeries:
+    header = Dataset()
+    header.SeriesInstanceUID, header.Modality, header.SeriesDescription = "1.2.3.4.9", "US", "ABDOMEN"
+    return StudySeries("1.2.3.4.9", 1, header)
+
+
+@pytest.fixture
+def flow(tmp_path: Path):
+    def make(pacs: ScriptedPacs, slots: dict | None = None) -> PacsFlow:
+        config = yaml.safe_load((ROOT / "deploy" / "pacs" / "pacs.yaml").read_text())
+        config["source"] = {"url": "http://pacs.invalid/dicom-web"}
+        config["export_retry"] = {"initial_seconds": 0.01, "max_seconds": 0.02}
+        return PacsFlow(PacsConfig.model_validate(config), JobStore(tmp_path / "jobs.sqlite3"), slots or {},
+                        TaskStore(tmp_path / "tasks.sqlite3"), None, tmp_path / "results", pacs)  # type: ignore[arg-type]
+    return make
+
+
+def test_a_notification_is_retried_while_the_pacs_is_down_then_recorded(flow) -> None:
+    pacs = ScriptedPacs(series=[PacsUnavailable("QIDO-RS series search: ConnectionError"), [ultrasound()]])
+    flows = flow(pacs)
+    flows.notify(STUDY)
+    notice = flows.jobs.claim_notice()
+    asyncio.run(flows.handle_notice(*notice))
+    assert flows.jobs.notice_failures(STUDY) == 1 and flows.jobs.list(STUDY) == []
+    asyncio.run(asyncio.sleep(0.02))
+    asyncio.run(flows.handle_notice(*flows.jobs.claim_notice()))
+    (job,) = flows.jobs.list(STUDY)
+    assert job.state == "skipped" and job.reason.startswith("no rule matched: mri_segmentation: ")
+    assert flows.jobs.claim_notice() is None
+
+
+def test_a_notification_whose_model_is_not_loaded_is_retried(flow) -> None:
+    from core.errors import ModelNotLoaded
+
+    ct = dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    pacs = ScriptedPacs(series=[[StudySeries(str(ct.SeriesInstanceUID), 1, ct)]])
+    flows = flow(pacs, {"ct_classification": FailingSlot(ModelNotLoaded("ct_classification model is not loaded"))})
+    flows.notify(STUDY)
+    asyncio.run(flows.handle_notice(*flows.jobs.claim_notice()))
+    assert flows.jobs.notice_failures(STUDY) == 1 and flows.jobs.list(STUDY) == []
+
+
+def test_a_broken_notification_is_dropped_without_ending_the_worker(flow) -> None:
+    flows = flow(ScriptedPacs(series=[ValueError("malformed QIDO answer")]))
+    flows.notify(STUDY)
+    asyncio.run(flows.handle_notice(*flows.jobs.claim_notice()))
+    assert flows.jobs.claim_notice() is None and flows.jobs.list(STUDY) == []
+
+
+def exporting_job(flows: PacsFlow) -> str:
+    """A CT job whose result files are written, as a run leaves it before STOW-RS."""
+    job_id, _ = flows.jobs.add(STUDY, "ct_classification", "c:1", {"slice": "1.2.3.4.1"})
+    flows.jobs.claim()
+    write_results(flows.work_dir / job_id, [dcmread(get_testdata_file("CT_small.dcm"))])
+    flows.jobs.ready_to_export(job_id, "built 1 result object(s)")
+    return job_id
+
+
+def test_an_export_is_retried_with_backoff_until_the_pacs_takes_it(flow) -> None:
+    pacs = ScriptedPacs(stores=[PacsUnavailable("STOW-RS store: ConnectionError"), None])
+    flows = flow(pacs)
+    job_id = exporting_job(flows)
+    asyncio.run(flows.run(flows.jobs.get(job_id)))  # still leased by this process: run goes on to export
+    job = flows.jobs.get(job_id)
+    assert job.state == "exporting" and job.export_failures == 1 and pacs.stored == []
+    asyncio.run(asyncio.sleep(0.02))
+    asyncio.run(flows.run(flows.jobs.claim()))
+    job = flows.jobs.get(job_id)
+    assert job.state == "done" and job.results[0]["modality"] == "CT" and len(pacs.stored) == 1
+    assert not (flows.work_dir / job_id).exists()
+
+
+def test_an_export_the_pacs_refuses_fails_the_job(flow) -> None:
+    flows = flow(ScriptedPacs(stores=[PacsRefused("STOW-RS: 1 instance(s) refused")]))
+    job_id = exporting_job(flows)
+    asyncio.run(flows.run(flows.jobs.get(job_id)))
+    job = flows.jobs.get(job_id)
+    assert job.state == "failed" and "refused" in job.reason
+
+
+@pytest.mark.parametrize("error, state", [
+    (PacsUnavailable("WADO-RS series retrieve: ConnectionError"), "queued"),
+    (ModelInferenceError("ct_classification runner failed", {"reason": "ServiceUnavailable"}), "queued"),
+    (ModelInferenceError("ct_classification runner failed", {"reason": "ValueError"}), "failed"),
+    (InvalidImageFormat("not an image"), "failed"),
+])
+def test_a_run_that_cannot_proceed_now_is_queued_again_and_one_that_cannot_work_fails(flow, error, state) -> None:
+    flows = flow(ScriptedPacs(retrieves=[error]))
+    job_id, _ = flows.jobs.add(STUDY, "ct_classification", "c:1", {"slice": "1.2.3.4.1"})
+    asyncio.run(flows.run(flows.jobs.claim()))
+    job = flows.jobs.get(job_id)
+    assert job.state == state and job.runs == (0 if state == "queued" else 1)
+
+
+def test_the_changes_poller_starts_at_the_newest_change_and_notifies_stable_studies(flow) -> None:
+    changes = {None: {"Last": 7}, 7: {"Changes": [{"Seq": 8, "ChangeType": "NewInstance", "ID": "i"},
+                                                   {"Seq": 9, "ChangeType": "StableStudy", "ID": "s"}],
+                                      "Done": False, "Last": 9},
+               9: {"Changes": [], "Done": True, "Last": 9}}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/studies/s":
+            return httpx.Response(200, json={"MainDicomTags": {"StudyInstanceUID": STUDY}})
+        since = request.url.params.get("since")
+        return httpx.Response(200, json=changes[int(since) if since else None])
+
+    flows = flow(ScriptedPacs())
+
+    async def follow_twice() -> None:
+        async with httpx.AsyncClient(base_url="http://orthanc", transport=httpx.MockTransport(answer)) as client:
+            await flows._follow_changes(client)
+            assert flows.jobs.claim_notice() is None  # history before the first poll is not replayed
+            await flows._follow_changes(client)
+
+    asyncio.run(follow_twice())
+    assert flows.jobs.cursor("orthanc_changes") == 9
+    assert flows.jobs.claim_notice()[0] == STUDY
+
+
+def test_results_are_written_whole_and_one_lock_holder_at_a_time(tmp_path: Path) -> None:
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    write_results(tmp_path / "job", [dataset, dataset])
+    assert [str(ds.SOPInstanceUID) for ds in read_results(tmp_path / "job")] == [str(dataset.SOPInstanceUID)] * 2
+    assert not (tmp_path / "job.partial").exists()
+    first = hold_lock(tmp_path / "poller.lock")
+    assert first is not None
+    assert hold_lock(tmp_path / "poller.lock") is None
+    first.close()
+    assert hold_lock(tmp_path / "poller.lock") is not None
