@@ -8,7 +8,6 @@ ONNX Runtime is imported where a model is loaded (`load_classifier`), so the pro
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
 from core.ood import ood_scores
 from core.settings import get_settings
-from runners.common import RUNNER_CONNECTION, softmax
+from runners.common import RUNNER_CONNECTION, LazyGradCam, softmax
 from runners.switching import SwitchableModel
 from xai.occlusion import DEFAULT_STEPS, occlusion_maps
 
@@ -34,23 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 settings = get_settings()
-
-
-class LazyGradCam:
-    """Grad-CAM of a model with torch weights, built on the first explanation: a CPU host serves predictions with
-    ONNX Runtime, so torch, MONAI and the weights are loaded (a few seconds, once) only when Grad-CAM is asked for."""
-
-    def __init__(self, layer_name: str, build: Callable[[], GradCamExplainer]) -> None:
-        self.layer_name = layer_name
-        self._build = build
-        self._explainer: GradCamExplainer | None = None
-        self._lock = threading.Lock()
-
-    def explain(self, batch_nchw: np.ndarray) -> np.ndarray:
-        with self._lock:
-            if self._explainer is None:
-                self._explainer = self._build()
-        return self._explainer.explain(batch_nchw)
 
 
 @dataclass
