@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -36,6 +37,11 @@ class LazyGradCam:
             if self._explainer is None:
                 self._explainer = self._build()
         return self._explainer.explain(batch)
+
+
+def nvidia_host() -> bool:
+    """Whether this host has an NVIDIA device node (asks no driver and imports nothing)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

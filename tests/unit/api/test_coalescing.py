@@ -9,7 +9,7 @@ import pytest
 
 from api.coalescing import Coalescer, batched_methods
 from runners.biomarker import BiomarkerModel
-from runners.ct import CTClassifier
+from runners.ct import MAX_BATCH, CTClassifier
 
 
 class Runner:
@@ -97,7 +97,7 @@ def test_a_cancelled_request_is_not_sent():
     assert [b[0, 0] for b in runner.batches] == [0, 8]
 
 
-@pytest.mark.parametrize(("runner", "expected"), [(CTClassifier, {"predict": 32, "explain": 16, "occlude": 4}),
+@pytest.mark.parametrize(("runner", "expected"), [(CTClassifier, {"predict": MAX_BATCH, "explain": 16, "occlude": 4}),
                                                   (BiomarkerModel, {"predict": 64, "explain": 64})])
 def test_the_coalesced_methods_are_the_runners_batchable_ones_with_their_limits(runner, expected):
     assert batched_methods(runner) == expected
