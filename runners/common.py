@@ -1,4 +1,5 @@
-"""What every runner shares: BentoML service options and the batching policy (engines are in `runners.engines`)."""
+"""What every runner shares: BentoML service options, the batching policy, lazily built Grad-CAM (engines are in
+`runners.engines`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ batching.never_hold_lone_requests()
 
 
 class Explainer(Protocol):
+    """What builds maps for a batch of prepared inputs (CT slices or one MRI volume)."""
+
     def explain(self, batch: np.ndarray) -> np.ndarray: ...
 
 
