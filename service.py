@@ -24,6 +24,7 @@ from api.classification import (
     explanations,
     requested_methods,
 )
+from api.coalescing import batched_methods
 from api.errors import ErrorSchemaMiddleware, handles_errors
 from api.feedback import FeedbackReceipt, FeedbackRequest, record_feedback
 from core.feedback import FeedbackStore
@@ -109,8 +110,9 @@ class NeuroNova:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard)
-        self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary)
+        self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard, batched=batched_methods(CTClassifier))
+        self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary,
+                                   batched=batched_methods(BiomarkerModel))
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
         self.tasks = open_task_store(settings)
         self.queue = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
+from api.coalescing import coalescers
 from core import store
 from core.cards.base import CardBase
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
@@ -86,14 +87,22 @@ async def retried_if_stale(call: Callable[[], Awaitable[T]]) -> T:
 
 
 class ModelSlot(Generic[CardT]):
-    """One model route's view of its runner (a `bentoml.depends` handle)."""
+    """One model route's view of its runner (a `bentoml.depends` handle).
 
-    def __init__(self, model_id: str, runner: Any, card_type: type[CardT], summary: Summary = classification_summary) -> None:
+    `batched`: the runner's row-wise batchable methods with their max batch size (`api.coalescing.batched_methods`);
+    concurrent calls of each are sent together (`api.coalescing`)."""
+
+    def __init__(self, model_id: str, runner: Any, card_type: type[CardT], summary: Summary = classification_summary,
+                 batched: Mapping[str, int] | None = None) -> None:
         self.model_id = model_id
         self.runner = runner
         self.card_type = card_type
         self.summary = summary
         self._cached: tuple[float, RunnerModel[CardT]] | None = None
+        self._coalescers = coalescers(self._sender, batched or {})
+
+    def _sender(self, method: str) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
+        return lambda rows: retried_if_stale(lambda: getattr(self.runner.to_async, method)(rows))
 
     async def describe(self) -> dict[str, Any]:
         """The runner's own description; `loaded: False` with the reason when it cannot be reached."""
@@ -124,7 +133,10 @@ class ModelSlot(Generic[CardT]):
         an unreachable runner MODEL_NOT_LOADED. `retry_stale=False` for long calls (an MRI volume): a connection that
         breaks may then be a runner that died of the input, which must not be sent again."""
         invoke = lambda: getattr(self.runner.to_async, method)(batch, *args)  # noqa: E731
+        coalescer = self._coalescers.get(method) if not args and retry_stale else None
         try:
+            if coalescer is not None:
+                return await coalescer(batch)
             return await (retried_if_stale(invoke) if retry_stale else invoke())
         except NeuroNovaError:
             raise

@@ -5,7 +5,8 @@ Run: `.venv/bin/python bench/vgg_batching.py` (needs the `bench` extra). Builds 
 Keras-style VGG16 (NHWC 240×240 RGB, softmax head, random seeded weights: timing does not depend on them), imports
 it with `training_export.import_classifier` into a scratch copy of the model store (`BENTOML_HOME`: the other
 runners need their demo models), and serves it as the CT model with ONNX
-Runtime using every core (`NEURONOVA_CT__INTRA_OP_THREADS=0`) and a 120 s batching queue limit (a batch of 32 takes
+Runtime using every core (`NEURONOVA_CT__INTRA_OP_THREADS=0`), batches of up to 32 (`NEURONOVA_CT__MAX_BATCH_SIZE`) and a
+120 s batching queue limit (a batch of 32 takes
 seconds on a CPU). Both servers get the same 512×512 CT DICOM. Prints requests/s and p50/p99 per server and load.
 """
 
@@ -67,7 +68,8 @@ def main() -> None:
                                      data={"patient_id": "P000001", "xai": "false"})
 
         ours_env = {**SERVICE_ENV, "BENTOML_HOME": os.environ["BENTOML_HOME"], "NEURONOVA_CT__MODEL_TAG": tag,
-                    "NEURONOVA_CT__INTRA_OP_THREADS": "0", "NEURONOVA_BATCH_MAX_LATENCY_MS": "120000"}
+                    "NEURONOVA_CT__INTRA_OP_THREADS": "0", "NEURONOVA_CT__MAX_BATCH_SIZE": "32",
+                    "NEURONOVA_BATCH_MAX_LATENCY_MS": "120000"}
         plain_env = {"PLAIN_CT_CONFIG": str(plain_config(scratch / "plain.json", tag))}
         servers = {"ours (batched)": lambda: serving(BENTOML_SERVE, ours_env, scratch / "ours.log"),
                    "plain (one at a time)": lambda: serving([*GUNICORN, "--timeout", "600", "bench.plain_ct:app"],

@@ -8,7 +8,6 @@ ONNX Runtime is imported where a model is loaded (`load_classifier`), so the pro
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
 from core.ood import ood_scores
 from core.settings import get_settings
-from runners.common import RUNNER_CONNECTION, softmax
+from runners.common import RUNNER_CONNECTION, LazyGradCam, nvidia_host, softmax
 from runners.switching import SwitchableModel
 from xai.occlusion import DEFAULT_STEPS, occlusion_maps
 
@@ -34,23 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 settings = get_settings()
-
-
-class LazyGradCam:
-    """Grad-CAM of a model with torch weights, built on the first explanation: a CPU host serves predictions with
-    ONNX Runtime, so torch, MONAI and the weights are loaded (a few seconds, once) only when Grad-CAM is asked for."""
-
-    def __init__(self, layer_name: str, build: Callable[[], GradCamExplainer]) -> None:
-        self.layer_name = layer_name
-        self._build = build
-        self._explainer: GradCamExplainer | None = None
-        self._lock = threading.Lock()
-
-    def explain(self, batch_nchw: np.ndarray) -> np.ndarray:
-        with self._lock:
-            if self._explainer is None:
-                self._explainer = self._build()
-        return self._explainer.explain(batch_nchw)
 
 
 @dataclass
@@ -130,6 +112,10 @@ def _gradcam(module: Any, card: ClassificationCard, engine: Engine) -> GradCamEx
 
 
 MODEL_ID = "ct_classification"
+MAX_BATCH = settings.ct.max_batch_size or (32 if nvidia_host() else 8)
+"""Slices per `predict` call (NEURONOVA_CT__MAX_BATCH_SIZE): a GPU gains from large batches; on a CPU a slice costs
+the same alone or batched, so a batch only spares per-call overhead, which 8 already does, and the memory arena of
+ONNX Runtime stays small (docs/performance.md)."""
 
 
 @bentoml.service(name="CTClassifier", workers=1, traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION)
@@ -148,7 +134,7 @@ class CTClassifier:
         self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
         self.gpu_devices = gpu_devices()  # once, at start: on a GPU host it imports torch, never on the event loop
 
-    @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=32, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=MAX_BATCH, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) or (N, H, W, C) prepared slices -> (N, K + 2): probabilities in the card's label order,
         the OOD score, then the generation of the model that computed them."""

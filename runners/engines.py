@@ -6,7 +6,6 @@ only where it is used: on a host without an NVIDIA device node a runner serving 
 
 from __future__ import annotations
 
-import glob
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
+
+from runners.common import nvidia_host
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device in this process (False without asking torch when no NVIDIA device exists)."""
-    if not glob.glob("/dev/nvidia[0-9]*"):
+    if not nvidia_host():
         return False
     import torch
 

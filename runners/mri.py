@@ -1,6 +1,6 @@
 """MRISegmenter: the tumour segmenter runner; the model itself (engines, sliding window, Grad-CAM) is in
 `runners.mri_model`, imported when the runner starts, so processes that only call this runner (the API workers, the
-arbiter) never load torch or MONAI for it.
+arbiter) never load it; on a CPU host the runner itself loads torch and MONAI with its first volume.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Engines: torch on CUDA with fp16 autocast when torch sees a GPU; otherwise ONNX Runtime (its CUDA provider when it
 loads, else CPU). Windows run in batches of the card's `sw_batch_size`; between batches the runner reports progress
 to the task store and stops with TaskCancelled when the task's cancel flag is set.
+
+On ONNX Runtime the model is checked and warmed up on one window at start, while torch and MONAI (MONAI's sliding
+window, Grad-CAM: ~400 MB per process) are imported by the first volume: a server that sees no MRI never loads them.
 """
 
 from __future__ import annotations
@@ -12,22 +15,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import numpy as np
-import torch
-from monai.inferers import SlidingWindowInferer
 
 from core import store
 from core.cards.segmentation import SegmentationCard
 from core.errors import ModelNotLoaded
-from core.networks import load_module
 from postprocessing.uncertainty import FLIPS, flip_passes
+from runners.common import LazyGradCam
 from runners.engines import cuda_available, onnx_session
-from xai.segmentation_cam import SegmentationGradCam
+
+if TYPE_CHECKING:
+    import torch
 
 
-WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
+WindowPredictor = Callable[["torch.Tensor"], "torch.Tensor"]
 ProgressHook = Callable[[int, int, float], None]
 
 
@@ -37,20 +42,27 @@ class SegmentationEngine:
 
     name: str
     predict: WindowPredictor
-    device: torch.device
+    device: Any
+    """Where the windows run: "cpu" for ONNX Runtime on the CPU, else the torch device."""
 
 
-def onnx_predictor(path: str) -> SegmentationEngine:
+def onnx_predictor(path: str, window: tuple[int, ...]) -> SegmentationEngine:
+    """ONNX Runtime, checked and warmed up on one blank window of shape `window` (C, X, Y, Z)."""
     session, name = onnx_session(path)
     input_name = session.get_inputs()[0].name
+    session.run(None, {input_name: np.zeros((1, *window), np.float32)})
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(session.run(None, {input_name: windows.numpy().astype(np.float32, copy=False)})[0])
 
-    return SegmentationEngine(name=name, predict=predict, device=torch.device("cpu"))
+    return SegmentationEngine(name=name, predict=predict, device="cpu")
 
 
 def torch_cuda_predictor(module: torch.nn.Module) -> SegmentationEngine:
+    import torch
+
     device = torch.device("cuda")
     module = module.to(device).eval()
 
@@ -92,11 +104,14 @@ class LoadedSegmenter:
     tag: str
     card: SegmentationCard
     engine: SegmentationEngine
-    explainer: SegmentationGradCam | None
+    explainer: LazyGradCam | None
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def segment(self, volume: np.ndarray, hook: ProgressHook) -> np.ndarray:
         """(C, X, Y, Z) prepared volume -> (K, X, Y, Z) float16 class probabilities on the same grid."""
+        import torch
+        from monai.inferers import SlidingWindowInferer
+
         spec = self.card.inference
         device = self.engine.device
         inferer = SlidingWindowInferer(roi_size=spec.roi_size, sw_batch_size=spec.sw_batch_size, overlap=spec.overlap,
@@ -129,19 +144,33 @@ class LoadedSegmenter:
 def select_segmentation_engine(model: bentoml.Model, card: SegmentationCard) -> SegmentationEngine:
     """torch on CUDA with fp16 autocast when torch sees a GPU and the card has torch weights; ONNX Runtime otherwise."""
     if card.torch is not None and cuda_available():
+        from core.networks import load_module
+
         return torch_cuda_predictor(load_module(card.torch, model.path_of(card.torch.weights_file)))
-    return onnx_predictor(model.path_of(card.model_file))
+    return onnx_predictor(model.path_of(card.model_file), (len(card.input.sequences), *card.inference.roi_size))
 
 
 def load_segmenter_model(model: bentoml.Model) -> LoadedSegmenter:
-    """Build engine and explainer (own module copy: Grad-CAM hooks stay off the serving path), warmed up."""
+    """Build the engine (warmed up) and, lazily, the explainer (own module copy: Grad-CAM hooks stay off the serving
+    path)."""
     card = store.read_card(model, SegmentationCard)
     engine = select_segmentation_engine(model, card)
     explainer = None
     if card.torch is not None:
-        tumour_channels = [label.channel for label in card.tumor_labels()]
-        explainer = SegmentationGradCam(load_module(card.torch, model.path_of(card.torch.weights_file)),
-                                        card.torch.gradcam_layer, tumour_channels, engine.device, card.torch.size_multiple())
+        weights = Path(model.path_of(card.torch.weights_file))
+        if not weights.is_file():
+            raise FileNotFoundError(f"{model.tag} has no {card.torch.weights_file} for Grad-CAM")
+        explainer = LazyGradCam(card.torch.gradcam_layer, lambda: _gradcam(card, weights, engine.device))
     loaded = LoadedSegmenter(tag=str(model.tag), card=card, engine=engine, explainer=explainer)
-    loaded.segment(np.zeros((len(card.input.sequences), *card.inference.roi_size), np.float32), lambda *_: None)
+    if engine.device != "cpu":
+        loaded.segment(np.zeros((len(card.input.sequences), *card.inference.roi_size), np.float32), lambda *_: None)
     return loaded
+
+
+def _gradcam(card: SegmentationCard, weights: Path, device: Any) -> Any:
+    from core.networks import load_module
+    from xai.segmentation_cam import SegmentationGradCam
+
+    tumour_channels = [label.channel for label in card.tumor_labels()]
+    return SegmentationGradCam(load_module(card.torch, str(weights)), card.torch.gradcam_layer, tumour_channels, device,
+                               card.torch.size_multiple())

@@ -76,33 +76,31 @@ def test_model_info_publishes_the_feature_schema(http):
     assert len(info["card"]["features"]) == 16 and info["metrics"]["tumor_type_accuracy"] > 0.8
 
 
-def explain_batches(http) -> tuple[int, int]:
-    """(batches, batches of more than one request) the biomarker runner's `explain` has run so far: BentoML's own
-    `adaptive_batch_size` histogram, which the runner observes per dispatched batch, read from /metrics."""
-    total = single = 0
+def explain_batches(http) -> int:
+    """How many batches the biomarker runner's `explain` has run so far: BentoML's own `adaptive_batch_size`
+    histogram, which the runner observes per dispatched batch, read from /metrics."""
+    total = 0
     for family in text_string_to_metric_families(http.get("/metrics").text):
         for sample in family.samples:
-            if sample.labels.get("runner_name") != "BiomarkerModel" or sample.labels.get("method_name") != "explain":
-                continue
-            if sample.name == "bentoml_service_adaptive_batch_size_count":
+            if (sample.labels.get("runner_name") == "BiomarkerModel" and sample.labels.get("method_name") == "explain"
+                    and sample.name == "bentoml_service_adaptive_batch_size_count"):
                 total += int(sample.value)
-            elif sample.name == "bentoml_service_adaptive_batch_size_bucket" and float(sample.labels["le"]) == 1.0:
-                single += int(sample.value)
-    return total, total - single
+    return total
 
 
 def test_concurrent_requests_are_batched_without_mixing_rows(http):
     records = generate_cohort(48, seed=77).records
     sequential = [predict(http, r, xai=True).json() for r in records]
-    batches_before, merged_before = explain_batches(http)
+    batches_before = explain_batches(http)
     with ThreadPoolExecutor(16) as pool:
         concurrent = list(pool.map(lambda r: predict(http, r, xai=True).json(), records))
-    batches_after, merged_after = explain_batches(http)
+    batches_after = explain_batches(http)
     for alone, batched in zip(sequential, concurrent):
         assert (batched["result"], batched["xai"]) == (alone["result"], alone["xai"])
-    assert batches_before >= len(records)  # the sequential phase was seen by the histogram
-    assert merged_after > merged_before, (batches_after - batches_before, merged_after - merged_before)  # a batch > 1
-    assert batches_after - batches_before < len(records)  # so fewer model calls than requests
+    assert batches_before >= len(records)  # the sequential phase was seen by the histogram: one batch per request
+    # Fewer model calls than requests, so some batches carried several requests' rows (merged by the API workers,
+    # api/coalescing.py, or by the runner's adaptive batching: the histogram counts calls, not rows).
+    assert batches_after - batches_before < len(records), batches_after - batches_before
 
 
 def test_bentoml_client_calls_the_route(server_url, auth_headers):
