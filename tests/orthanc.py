@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.postgres import _free_port, under_ci
+from tests.postgres import _free_port
+from tests.prerequisites import unavailable
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 READY_TIMEOUT_S = 30.0
@@ -47,9 +47,7 @@ def require_orthanc() -> str:
     reason = missing_prerequisites()
     if reason is None:
         return orthanc_binary()  # type: ignore[return-value]
-    if under_ci():
-        pytest.fail(f"CI is set and Orthanc cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable("Orthanc", reason)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.prerequisites import under_ci, unavailable
+
 BINARIES = ("initdb", "pg_ctl", "postgres")
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
 SERVER_USER = "postgres"
@@ -79,19 +81,12 @@ def missing_prerequisites(path: str | None, debian_root: Path = DEBIAN_ROOT) -> 
     return None
 
 
-def under_ci() -> bool:
-    """`CI` set (and not `false`/`0`), as CI services set it and `.ci/run` does."""
-    return os.environ.get("CI", "").lower() not in ("", "0", "false")
-
-
 def require_server(path: str | None = None, debian_root: Path = DEBIAN_ROOT) -> Path:
     """The binaries' directory; otherwise skip the test, or fail it under CI."""
     reason = missing_prerequisites(path, debian_root)
     if reason is None:
         return binary_dir(path, debian_root)  # type: ignore[return-value]
-    if under_ci():
-        pytest.fail(f"CI is set and PostgreSQL cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable("PostgreSQL", reason)
 
 
 def _as_server_user(*args: str) -> list[str]:
