@@ -179,7 +179,7 @@ class NeuroNova:
         mri = await asyncio.to_thread(importlib.import_module, "api.mri")
         request = mri.SegmentationRequest.from_queued(ref, params, self.queue.upload_paths(split_ref(ref)[0], params))
         await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id, self.queue.guarded(
-            lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests)))
+            lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ref))
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors

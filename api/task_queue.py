@@ -16,7 +16,9 @@ What runs where:
   `STALLED_AFTER_S` (its replica was killed or frozen) and puts them back in the queue; the next free worker of any
   replica runs them as a new attempt;
 - shutdown (SIGTERM): the worker stops taking jobs; a job still running after half the shutdown grace is aborted and
-  handed back (task pending again, job retried), so another replica — or this one after its restart — runs it.
+  handed back (task pending again, job retried), so another replica — or this one after its restart — runs it;
+- a runner that is not serving yet (a replica starting: unreachable, not loaded, or answering 503) hands the attempt
+  back too, to be retried `RETRY_WAIT_S` later, up to `MAX_RUNS` runs, rather than failing a task nothing was wrong with.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import procrastinate
 import psycopg
+from bentoml.exceptions import BentoMLException
 from procrastinate.schema import SchemaManager
 
+from core.errors import ModelNotLoaded
 from core.pg_tasks import PostgresTaskStore
-from core.tasks import task_ref
+from core.tasks import split_ref, task_ref
 
 log = logging.getLogger("neuronova.queue")
 
@@ -49,6 +54,8 @@ FETCH_POLL_S = 1.0
 """Polling fallback of LISTEN/NOTIFY (a notification can be missed while a listener reconnects)."""
 MAX_RUNS = 20
 """How often one job may be handed back or taken over before it stays failed (a job that kills its replica)."""
+RETRY_WAIT_S = 3
+"""A handed-back job waits this long before its next run (a starting replica's runners get time to serve)."""
 SCHEMA_LOCK = 0x4E4E_5051
 
 Run = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -72,6 +79,13 @@ def prepare_database(database_url: str) -> None:
             connection.execute(SchemaManager.get_schema())
 
 
+def runner_not_serving(error: BaseException) -> bool:
+    """A runner unreachable or not loaded (MODEL_NOT_LOADED), or one that answered 503 (starting, overloaded)."""
+    cause = error.__cause__
+    return isinstance(error, ModelNotLoaded) or (
+        isinstance(cause, BentoMLException) and cause.error_code == HTTPStatus.SERVICE_UNAVAILABLE)
+
+
 class MriQueue:
     """The queue as one API worker process sees it: submit jobs, run them, hand them back at shutdown."""
 
@@ -82,7 +96,7 @@ class MriQueue:
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=database_url, min_size=1,
                                                                             max_size=4))
         self.job = self.app.task(name=TASK_NAME, queue=QUEUE, retry=procrastinate.RetryStrategy(
-            max_attempts=MAX_RUNS, retry_exceptions={HandedBack}))(self._run_job)
+            max_attempts=MAX_RUNS, wait=RETRY_WAIT_S, retry_exceptions={HandedBack}))(self._run_job)
         self.running: set[str] = set()
         self.stopping = False
         self._run: Run | None = None
@@ -145,15 +159,16 @@ class MriQueue:
         for ref in list(self.running):
             self.store.hand_back(ref)
 
-    def guarded(self, work: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-        """`work` whose failure while this process shuts down (its runner gone, say) hands the task back instead
-        of failing it."""
+    def guarded(self, work: Callable[[], Awaitable[Any]], ref: str) -> Callable[[], Awaitable[Any]]:
+        """The attempt `ref`'s `work`, whose failure while this process shuts down (its runner gone, say), or because
+        a runner is not serving yet, hands the task back instead of failing it (the last run allowed fails it)."""
+        attempt = split_ref(ref)[1] or 1
 
         async def run() -> Any:
             try:
                 return await work()
             except Exception as exc:
-                if self.stopping:
+                if self.stopping or (runner_not_serving(exc) and attempt < MAX_RUNS):
                     raise HandedBack(str(exc)) from exc
                 raise
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import sqlite3
 import uuid
@@ -30,6 +31,7 @@ from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
 from core.settings import Settings
 from core.tasks import TaskCancelled, TaskStates, open_task_store
 
+log = logging.getLogger("neuronova.tasks")
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
 _BENTOML_STATUS = {"in_progress": "processing", "pending": "pending", "completed": "completed", "failed": "failed",
                    "canceled": "cancelled"}
@@ -74,6 +76,7 @@ async def run_tracked(
         if isinstance(exc, TaskCancelled) or tasks.cancel_requested(task_id):
             return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
         error = as_neuronova_error(exc)
+        log.warning("task %s failed: %s %s", task_id, error.code, error.message)
         tasks.fail(task_id, error)
         return _error(error, ctx)
     if tasks.cancel_requested(task_id):
