@@ -38,6 +38,7 @@ READY_TIMEOUT_S = 300.0
 API_WORKERS = 1
 """API workers per replica (the service's default is 2): one keeps two replicas within CI's memory."""
 
+SHUTDOWN_GRACE_S = 2.0
 RATE_LIMITED_ROUTE = "/model_info"
 RATE_LIMITED_PER_MINUTE = 20
 """One route with a low limit (per client, one limit across the replicas in distributed mode) for the rate-limit test;
@@ -232,6 +233,9 @@ def replica_env(name: str, home: Path, data_dir: Path, database_url: str, shared
         "NEURONOVA_DISTRIBUTED__SHARED_DIR": str(shared_dir),
         "NEURONOVA_DISTRIBUTED__REPLICA_ID": name,
         "NEURONOVA_RATE_LIMIT__PER_ROUTE_PER_MINUTE": json.dumps({RATE_LIMITED_ROUTE: RATE_LIMITED_PER_MINUTE}),
+        # A task running at SIGTERM gets half the grace (1 s) before it is handed back: less than the test study's
+        # inference (~3 s on a warm, quiet runner), so a restart always finds the task running to hand back.
+        "NEURONOVA_SHUTDOWN_GRACE_SECONDS": str(SHUTDOWN_GRACE_S),
     }
 
 
