@@ -78,7 +78,7 @@ def test_a_large_cache_is_swept_every_few_puts_and_stays_near_its_bound(tmp_path
 def _writer(directory: str, worker: int) -> None:
     cache = RequestCache(__import__("pathlib").Path(directory), max_entries=1000, ttl_seconds=60, max_bytes=2**30)
     for index in range(40):
-        cache.put(entry("shared", float(worker)))  # every writer rewrites one id, as replicas may for one request id
+        cache.put(entry("one-request", float(worker)))  # every writer rewrites one id, as replicas may for one request id
         cache.put(entry(f"own-{worker}-{index}", float(index)))
 
 
@@ -95,14 +95,14 @@ def test_concurrent_writers_never_expose_a_partial_entry(tmp_path):
     seen = set()
     while any(process.is_alive() for process in writers):
         try:
-            seen.add(float(reader.get("shared").arrays["tensor"][0, 0, 0]))
+            seen.add(float(reader.get("one-request").arrays["tensor"][0, 0, 0]))
         except NotFound:
             pass
     for process in writers:
         process.join()
         assert process.exitcode == 0
     assert seen <= {0.0, 1.0, 2.0}
-    assert float(reader.get("shared").arrays["tensor"][0, 0, 0]) in {0.0, 1.0, 2.0}
+    assert float(reader.get("one-request").arrays["tensor"][0, 0, 0]) in {0.0, 1.0, 2.0}
     assert all(reader.get(f"own-{w}-{i}").arrays["tensor"][0, 0, 0] == i for w in range(3) for i in range(40))
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -56,11 +56,11 @@ def test_deployment_probes_grace_secrets_and_volumes():
     assert "Secret" not in by_kind  # by reference only: no secret value in the repository
     settings = by_kind["ConfigMap"]["data"]
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
-    assert settings["NEURONOVA_DISTRIBUTED__SHARED_DIR"] == mounts["shared"]
+    assert settings["NEURONOVA_DISTRIBUTED__SHARED_DIR"] == mounts["shared-volume"]
     assert settings["NEURONOVA_DATA_DIR"] == mounts["data"]
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
     shared_claim = by_kind["PersistentVolumeClaim"]
-    assert claims["shared"] == shared_claim["metadata"]["name"] and shared_claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claims["shared-volume"] == shared_claim["metadata"]["name"] and shared_claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_budget_autoscaler_and_service_select_the_deployment():
