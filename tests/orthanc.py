@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.postgres import _free_port
+from bench.harness import free_port
 from tests.prerequisites import unavailable
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -60,8 +60,8 @@ class Orthanc:
     env: dict[str, str] = field(default_factory=dict)
     stable_age_s: int = 2
     aet: str = "TESTPACS"
-    http_port: int = field(default_factory=_free_port)
-    dicom_port: int = field(default_factory=_free_port)
+    http_port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
     @property

@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bench.harness import free_port
 from tests.prerequisites import under_ci, unavailable
 
 BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -99,12 +99,6 @@ def _run(*args: str) -> None:
         raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session (about 2 s to start), on a free loopback port."""
@@ -113,7 +107,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:
         shutil.chown(root, SERVER_USER, SERVER_USER)
     data = root / "data"
-    server = PostgresServer(port=_free_port())
+    server = PostgresServer(port=free_port())
     try:
         _run(str(binaries / "initdb"), "-D", str(data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8", "--locale=C",
              "--no-sync")
