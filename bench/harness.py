@@ -122,18 +122,18 @@ async def _run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response
     latencies: list[float] = []
     failures: dict[int, int] = {}
     remaining = iter(range(requests))
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
-                                 limits=httpx.Limits(max_connections=clients)) as client:
-        async def worker() -> None:
+    async def worker() -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
+                                     limits=httpx.Limits(max_connections=1)) as client:
             for _ in remaining:
                 started = time.perf_counter()
                 response = await send(client)
                 latencies.append((time.perf_counter() - started) * 1000.0)
                 if response.status_code != 200:
                     failures[response.status_code] = failures.get(response.status_code, 0) + 1
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - started
     return LoadResult(clients, requests, sum(failures.values()), wall, percentile(latencies, 50),
                       percentile(latencies, 95), percentile(latencies, 99), failures)
 
