@@ -82,6 +82,7 @@ from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
 from preprocessing.tabular import encode_request
 from runners.biomarker import BiomarkerModel
+from runners.common import ACCESS_LOG_OFF
 from runners.ct import CTClassifier
 from runners.mri import MRISegmenter
 from xai.shap_plots import shap_explanation
@@ -99,7 +100,7 @@ SHAP = "shap"
 MRI_ROUTE = "/predict/mri_segmentation"
 
 
-@bentoml.service(name="neuronova", workers=2, traffic={"timeout": 300})
+@bentoml.service(name="neuronova", workers=2, traffic={"timeout": 300}, logging=ACCESS_LOG_OFF)
 @bentoml.asgi_app(ops, path="/")
 class NeuroNova:
     """Brain-tumour AI for clinical decision support: CT classification, MRI segmentation, biomarkers."""

@@ -18,6 +18,9 @@ from core.settings import get_settings
 
 DATE_FORMATS = ("%Y%m%d", "%Y-%m-%d", "%Y.%m.%d", "%Y_%m_%d", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y", "%d%m%Y", "%d.%m.%y")
 """Date spellings a birth or study date arrives in (DICOM DA first); a value that parses as one is refused."""
+DATE_CHARACTERS = re.compile(r"[0-9._-]{6,10}")
+"""What every DATE_FORMATS spelling is made of (digits and its separators, 6 to 10 of them): anything else is no date,
+and is not tried against each format (most ids carry a letter)."""
 NAME_OR_SPACE = re.compile(r"[\s^,]")
 """Whitespace, the DICOM person-name component separator `^`, or the comma of `Last, First`."""
 
@@ -29,6 +32,8 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 def looks_like_date(value: str) -> bool:
     """True when `value` parses as a calendar date in one of DATE_FORMATS."""
+    if not DATE_CHARACTERS.fullmatch(value):
+        return False
     for fmt in DATE_FORMATS:
         try:
             datetime.strptime(value, fmt)

@@ -21,7 +21,7 @@ import numpy as np
 from core import store
 from core.cards.tabular import TabularCard
 from core.settings import get_settings
-from runners.common import RUNNER_CONNECTION, softmax
+from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def _check_booster(booster: xgb.Booster, card: TabularCard, head: str, n_classes
 MODEL_ID = "biomarker_prediction"
 
 
-@bentoml.service(name="BiomarkerModel", workers=1, traffic={"timeout": 60}, runner_connection=RUNNER_CONNECTION)
+@bentoml.service(name="BiomarkerModel", workers=1, traffic={"timeout": 60}, runner_connection=RUNNER_CONNECTION,
+                  logging=ACCESS_LOG_OFF)
 class BiomarkerModel:
     """Runner for `biomarker_prediction`. Receives encoded rows; knows nothing of HTTP.
 

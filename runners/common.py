@@ -11,11 +11,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from runners import batching
+from runners.media_types import cache_media_types
 
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 1_000_000_000, "max_age": 1e9}
 """Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (docs/bentoml-pitfalls.md G2)."""
 
+ACCESS_LOG_OFF: dict[str, Any] = {"access": {"enabled": False}}
+"""BentoML's own access line per request, off in every service: the API's one line per request is the structured,
+PHI-safe `neuronova.access` log (api/access_log.py); runner calls are internal (formatting and writing a line each
+costs more CPU than the biomarker model itself)."""
+
 batching.never_hold_lone_requests()
+cache_media_types()
 
 
 class Explainer(Protocol):

@@ -23,7 +23,7 @@ from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
 from core.ood import ood_scores
 from core.settings import get_settings
-from runners.common import RUNNER_CONNECTION, LazyGradCam, nvidia_host, softmax
+from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, LazyGradCam, nvidia_host, softmax
 from runners.switching import SwitchableModel
 from xai.occlusion import DEFAULT_STEPS, occlusion_maps
 
@@ -118,7 +118,8 @@ the same alone or batched, so a batch only spares per-call overhead, which 8 alr
 ONNX Runtime stays small (docs/performance.md)."""
 
 
-@bentoml.service(name="CTClassifier", workers=1, traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION)
+@bentoml.service(name="CTClassifier", workers=1, traffic={"timeout": 120}, runner_connection=RUNNER_CONNECTION,
+                  logging=ACCESS_LOG_OFF)
 class CTClassifier:
     """Runner for `ct_classification`. Receives preprocessed batches; knows nothing of HTTP.
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.settings import get_settings
 from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, open_task_store
-from runners.common import RUNNER_CONNECTION
+from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION
 from runners.switching import SwitchableModel
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ MODEL_ID = "mri_segmentation"
 
 
 @bentoml.service(name="MRISegmenter", workers=1, traffic={"timeout": MRI_TIMEOUT_SECONDS},
-                 runner_connection=RUNNER_CONNECTION)
+                 runner_connection=RUNNER_CONNECTION, logging=ACCESS_LOG_OFF)
 class MRISegmenter:
     """Runner for `mri_segmentation`. Receives prepared volumes; knows nothing of HTTP.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from datetime import date
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
@@ -20,7 +21,7 @@ from api.access_log import (
     JsonLineFormatter,
     route_model,
 )
-from api.phi import PatientId, check_patient_id, looks_like_date
+from api.phi import DATE_FORMATS, PatientId, check_patient_id, looks_like_date
 from api.uploads import UploadGuardMiddleware, file_fields_by_path
 
 PATIENT_ID = TypeAdapter(PatientId)
@@ -47,6 +48,14 @@ def test_names_dates_and_odd_values_are_refused_without_echo(value: str) -> None
 
 def test_dates_are_real_calendar_dates() -> None:
     assert looks_like_date("20240229") and not looks_like_date("20230229") and not looks_like_date("P20240101")
+
+
+@pytest.mark.parametrize("fmt", DATE_FORMATS)
+def test_every_date_spelling_is_recognised(fmt: str) -> None:
+    """The quick character check in front of the formats lets every date of every format through to be parsed."""
+    for day in (date(1999, 1, 2), date(2024, 12, 31), date(1980, 10, 5)):
+        assert looks_like_date(day.strftime(fmt)), day.strftime(fmt)
+    assert looks_like_date("1.2.99")  # strptime's one-digit day and month
 
 
 def test_the_configured_pattern_cannot_loosen_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
