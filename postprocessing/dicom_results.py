@@ -1,5 +1,6 @@
 """Result objects for a PACS, built with highdicom: the MR DICOM SEG and its TID 1500 measurement report (or, where
-the model found no tumour, a TID 1500 report saying so), the CT Grad-CAM overlay as an RGB Secondary Capture and its class-probability report.
+the model found no tumour, a TID 1500 report saying so), the CT Grad-CAM overlay as an RGB Secondary Capture and its
+class-probability report.
 
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
@@ -37,8 +38,8 @@ SEG_SERIES_NUMBER, MR_REPORT_SERIES_NUMBER, CT_OVERLAY_SERIES_NUMBER, CT_REPORT_
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 CLASS_SCHEME = "99NEURONOVA"
 """Private coding scheme of the classifier's classes (the contract's class names, which no public scheme codes)."""
-NO_TUMOUR = hd.sr.QualitativeEvaluation(codes.SCT.Neoplasm, codes.SCT.Absent)
-"""The negative MR report's finding: "Neoplasm" (SCT 108369006) = "Absent" (SCT 272519000)."""
+NO_TUMOUR = (codes.SCT.Neoplasm, codes.SCT.Absent)
+"""The negative MR report's qualitative evaluation: "Neoplasm" (SCT 108369006) = "Absent" (SCT 272519000)."""
 COMMENT = codes.DCM.Comment
 """Concept name (DCM 121106) of the TEXT items that carry the model's warnings in the negative MR report."""
 _SEG_PROPERTY_TYPES = {NECROTIC_CORE: codes.SCT.Necrosis, OEDEMA: codes.SCT.Edema, ENHANCING: codes.SCT.Neoplasm}
@@ -243,7 +244,7 @@ def mr_negative_report(sources: Sequence[SeriesSource], warnings: Sequence[str],
         tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(uid_key, "mr-negative", "finding"),
                                                      identifier="no tumour detected"),
         finding_type=codes.SCT.Neoplasm, finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
-        algorithm_id=identity.sr_algorithm(), qualitative_evaluations=[NO_TUMOUR],
+        algorithm_id=identity.sr_algorithm(), qualitative_evaluations=[hd.sr.QualitativeEvaluation(*NO_TUMOUR)],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
     )
     group[0].ContentSequence.extend(
@@ -401,7 +402,7 @@ def read_tumour_finding(report: Dataset) -> TumourFinding:
     """The finding and warnings of a report `mr_negative_report` wrote."""
     sr = hd.sr.Comprehensive3DSR.from_dataset(report)
     [group] = sr.content.get_image_measurement_groups()
-    [evaluation] = group.get_qualitative_evaluations(name=NO_TUMOUR.name)
+    [evaluation] = group.get_qualitative_evaluations(name=NO_TUMOUR[0])
     comments = [item.TextValue for item in group[0].ContentSequence
                 if item.ValueType == "TEXT" and item.name == COMMENT]
     return TumourFinding(neoplasm=evaluation.value, warnings=tuple(comments))
