@@ -232,7 +232,8 @@ def mr_negative_report(sources: Sequence[SeriesSource], warnings: Sequence[str],
 
     One measurement group (TID 1501): finding type "Neoplasm" (SCT 108369006) at the brain, with the qualitative
     evaluation `NO_TUMOUR` ("Neoplasm" = "Absent", SCT 272519000), and each of the run's `warnings` (out of
-    distribution, sequences zero-filled, ...) as a TEXT evaluation `COMMENT`: a negative the model doubts says so.
+    distribution, sequences zero-filled, ...) as a TEXT qualitative evaluation (TID 1501 row 12) named `COMMENT`: a
+    negative the model doubts says so.
     Its source images and the report's evidence are every instance of `sources`, the DICOM series the model read.
     No SEG: there is no segment. `uid_key`: see `result_uid`.
     """
