@@ -1,8 +1,9 @@
 """The PACS round trip, run by the API workers: a stable study is notified (Lua `OnStableStudy`, or the `/changes`
 poller), its series are read by QIDO-RS and selected by each model's rules, a job is queued per matching model (once:
 `pacs.jobs`), and a worker runs it: WADO-RS retrieve, the service's own pipeline (MRI: `api.mri.segment_series`;
-CT: `api.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`) written to
-the job's folder, then STOW-RS into the same study, retried with backoff while the PACS is unreachable.
+CT: `api.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`; an MR run
+that finds no tumour gets a negative report, never nothing) written to the job's folder, then STOW-RS into the same
+study, retried with backoff while the PACS is unreachable.
 
 Logs and job state carry UIDs, model versions and counts, never a patient name or id.
 """
@@ -33,7 +34,13 @@ from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
 from pacs.jobs import NO_RULE, Job, JobStore
 from pacs.selection import SeriesFacts, select_series
-from postprocessing.dicom_results import ct_results, dataset_bytes, mr_results, segment_volumes_ml
+from postprocessing.dicom_results import (
+    ct_results,
+    dataset_bytes,
+    mr_negative_report,
+    mr_results,
+    segment_volumes_ml,
+)
 from xai.render import overlay, to_source_geometry
 
 log = logging.getLogger("neuronova.pacs")
@@ -173,10 +180,13 @@ class PacsFlow:
             raise
         self.tasks.complete(task_id, {"pacs_job": job.job_id})
         response, volume = segmented.response, segmented.volume
-        if not response.result.tumor_detected:
-            self.jobs.log(job.job_id, "no tumour was found: no SEG or report written")
-            return []
         card = (await slot.loaded()).card
+        if not response.result.tumor_detected:
+            read = [source for source in volume.sources if source.headers]
+            report = await asyncio.to_thread(mr_negative_report, read, response.warnings, card,
+                                             response.model_version, uid_key=job.job_id)
+            self.jobs.log(job.job_id, "no tumour detected: negative report written")
+            return [report]
         labels = mri.delivered_labels(response.result.mask)
         built = await asyncio.to_thread(
             lambda: mr_results(labels, volume.source_of(volume.reference_sequence),

@@ -1,5 +1,6 @@
-"""Result objects for a PACS, built with highdicom: the MR DICOM SEG and its TID 1500 measurement report, the CT
-Grad-CAM overlay as an RGB Secondary Capture and its class-probability report.
+"""Result objects for a PACS, built with highdicom: the MR DICOM SEG and its TID 1500 measurement report (or, where
+the model found no tumour, a TID 1500 report saying so), the CT Grad-CAM overlay as an RGB Secondary Capture and its
+class-probability report.
 
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
@@ -37,6 +38,10 @@ SEG_SERIES_NUMBER, MR_REPORT_SERIES_NUMBER, CT_OVERLAY_SERIES_NUMBER, CT_REPORT_
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 CLASS_SCHEME = "99NEURONOVA"
 """Private coding scheme of the classifier's classes (the contract's class names, which no public scheme codes)."""
+NO_TUMOUR = (codes.SCT.Neoplasm, codes.SCT.Absent)
+"""The negative MR report's qualitative evaluation: "Neoplasm" (SCT 108369006) = "Absent" (SCT 272519000)."""
+COMMENT = codes.DCM.Comment
+"""Concept name (DCM 121106) of the TEXT items that carry the model's warnings in the negative MR report."""
 _SEG_PROPERTY_TYPES = {NECROTIC_CORE: codes.SCT.Necrosis, OEDEMA: codes.SCT.Edema, ENHANCING: codes.SCT.Neoplasm}
 _DEMO = re.compile(r"\bdemo\b|not for clinical use", re.IGNORECASE)
 _LO = 64
@@ -221,6 +226,43 @@ def mr_measurement_report(segmentation: hd.seg.Segmentation, source_images: list
     )
 
 
+def mr_negative_report(sources: Sequence[SeriesSource], warnings: Sequence[str], card: SegmentationCard,
+                       model_tag: str, *, uid_key: str | None = None) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report of an MR run that found no tumour, so that "no tumour found" differs from "not processed".
+
+    One measurement group (TID 1501): finding type "Neoplasm" (SCT 108369006) at the brain, with the qualitative
+    evaluation `NO_TUMOUR` ("Neoplasm" = "Absent", SCT 272519000), and each of the run's `warnings` (out of
+    distribution, sequences zero-filled, ...) as a TEXT qualitative evaluation (TID 1501 row 12) named `COMMENT`: a
+    negative the model doubts says so.
+    Its source images and the report's evidence are every instance of `sources`, the DICOM series the model read.
+    No SEG: there is no segment. `uid_key`: see `result_uid`.
+    """
+    headers = [study_reference(header) for source in sources for header in source.headers]
+    if not headers:
+        raise ValueError("a negative report needs the DICOM series the model read")
+    identity = ModelIdentity.of(card, model_tag)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(uid_key, "mr-negative", "finding"),
+                                                     identifier="no tumour detected"),
+        finding_type=codes.SCT.Neoplasm, finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)],
+        algorithm_id=identity.sr_algorithm(), qualitative_evaluations=[hd.sr.QualitativeEvaluation(*NO_TUMOUR)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+    )
+    group[0].ContentSequence.extend(
+        hd.sr.TextContentItem(name=COMMENT, value=warning, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for warning in warnings
+    )
+    report = hd.sr.MeasurementReport(observation_context=identity.observation_context(),
+                                     procedure_reported=codes.LN.BrainMRI, imaging_measurements=[group],
+                                     title=codes.DCM.ImagingMeasurementReport)
+    return hd.sr.Comprehensive3DSR(
+        evidence=headers, content=report,
+        series_instance_uid=result_uid(uid_key, "mr-negative", "series"), series_number=MR_REPORT_SERIES_NUMBER,
+        sop_instance_uid=result_uid(uid_key, "mr-negative", "instance"), instance_number=1, is_complete=True,
+        **identity.equipment("no tumour detected"),
+    )
+
+
 def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: ClassificationCard, model_tag: str, *,
                        finding: str | None = None, uid_key: str | None = None) -> hd.sc.SCImage:
     """The Grad-CAM overlay as a Secondary Capture in the source's study, in a new series.
@@ -346,3 +388,22 @@ def read_probabilities(report: Dataset) -> tuple[dict[str, float], str | None]:
         if group.get_qualitative_evaluations(name=codes.SCT.Classification):
             predicted = name
     return probabilities, predicted
+
+
+@dataclass(frozen=True)
+class TumourFinding:
+    """What a report `mr_negative_report` wrote says: the "Neoplasm" evaluation (e.g. Absent) and the model's
+    warnings, in report order."""
+
+    neoplasm: hd.sr.CodedConcept
+    warnings: tuple[str, ...]
+
+
+def read_tumour_finding(report: Dataset) -> TumourFinding:
+    """The finding and warnings of a report `mr_negative_report` wrote."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(report)
+    [group] = sr.content.get_image_measurement_groups()
+    [evaluation] = group.get_qualitative_evaluations(name=NO_TUMOUR[0])
+    comments = [item.TextValue for item in group[0].ContentSequence
+                if item.ValueType == "TEXT" and item.name == COMMENT]
+    return TumourFinding(neoplasm=evaluation.value, warnings=tuple(comments))

@@ -141,14 +141,17 @@ def _render(rng: np.random.Generator, sequence: str, tissue: np.ndarray, shape, 
 
 
 def synthetic_case(
-    seed: int, shape: tuple[int, int, int] = (96, 96, 64), spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    seed: int, shape: tuple[int, int, int] = (96, 96, 64), spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+    *, tumour: bool = True,
 ) -> SyntheticCase:
-    """Generate case `seed` on a RAS+ grid of `shape` voxels of `spacing` mm (rounded to whole scanner units)."""
+    """Generate case `seed` on a RAS+ grid of `shape` voxels of `spacing` mm (rounded to whole scanner units);
+    `tumour=False`: the same kind of brain without a tumour (all labels 0)."""
     rng = np.random.default_rng(seed)
     affine = ras_affine(shape, spacing)
     grid = _world_grid(shape, affine)
     tissue, brain_radius = _anatomy(rng, grid, shape, spacing)
-    _tumour(rng, grid, shape, spacing, tissue, brain_radius)
+    if tumour:
+        _tumour(rng, grid, shape, spacing, tissue, brain_radius)
     data = np.stack([np.round(_render(rng, sequence, tissue, shape, spacing)) for sequence in MRI_SEQUENCES])
     labels = np.zeros(shape, dtype=np.uint8)
     for kind, value in TISSUE_LABEL.items():

@@ -61,9 +61,10 @@ class Study:
     """role -> SeriesInstanceUID, where the test knows it"""
 
 
-def mr_study(seed: int = 3) -> Study:
-    """A synthetic 4-sequence brain-MR study (48 x 44 x 30 voxels of 4 x 4 x 5 mm), one series per sequence."""
-    case = synthetic_case(seed, (48, 44, 30), (4.0, 4.0, 5.0))
+def mr_study(seed: int = 3, *, tumour: bool = True) -> Study:
+    """A synthetic 4-sequence brain-MR study (48 x 44 x 30 voxels of 4 x 4 x 5 mm), one series per sequence;
+    `tumour=False`: a brain without a tumour."""
+    case = synthetic_case(seed, (48, 44, 30), (4.0, 4.0, 5.0), tumour=tumour)
     study, frame = generate_uid(), generate_uid()
     files, series = [], {}
     for index, sequence in enumerate(MRI_SEQUENCES):

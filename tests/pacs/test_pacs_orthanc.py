@@ -1,7 +1,8 @@
-"""The PACS round trip against a real Orthanc (issue #15's tests 1-8): studies stored into Orthanc come back with
-their results in the same study, exactly once, through Lua notifications, a PACS outage, a crash of the service
-and the `/changes` poller. The tests run in file order on one Orthanc and one served state directory (test 4's check
-comes after test 6, so that its 30 s wait overlaps them)."""
+"""The PACS round trip against a real Orthanc (issue #15's tests 1-8, and 9: a study without a tumour): studies
+stored into Orthanc come back with their results in the same study, exactly once, through Lua notifications, a PACS
+outage, a crash of the service and the `/changes` poller; a negative comes back as a report saying so. The tests run
+in file order on one Orthanc and one served state directory (test 4's check comes after test 6, so that its 30 s wait
+overlaps them)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from postprocessing.dicom_results import read_tumour_finding
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.orthanc import Orthanc
 from tests.pacs.conftest import (
@@ -225,6 +227,28 @@ def test_8_the_changes_poller_notifies_like_lua(orthanc: Orthanc, service: PacsS
     time.sleep(3)
     assert len(our_series(orthanc, study.uid)) == 2
     assert [job["state"] for job in service.jobs(study.uid)] == ["done"]
+
+
+def test_9_an_mr_study_without_a_tumour_gets_a_report_saying_so(orthanc: Orthanc, service: PacsService) -> None:
+    """Seed 6's healthy brain: the shipped demo model finds nothing in it (its highest tumour-class probability is
+    0.39)."""
+    study = mr_study(seed=6, tumour=False)
+    found, elapsed = store_and_wait(orthanc, study, 1)
+    print(f"MR study without a tumour -> negative report in PACS: {elapsed:.1f} s")
+    (report,) = found
+    assert report.Modality == "SR" and report.StudyInstanceUID == study.uid
+    assert report.SeriesDescription == "NOT FOR DIAGNOSIS - NeuroNova no tumour detected"
+    finding = read_tumour_finding(report)
+    assert finding.neoplasm == codes.SCT.Absent
+    assert "no tumour was found, so no DICOM SEG was written" in finding.warnings  # the response's warnings
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert {str(item.SeriesInstanceUID) for item in evidence} == set(study.series.values())
+    assert_dciodvfy_clean(report)
+    (job,) = service.jobs(study.uid)
+    assert job["state"] == "done" and report.SoftwareVersions == job["model_version"]
+    assert any(entry["message"] == "no tumour detected: negative report written" for entry in job["log"])
+    time.sleep(3)
+    assert len(our_series(orthanc, study.uid)) == 1
 
 
 def test_no_patient_name_or_id_in_logs_or_job_state(service: PacsService) -> None:

@@ -73,9 +73,9 @@ def patch_central_directory(data: bytes, offset: int, fmt: str, value: int) -> b
     return bytes(patched)
 
 
-def small_case(seed: int = 3):
-    """A small anisotropic synthetic case: 48 x 44 x 30 voxels of 4 x 4 x 5 mm."""
-    return synthetic_case(seed, (48, 44, 30), (4.0, 4.0, 5.0))
+def small_case(seed: int = 3, *, tumour: bool = True):
+    """A small anisotropic synthetic case: 48 x 44 x 30 voxels of 4 x 4 x 5 mm (`tumour=False`: a healthy brain)."""
+    return synthetic_case(seed, (48, 44, 30), (4.0, 4.0, 5.0), tumour=tumour)
 
 
 def temp_dir_entries() -> set[str]:

@@ -29,6 +29,11 @@ def test_labels_contrasts_and_background() -> None:
     np.testing.assert_array_equal(volume.affine, ras_affine((96, 96, 64), (2.0, 2.0, 2.0)))
 
 
+def test_a_case_without_tumour_is_a_brain_with_no_labels() -> None:
+    healthy = synthetic_case(6, (48, 44, 30), (4.0, 4.0, 5.0), tumour=False)
+    assert not healthy.labels.any() and (healthy.volume.data > 0).mean() > 0.2
+
+
 def test_anatomy_is_laid_out_in_millimetres() -> None:
     fine, coarse = synthetic_case(2, (96, 96, 64), (2.0, 2.0, 2.0)), synthetic_case(2, (48, 48, 32), (4.0, 4.0, 4.0))
     tumour_ml = [(case.labels > 0).sum() * np.prod(case.volume.spacing) / 1000 for case in (fine, coarse)]

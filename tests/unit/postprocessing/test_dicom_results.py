@@ -1,8 +1,10 @@
 """PACS result objects: each round-trips through pydicom, names the model version, is marked not for diagnosis for a
-demo model and passes dciodvfy; the SR's volumes are the SEG's voxel count x voxel volume; CT probabilities sum to 1."""
+demo model and passes dciodvfy; the SR's volumes are the SEG's voxel count x voxel volume; CT probabilities sum to 1;
+a negative MR report says no tumour, with the model's warnings, on the series the model read."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import highdicom as hd
@@ -11,9 +13,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from core.cards.base import DEMO_INTENDED_USE, Provenance
 from core.cards.classification import CT_CLASSES, ClassificationCard
+from core.ood import OOD_WARNING
 from pacs.selection import SeriesFacts, is_our_output
 from postprocessing.dicom_results import (
     NOT_FOR_DIAGNOSIS,
@@ -24,9 +28,11 @@ from postprocessing.dicom_results import (
     ct_results,
     dataset_bytes,
     mr_measurement_report,
+    mr_negative_report,
     mr_results,
     patient_orientation,
     read_probabilities,
+    read_tumour_finding,
     read_volumes_ml,
     segment_volumes_ml,
 )
@@ -59,6 +65,14 @@ def mr_case():
     volumes_ml = segment_volumes_ml(statistics)
     assert volumes_ml == pytest.approx({s.label: s.volume_ml for s in statistics if s.voxel_count}, abs=1e-4)
     return volume.source_of("FLAIR"), case.labels, volumes_ml
+
+
+@pytest.fixture(scope="module")
+def healthy_sources():
+    """The T1 and FLAIR series of a synthetic brain without a tumour, decoded as the MRI route decodes them."""
+    files = case_dicom_files(small_case(tumour=False), sequences=("T1", "FLAIR"))
+    volume = decode_upload([(None, f) for series in files.values() for f in series], MR_CARD.input, LIMITS)
+    return [source for source in volume.sources if source.headers]
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +167,29 @@ def test_the_mr_report_refuses_volumes_that_do_not_name_the_segments(mr_case, mr
         mr_measurement_report(mr_set.objects[0], list(source.headers), {**volumes_ml, "WT": 9.0}, MR_CARD, MR_TAG)
 
 
+def test_the_negative_mr_report_says_no_tumour_with_the_models_doubts_on_the_series_read(healthy_sources) -> None:
+    warnings = [OOD_WARNING, "sequence T2 was not sent: the model ran with it zero-filled"]
+    sr = round_trip(mr_negative_report(healthy_sources, warnings, MR_CARD, MR_TAG))
+
+    assert sr.Modality == "SR" and sr.SOPClassUID == hd.sr.Comprehensive3DSR.from_dataset(sr).SOPClassUID
+    assert_names_the_model(sr, "mri_segmentation", MR_TAG)
+    assert sr.SeriesDescription == f"{NOT_FOR_DIAGNOSIS} - NeuroNova no tumour detected"  # seen without SR support
+    assert sr.StudyInstanceUID == healthy_sources[0].headers[0].StudyInstanceUID and sr.PatientName == ""
+    finding = read_tumour_finding(sr)
+    assert finding.neoplasm == codes.SCT.Absent and finding.warnings == tuple(warnings)
+    evidence = {item.SeriesInstanceUID: [ref.ReferencedSOPInstanceUID for ref in item.ReferencedSOPSequence]
+                for item in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
+    assert evidence == {s.series_uid: [h.SOPInstanceUID for h in s.headers] for s in healthy_sources}
+    assert_dciodvfy_clean(sr)
+    assert read_tumour_finding(round_trip(mr_negative_report(healthy_sources, [], MR_CARD, MR_TAG))).warnings == ()
+
+
+def test_the_negative_mr_report_refuses_sources_without_dicom_series(healthy_sources) -> None:
+    nifti = [dataclasses.replace(source, format="nifti", headers=()) for source in healthy_sources]
+    with pytest.raises(ValueError, match="DICOM series"):
+        mr_negative_report(nifti, [], MR_CARD, MR_TAG)
+
+
 def test_the_ct_overlay_is_an_rgb_capture_in_the_source_study(ct_source, ct_overlay, ct_set) -> None:
     capture = round_trip(ct_set.objects[0])
 
@@ -226,16 +263,18 @@ def test_small_helpers() -> None:
     assert patient_orientation([0, 1, 0, 0, 0, -1]) == ("P", "F") and patient_orientation(None) == ("L", "P")
 
 
-def test_a_uid_key_makes_a_redone_job_write_the_same_instances(mr_case, ct_source, ct_overlay) -> None:
+def test_a_uid_key_makes_a_redone_job_write_the_same_instances(mr_case, healthy_sources, ct_source,
+                                                               ct_overlay) -> None:
     source, labels, volumes_ml = mr_case
 
     def uids(key: str | None) -> list[tuple[str, str]]:
         mr = mr_results(labels, source, volumes_ml, MR_CARD, MR_TAG, uid_key=key).objects
+        negative = mr_negative_report(healthy_sources, [], MR_CARD, MR_TAG, uid_key=key)
         ct = ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", CT_CARD, CT_TAG, uid_key=key).objects
-        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in (*mr, *ct)]
+        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in (*mr, negative, *ct)]
 
     once, again = uids("study-1/series-a/neuronova-mri:v1"), uids("study-1/series-a/neuronova-mri:v1")
-    assert once == again and len({uid for pair in once for uid in pair}) == 8
+    assert once == again and len({uid for pair in once for uid in pair}) == 10
     assert not set(once) & set(uids("study-1/series-a/neuronova-mri:v2"))
     assert not set(uids(None)) & set(uids(None))
 
