@@ -122,25 +122,30 @@ async def _run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response
     latencies: list[float] = []
     failures: dict[int, int] = {}
     remaining = iter(range(requests))
-    async def worker() -> None:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300,
-                                     limits=httpx.Limits(max_connections=1)) as client:
-            for _ in remaining:
-                started = time.perf_counter()
-                response = await send(client)
-                latencies.append((time.perf_counter() - started) * 1000.0)
-                if response.status_code != 200:
-                    failures[response.status_code] = failures.get(response.status_code, 0) + 1
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - started
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for _ in remaining:
+            started = time.perf_counter()
+            response = await send(client)
+            latencies.append((time.perf_counter() - started) * 1000.0)
+            if response.status_code != 200:
+                failures[response.status_code] = failures.get(response.status_code, 0) + 1
+
+    async with contextlib.AsyncExitStack() as stack:  # clients made before the clock starts (each builds a TLS context)
+        connections = [await stack.enter_async_context(httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=300, limits=httpx.Limits(max_connections=1))) for _ in range(clients)]
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for client in connections))
+        wall = time.perf_counter() - started
     return LoadResult(clients, requests, sum(failures.values()), wall, percentile(latencies, 50),
                       percentile(latencies, 95), percentile(latencies, 99), failures)
 
 
 def run_load(send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], url: str, clients: int, requests: int,
              headers: dict[str, str] | None = None) -> LoadResult:
-    """`requests` calls of `send` from `clients` concurrent connections; latency percentiles and throughput."""
+    """`requests` calls of `send` from `clients` concurrent clients, each with a connection of its own (as separate
+    callers have; one shared httpx pool costs the load generator itself ~3 ms of CPU per request on keep-alive
+    connections, docs/performance.md); latency percentiles and throughput."""
     return asyncio.run(_run_load(send, url, clients, requests, headers or {}))
 
 

@@ -1,4 +1,5 @@
-"""What every runner shares: BentoML service options, the batching policy, lazily built Grad-CAM (engines are in
+"""What every runner shares: BentoML service options, the batching policy, the per-request savings every served process
+installs on import (media types, payloads, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
 `runners.engines`)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from runners import batching
 from runners.media_types import cache_media_types
+from runners.tracing import drop_unexported_spans
 
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 1_000_000_000, "max_age": 1e9}
 """Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (docs/bentoml-pitfalls.md G2)."""
@@ -23,6 +25,7 @@ costs more CPU than the biomarker model itself)."""
 
 batching.never_hold_lone_requests()
 cache_media_types()
+drop_unexported_spans()
 
 
 class Explainer(Protocol):
