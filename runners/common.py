@@ -1,5 +1,5 @@
 """What every runner shares: BentoML service options, the batching policy, the per-request savings every served process
-installs on import (media types, payloads, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
+installs on import (media types, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
 `runners.engines`)."""
 
 from __future__ import annotations
