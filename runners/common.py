@@ -13,7 +13,7 @@ import numpy as np
 
 from runners import batching
 from runners.media_types import cache_media_types
-from runners.tracing import drop_unexported_spans
+from runners.tracing import trace_only_when_exported
 
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 1_000_000_000, "max_age": 1e9}
 """Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (docs/bentoml-pitfalls.md G2)."""
@@ -25,7 +25,7 @@ costs more CPU than the biomarker model itself)."""
 
 batching.never_hold_lone_requests()
 cache_media_types()
-drop_unexported_spans()
+trace_only_when_exported()
 
 
 class Explainer(Protocol):
