@@ -80,6 +80,7 @@ from xai.regions import important_regions
 from xai.render import DEFAULT_COLORMAP, colorize, overlay, png_data_url
 
 GRAD_CAM = "grad_cam"
+NO_SEG_WARNING = "no tumour was found, so no DICOM SEG was written"
 NO_OOD_CALIBRATION_WARNING = "this model has no out-of-distribution calibration: unusual inputs are not flagged"
 UNCERTAINTY_DESCRIPTION = "NeuroNova tumour uncertainty (percent)"
 Report = Callable[[str], None]
@@ -218,7 +219,7 @@ async def segment_uploads(
     elif result.ood_check.flagged:
         warnings.append(OOD_WARNING)
     if volume.format == "dicom" and result.dicom_seg_base64 is None:
-        warnings.append("no tumour was found, so no DICOM SEG was written")
+        warnings.append(NO_SEG_WARNING)
     if request.xai and not explainable:
         warnings.append("this model has no differentiable weights, so no Grad-CAM map was made")
     described = await asyncio.to_thread(describe_volume, volume, prepared, uploads)

@@ -95,7 +95,7 @@ def main() -> None:
 
             def load() -> None:
                 while not stop.is_set():
-                    run_load(counted, server.url, 32, 64)
+                    run_load(counted, server.url, 32, 32 * 64)  # long calls: each makes its 32 clients anew
 
             driver = threading.Thread(target=load)
             driver.start()

@@ -183,8 +183,9 @@ class PacsFlow:
         card = (await slot.loaded()).card
         if not response.result.tumor_detected:
             read = [source for source in volume.sources if source.headers]
-            report = await asyncio.to_thread(mr_negative_report, read, response.warnings, card,
-                                             response.model_version, uid_key=job.job_id)
+            doubts = [warning for warning in response.warnings if warning != mri.NO_SEG_WARNING]  # the report says it
+            report = await asyncio.to_thread(mr_negative_report, read, doubts, card, response.model_version,
+                                             uid_key=job.job_id)
             self.jobs.log(job.job_id, "no tumour detected: negative report written")
             return [report]
         labels = mri.delivered_labels(response.result.mask)
