@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 
 from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware
+from api.biomarker import predict_record
 from api.classification import (
     ExplainOptions,
     cached_classification,
@@ -80,7 +81,6 @@ from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
-from preprocessing.tabular import encode_request
 from runners.biomarker import BiomarkerModel
 from runners.common import ACCESS_LOG_OFF
 from runners.ct import CTClassifier
@@ -224,11 +224,10 @@ class NeuroNova:
     ) -> BiomarkerResponse:
         """Tumour type, metastasis organ and stage from biomarkers checked against the model's schema; TreeSHAP on request."""
         started = time.perf_counter()
-        model = await self.biomarker.loaded()
-        card: TabularCard = model.card
-        record = encode_request(biomarkers, card)
         explain = xai and SHAP in xai_methods
-        heads = card.read_heads((await self.biomarker.call("explain" if explain else "predict", record.row[None]))[0])
+        predicted = await predict_record(self.biomarker, biomarkers, explain=explain)
+        model, record, heads = predicted.model, predicted.record, predicted.heads
+        card = model.card
         return BiomarkerResponse(
             request_id=new_request_id(request_id), model_id=self.biomarker.model_id, model_version=model.tag,
             intended_use=card.intended_use, inference_time_ms=elapsed_ms(started),

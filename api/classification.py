@@ -13,7 +13,7 @@ from api.models import ModelSlot, RunnerModel
 from api.request_cache import CachedRequest
 from api.shaping import heatmap_explanation
 from core.cards.classification import ClassificationCard
-from core.errors import InvalidRequest, ModelInferenceError
+from core.errors import InvalidRequest
 from core.imaging import DecodedSlice
 from core.ood import ood_warnings
 from core.schemas import CTClassificationResponse, ExplainResponse, HeatmapExplanation
@@ -21,8 +21,6 @@ from preprocessing.decode import decode_slice
 from preprocessing.transforms import PreparedSlice, prepare_slice
 from xai.render import DEFAULT_COLORMAP, colorize
 
-ATTEMPTS = 2
-"""A model switch between reading the card and running the batch costs one retry, never a failed request."""
 GRAD_CAM, OCCLUSION = "grad_cam", "occlusion"
 RUNNER_METHODS = {GRAD_CAM: "explain", OCCLUSION: "occlude"}
 """Each XAI method and the runner method that computes its maps."""
@@ -62,10 +60,10 @@ async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filen
     """Decode and prepare with the served model's card, predict (and explain by each method) in the batched runner.
 
     The runner tags each output row with its OOD score and model generation; when the generation differs from the
-    card used to prepare the input (a switch happened in between), the slice is prepared again with the new card.
+    card used to prepare the input (a switch happened in between), the slice is prepared again with the new card
+    (`ModelSlot.on_served_model`).
     """
-    for _ in range(ATTEMPTS):
-        model = await slot.loaded()
+    async def run(model: RunnerModel[ClassificationCard]) -> tuple[Classified, float]:
         card = model.card
         decoded = decode_slice(data, filename, max_pixels=max_pixels, allow_multiframe=card.input.allow_multiframe,
                                modalities=card.input.modalities)
@@ -74,12 +72,12 @@ async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filen
         methods, warnings = xai_methods_for(model, xai_methods)
         outputs = await asyncio.gather(slot.call("predict", batch), *(slot.call(RUNNER_METHODS[m], batch) for m in methods))
         row = outputs[0][0]
-        if int(row[-1]) == model.describe.get("generation"):
-            heatmaps = {method: maps[0] for method, maps in zip(methods, outputs[1:])}
-            warnings += ood_warnings(float(row[-2]), card.ood)
-            return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings)
-        slot.forget()
-    raise ModelInferenceError("the CT model was switched repeatedly during the request; retry it")
+        heatmaps = {method: maps[0] for method, maps in zip(methods, outputs[1:])}
+        warnings += ood_warnings(float(row[-2]), card.ood)
+        return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings), float(row[-1])
+
+    _, (classified, _) = await slot.on_served_model(run, lambda out: int(out[1]))
+    return classified
 
 
 def explanations(model: RunnerModel[ClassificationCard], heatmaps: dict[str, np.ndarray], display: np.ndarray,

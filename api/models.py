@@ -71,6 +71,10 @@ STALE_CONNECTION_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedErro
 was busy (it could not read the close in time): the call never reached the runner."""
 
 
+SWITCH_ATTEMPTS = 2
+"""A model switch between reading the card and running the batch costs one retry, never a failed request."""
+
+
 STALE_CONNECTION_ATTEMPTS = 3
 """A long stall can leave several pooled connections stale; each failed attempt discards the one it used."""
 
@@ -127,6 +131,21 @@ class ModelSlot(Generic[CardT]):
     def forget(self) -> None:
         """Drop the cached description (after a model switch was noticed)."""
         self._cached = None
+
+    async def on_served_model(self, run: Callable[[RunnerModel[CardT]], Awaitable[T]],
+                              generation: Callable[[T], int]) -> tuple[RunnerModel[CardT], T]:
+        """`run(model)` — prepare with the served model's card, call the runner — and the model it ran on.
+
+        The runner tags its outputs with the generation of the model that computed them (`generation(output)`); when
+        that is not the generation of the card used (a switch in between), the request is prepared and run again with
+        the new card, so a response always names, and was prepared for, the model that computed it."""
+        for _ in range(SWITCH_ATTEMPTS):
+            model = await self.loaded()
+            output = await run(model)
+            if generation(output) == model.describe.get("generation"):
+                return model, output
+            self.forget()
+        raise ModelInferenceError(f"the {self.model_id} model was switched repeatedly during the request; retry it")
 
     async def call(self, method: str, batch: np.ndarray, *args: Any, retry_stale: bool = True) -> np.ndarray:
         """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR,

@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 
 from core import store
-from core.cards.tabular import TabularCard
+from core.cards.tabular import TabularCard, with_generation
 from core.settings import get_settings
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel
@@ -119,19 +119,22 @@ class BiomarkerModel:
         self.served = SwitchableModel(MODEL_ID, settings.biomarker.model_tag, lambda: self.model_ref, load_tabular)
 
     def _timed(self, rows: np.ndarray, method: str) -> np.ndarray:
+        """`method` of the served model on the batch, each output tagged with that model's generation."""
         started = time.perf_counter()
-        output = getattr(self.served.get()[0], method)(rows)
+        model, generation = self.served.get()
+        output = getattr(model, method)(rows)
         self.served.record_timing(started, len(rows))
-        return output
+        return with_generation(output, generation)
 
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
     def predict(self, rows: np.ndarray) -> np.ndarray:
-        """(N, F) encoded rows -> (N, sum K) probabilities, heads side by side in card order."""
+        """(N, F) encoded rows -> (N, sum K + 1): probabilities, heads side by side in card order, and the generation."""
         return self._timed(rows, "predict")
 
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, rows: np.ndarray) -> np.ndarray:
-        """(N, F) encoded rows -> (N, sum K, F + 2): exact TreeSHAP values, base value and probability per class."""
+        """(N, F) encoded rows -> (N, sum K + 1, F + 2): exact TreeSHAP values, base value and probability per class,
+        and the generation."""
         return self._timed(rows, "explain")
 
     @bentoml.api

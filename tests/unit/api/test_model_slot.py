@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import aiohttp
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from api import models
 from api.models import ModelSlot
 from core.cards import ClassificationCard
-from core.errors import ModelNotLoaded
+from core.errors import ModelInferenceError, ModelNotLoaded
 
 
 class SilentRunner:
@@ -86,3 +87,45 @@ def test_a_runner_that_resets_every_attempt_is_unreachable_after_a_bounded_numbe
     with pytest.raises(ModelNotLoaded):  # a long call is never sent twice
         asyncio.run(slot.call("predict", np.ones(3), retry_stale=False))
     assert runner.calls == ["predict"]
+
+
+
+class Card(BaseModel):
+    """The little of a card this test needs: which version it describes."""
+
+    version: str
+
+
+class SwitchingRunner:
+    """A runner whose model is switched (a new generation, a new card) between the API reading the card and the
+    call running, `switches` times in a row."""
+
+    def __init__(self, switches: int) -> None:
+        self.switches = switches
+        self.generation = 1
+        self.to_async = SimpleNamespace(describe=self._describe)
+
+    async def _describe(self) -> dict:
+        return {"loaded": True, "tag": f"m:v{self.generation}", "generation": self.generation,
+                "card": {"version": f"v{self.generation}"}}
+
+    async def run(self, model: models.RunnerModel[Card]) -> tuple[str, int]:
+        """Prepared with `model`'s card, computed by the model served when the call runs (its generation)."""
+        if self.switches:
+            self.switches -= 1
+            self.generation += 1
+        return model.card.version, self.generation
+
+
+def test_a_switch_during_a_request_runs_it_again_on_the_new_model():
+    runner = SwitchingRunner(switches=1)
+    slot = ModelSlot("m", runner, Card)
+    model, (prepared_with, computed_by) = asyncio.run(slot.on_served_model(runner.run, lambda out: out[1]))
+    assert (model.tag, prepared_with, computed_by) == ("m:v2", "v2", 2)  # named, prepared and computed alike
+
+
+def test_a_model_switched_at_every_attempt_fails_the_request_instead_of_naming_the_wrong_one():
+    runner = SwitchingRunner(switches=models.SWITCH_ATTEMPTS)
+    slot = ModelSlot("m", runner, Card)
+    with pytest.raises(ModelInferenceError, match="switched repeatedly"):
+        asyncio.run(slot.on_served_model(runner.run, lambda out: out[1]))

@@ -11,6 +11,7 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
 
 from core import store
+from core.cards.tabular import output_generation
 from core.errors import ModelNotLoaded
 from preprocessing.tabular import encode_records, stack_rows
 from runners import biomarker as runner_module
@@ -91,8 +92,11 @@ def test_service_serves_and_times_the_loaded_model(monkeypatch, trained, heldout
     monkeypatch.setattr(BiomarkerModel.inner, "model_ref", "a stored model")
     service = BiomarkerModel()
     assert asyncio.run(service.describe())["avg_inference_time_ms_per_image"] is None
-    assert service.predict(heldout_rows[:4]).shape == (4, 15)
-    assert service.explain(heldout_rows[:4]).shape == (4, 15, 18)
+    predicted, explained = service.predict(heldout_rows[:4]), service.explain(heldout_rows[:4])
+    assert predicted.shape == (4, 15 + 1) and explained.shape == (4, 15 + 1, 18)  # the heads' classes, the generation
+    generation = service.served.generation
+    assert [output_generation(row) for row in (*predicted, *explained)] == [generation] * 8
+    np.testing.assert_array_equal(predicted[:, :15], trained.biomarker.predict(heldout_rows[:4]))
     described = asyncio.run(service.describe())
     assert described["loaded"] and described["tag"] == trained.biomarker_tag and described["engine"].startswith("xgboost")
     assert described["card"]["task"] == "biomarker_prediction" and described["avg_inference_time_ms_per_image"] > 0
