@@ -128,6 +128,10 @@ class ModelSlot(Generic[CardT]):
         self._cached = (now, model)
         return model
 
+    async def generation_now(self) -> int | None:
+        """The generation of the model the runner serves right now (asked, not cached); None when it cannot say."""
+        return (await self.describe()).get("generation")
+
     def forget(self) -> None:
         """Drop the cached description (after a model switch was noticed)."""
         self._cached = None

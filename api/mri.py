@@ -25,6 +25,7 @@ from api.models import ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
+from core.errors import ModelInferenceError
 from core.ood import OOD_WARNING
 from core.schemas import (
     MaskOutput,
@@ -208,6 +209,10 @@ async def segment_uploads(
         report("explaining")
         attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.ref,
                                                                 retry_stale=False), budgets)
+    switched_to = await slot.generation_now()
+    if switched_to not in (None, model.describe.get("generation")):  # its calls may have run on different models
+        raise ModelInferenceError("the MRI model was switched while this task ran; submit it again",
+                                  {"reason": "model_switched"})
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,

@@ -16,7 +16,7 @@ import pytest
 from api.models import RunnerModel
 from api.mri import NO_OOD_CALIBRATION_WARNING, SegmentationRequest, segment_mri, zero_filled_warning
 from core.cards.segmentation import MRI_SEQUENCES, VolumeInputSpec, VolumeIntervalCalibration
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, ModelInferenceError
 from core.ood import OOD_WARNING
 from core.volume_ood import VolumeOodCalibration, descriptor_names
 from core.tasks import TaskStore
@@ -29,15 +29,24 @@ class StandInSlot:
 
     model_id = "mri_segmentation"
 
-    def __init__(self, gradcam_layer: str | None) -> None:
-        self.model = RunnerModel(tag="stand-in:1", card=card(), describe={"gradcam_layer": gradcam_layer})
+    def __init__(self, gradcam_layer: str | None, switch_during_inference: bool = False) -> None:
+        self.model = RunnerModel(tag="stand-in:1", card=card(),
+                                 describe={"gradcam_layer": gradcam_layer, "generation": 1})
+        self.switch_during_inference = switch_during_inference
+        self.switched = False
         self.calls: list[str] = []
 
     async def loaded(self) -> RunnerModel:
         return self.model
 
+    async def generation_now(self) -> int | None:
+        """The runner's generation now: the described one, one more once a switch happened."""
+        described = self.model.describe.get("generation")
+        return (described or 0) + 1 if self.switched else described
+
     async def call(self, method: str, volume: np.ndarray, task_id: str, retry_stale: bool = True) -> np.ndarray:
         self.calls.append(method)
+        self.switched = self.switched or self.switch_during_inference  # an admin switches the model meanwhile
         if method == "explain":
             return np.linspace(0, 1, volume[0].size, dtype=np.float32).reshape(volume.shape[1:])
         if method == "segment_passes":  # the mirrored passes disagree about a growing block
@@ -84,6 +93,13 @@ def test_mixed_upload_uses_the_finest_grid_and_skips_gradcam_without_weights(tmp
     assert response.result.confidence == "reduced" and response.result.confidence_reasons == ["sequences_zero_filled"]
     assert NO_OOD_CALIBRATION_WARNING in response.warnings and response.result.ood_check is None
     assert response.result.uncertainty is None
+
+
+def test_a_model_switch_during_the_task_fails_it_instead_of_naming_the_wrong_model(tmp_path) -> None:
+    slot = StandInSlot(gradcam_layer=None, switch_during_inference=True)
+    with pytest.raises(ModelInferenceError, match="switched while this task ran") as failed:
+        run(tmp_path, slot, {"case.nii": four_d_nifti(small_case())}, sequence_type=None, xai=False)
+    assert failed.value.details == {"reason": "model_switched"} and slot.calls == ["segment"]
 
 
 def test_missing_required_sequence_is_refused_by_name_before_decoding(tmp_path) -> None:
