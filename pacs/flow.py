@@ -47,6 +47,8 @@ log = logging.getLogger("neuronova.pacs")
 STABLE_STUDY = "StableStudy"
 OVERLOADED = "ServiceUnavailable"
 """A runner call shed by adaptive batching (pitfall G13) or a runner restarting: the job is tried again later."""
+RETRIED_REASONS = (OVERLOADED, "model_switched")
+"""Model failures a PACS job waits out and runs again: a runner shedding load, a model switched during the run."""
 
 
 class PacsFlow:
@@ -135,7 +137,7 @@ class PacsFlow:
                                           + ", ".join(str(ds.Modality) for ds in datasets))
             await self.export(job, folder)
         except (PacsUnavailable, ModelNotLoaded, ModelInferenceError) as exc:
-            if isinstance(exc, ModelInferenceError) and exc.details.get("reason") != OVERLOADED:
+            if isinstance(exc, ModelInferenceError) and exc.details.get("reason") not in RETRIED_REASONS:
                 self._failed(job, exc)
                 return
             current = self.jobs.get(job.job_id)
