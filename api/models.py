@@ -71,6 +71,8 @@ STALE_CONNECTION_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedErro
 was busy (it could not read the close in time): the call never reached the runner."""
 
 
+MODEL_SWITCHED = "model_switched"
+"""The `details.reason` of a request or task failed because the served model changed while it ran."""
 SWITCH_ATTEMPTS = 2
 """A model switch between reading the card and running the batch costs one retry, never a failed request."""
 
@@ -149,7 +151,8 @@ class ModelSlot(Generic[CardT]):
             if generation(output) == model.describe.get("generation"):
                 return model, output
             self.forget()
-        raise ModelInferenceError(f"the {self.model_id} model was switched repeatedly during the request; retry it")
+        raise ModelInferenceError(f"the {self.model_id} model was switched repeatedly during the request; retry it",
+                                  {"reason": MODEL_SWITCHED})
 
     async def call(self, method: str, batch: np.ndarray, *args: Any, retry_stale: bool = True) -> np.ndarray:
         """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR,

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from api.budgets import scaled, within_budget
-from api.models import ModelSlot
+from api.models import MODEL_SWITCHED, ModelSlot
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
@@ -212,7 +212,7 @@ async def segment_uploads(
     switched_to = await slot.generation_now()
     if switched_to not in (None, model.describe.get("generation")):  # its calls may have run on different models
         raise ModelInferenceError("the MRI model was switched while this task ran; submit it again",
-                                  {"reason": "model_switched"})
+                                  {"reason": MODEL_SWITCHED})
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,

@@ -25,7 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from api.classification import GRAD_CAM, classify_slice
-from api.models import ModelSlot
+from api.models import MODEL_SWITCHED, ModelSlot
 from api.shaping import class_probabilities
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
 from core.settings import LimitSettings
@@ -47,7 +47,7 @@ log = logging.getLogger("neuronova.pacs")
 STABLE_STUDY = "StableStudy"
 OVERLOADED = "ServiceUnavailable"
 """A runner call shed by adaptive batching (pitfall G13) or a runner restarting: the job is tried again later."""
-RETRIED_REASONS = (OVERLOADED, "model_switched")
+RETRIED_REASONS = (OVERLOADED, MODEL_SWITCHED)
 """Model failures a PACS job waits out and runs again: a runner shedding load, a model switched during the run."""
 
 

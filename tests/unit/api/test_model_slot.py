@@ -127,5 +127,6 @@ def test_a_switch_during_a_request_runs_it_again_on_the_new_model():
 def test_a_model_switched_at_every_attempt_fails_the_request_instead_of_naming_the_wrong_one():
     runner = SwitchingRunner(switches=models.SWITCH_ATTEMPTS)
     slot = ModelSlot("m", runner, Card)
-    with pytest.raises(ModelInferenceError, match="switched repeatedly"):
+    with pytest.raises(ModelInferenceError, match="switched repeatedly") as failed:
         asyncio.run(slot.on_served_model(runner.run, lambda out: out[1]))
+    assert failed.value.details == {"reason": models.MODEL_SWITCHED}
