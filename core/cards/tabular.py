@@ -41,6 +41,8 @@ def with_generation(output: np.ndarray, generation: int) -> np.ndarray:
 def output_generation(output: np.ndarray) -> int:
     """The model generation one record's output (sum K + 1, ...) was computed by."""
     return int(np.asarray(output[GENERATION_SLOT]).flat[0])
+
+
 SEX_CODES: dict[str, str] = {"M": "male", "F": "female", "O": "other"}
 """Administrative sex as DICOM (PatientSex) and HL7 code it, by the category it stands for."""
 
