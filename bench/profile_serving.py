@@ -2,7 +2,7 @@
 
 Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/profile_serving.py ct [--seconds 15]` (needs the `bench`
 extra; py-spy needs ptrace rights, e.g. root). Starts `bentoml serve` (auth and rate limits off), drives 32 clients
-through the route, records each process with `py-spy record --format raw` for the same window, and prints, per
+(`--clients`) through the route, records each process with `py-spy record --format raw` for the same window, and prints, per
 process, its CPU seconds in the window and its top functions by own time (share of that process's samples) and by
 inclusive time (functions, not lines; frames present in nearly every sample, the event loop's, are left out), and
 its CPU milliseconds per request served in the window. Raw profiles are kept in
@@ -67,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("route", choices=["ct", "biomarker"])
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (1: the lone-request path)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +96,7 @@ def main() -> None:
 
             def load() -> None:
                 while not stop.is_set():
-                    run_load(counted, server.url, 32, 32 * 64)  # long calls: each makes its 32 clients anew
+                    run_load(counted, server.url, args.clients, args.clients * 64)  # long calls: each makes its clients anew
 
             driver = threading.Thread(target=load)
             driver.start()

@@ -8,8 +8,10 @@ XGBoost is imported where it is used, so the processes that only call this runne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -117,6 +119,7 @@ class BiomarkerModel:
 
     def __init__(self) -> None:
         self.served = SwitchableModel(MODEL_ID, settings.biomarker.model_tag, lambda: self.model_ref, load_tabular)
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="biomarker-model")
 
     def _timed(self, rows: np.ndarray, method: str) -> np.ndarray:
         """`method` of the served model on the batch, each output tagged with that model's generation."""
@@ -126,16 +129,24 @@ class BiomarkerModel:
         self.served.record_timing(started, len(rows))
         return with_generation(output, generation)
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
-    def predict(self, rows: np.ndarray) -> np.ndarray:
-        """(N, F) encoded rows -> (N, sum K + 1): probabilities, heads side by side in card order, and the generation."""
-        return self._timed(rows, "predict")
+    async def _run(self, rows: np.ndarray, method: str) -> np.ndarray:
+        """A lone row runs on the event loop: the trees answer it in well under a millisecond, less than handing it to
+        a thread and back costs (docs/performance.md). A batch of more runs in the one model thread, so that under
+        load the loop goes on taking requests while the trees work."""
+        if len(rows) == 1:
+            return self._timed(rows, method)
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed, rows, method)
 
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
-    def explain(self, rows: np.ndarray) -> np.ndarray:
+    async def predict(self, rows: np.ndarray) -> np.ndarray:
+        """(N, F) encoded rows -> (N, sum K + 1): probabilities, heads side by side in card order, and the generation."""
+        return await self._run(rows, "predict")
+
+    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
+    async def explain(self, rows: np.ndarray) -> np.ndarray:
         """(N, F) encoded rows -> (N, sum K + 1, F + 2): exact TreeSHAP values, base value and probability per class,
         and the generation."""
-        return self._timed(rows, "explain")
+        return await self._run(rows, "explain")
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:

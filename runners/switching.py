@@ -45,16 +45,26 @@ class SwitchableModel(Generic[M]):
         self.loader = loader
         self._timing_ms = 0.0
         self._timed_items = 0
-        self.current: M | None = None
-        self.generation = 0
+        self._served: tuple[M | None, int] = (None, 0)
         self.load_error: str | None = None
         self._load(active_models.active_tag(model_id, default_tag))
         self._seen_stamp = active_models.registry_stamp()
         threading.Thread(target=self._watch, name=f"{model_id}-watch", daemon=True).start()
 
+    @property
+    def current(self) -> M | None:
+        """The served model (None while none has loaded)."""
+        return self._served[0]
+
+    @property
+    def generation(self) -> int:
+        """How many models have been swapped in so far."""
+        return self._served[1]
+
     def get(self) -> tuple[M, int]:
-        """The served model and its generation, or ModelNotLoaded naming the load error."""
-        current, generation = self.current, self.generation
+        """The served model and its generation (read together: one attribute, swapped whole), or ModelNotLoaded naming
+        the load error."""
+        current, generation = self._served
         if current is None:
             raise ModelNotLoaded(f"{self.model_id} model failed to load: {self.load_error}")
         return current, generation
@@ -67,8 +77,7 @@ class SwitchableModel(Generic[M]):
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("%s model %s failed to load: %s", self.model_id, tag, self.load_error)
             return
-        self.current, self.load_error = loaded, None
-        self.generation += 1
+        self._served, self.load_error = (loaded, self.generation + 1), None
         log.info("%s model %s loaded (generation %d)", self.model_id, loaded.tag, self.generation)
 
     def _watch(self) -> None:
@@ -100,7 +109,7 @@ class SwitchableModel(Generic[M]):
 
     def describe(self) -> dict[str, Any]:
         """Version, generation, card, engine, Grad-CAM layer and live timing of the served model, or why none is."""
-        current, generation = self.current, self.generation
+        current, generation = self._served
         if current is None:
             return {"loaded": False, "error": self.load_error, "tag": self.default_tag}
         explainer = getattr(current, "explainer", None)

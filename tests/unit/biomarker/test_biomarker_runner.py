@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_service_reports_a_model_that_failed_to_load(monkeypatch):
     described = asyncio.run(service.describe())
     assert described["loaded"] is False and "broken file" in described["error"]
     with pytest.raises(ModelNotLoaded):
-        service.predict(np.zeros((1, 16), np.float32))
+        asyncio.run(service.predict(np.zeros((1, 16), np.float32)))
 
 
 def test_service_serves_and_times_the_loaded_model(monkeypatch, trained, heldout_rows):
@@ -92,7 +93,7 @@ def test_service_serves_and_times_the_loaded_model(monkeypatch, trained, heldout
     monkeypatch.setattr(BiomarkerModel.inner, "model_ref", "a stored model")
     service = BiomarkerModel()
     assert asyncio.run(service.describe())["avg_inference_time_ms_per_image"] is None
-    predicted, explained = service.predict(heldout_rows[:4]), service.explain(heldout_rows[:4])
+    predicted, explained = asyncio.run(service.predict(heldout_rows[:4])), asyncio.run(service.explain(heldout_rows[:4]))
     assert predicted.shape == (4, 15 + 1) and explained.shape == (4, 15 + 1, 18)  # the heads' classes, the generation
     generation = service.served.generation
     assert [output_generation(row) for row in (*predicted, *explained)] == [generation] * 8
@@ -100,6 +101,25 @@ def test_service_serves_and_times_the_loaded_model(monkeypatch, trained, heldout
     described = asyncio.run(service.describe())
     assert described["loaded"] and described["tag"] == trained.biomarker_tag and described["engine"].startswith("xgboost")
     assert described["card"]["task"] == "biomarker_prediction" and described["avg_inference_time_ms_per_image"] > 0
+
+
+def test_a_lone_row_runs_on_the_event_loop_and_a_batch_in_the_model_thread(monkeypatch, trained, heldout_rows):
+    monkeypatch.setattr(runner_module, "load_tabular", lambda model: trained.biomarker)
+    monkeypatch.setattr(BiomarkerModel.inner, "model_ref", "a stored model")
+    service = BiomarkerModel()
+    threads = []
+    timed = service._timed
+    monkeypatch.setattr(service, "_timed", lambda rows, method: threads.append(threading.current_thread()) or
+                        timed(rows, method))
+
+    async def serve(rows, method):
+        return threading.current_thread(), await getattr(service, method)(rows)
+
+    loop_thread, lone = asyncio.run(serve(heldout_rows[:1], "explain"))
+    _, batch = asyncio.run(serve(heldout_rows[:3], "predict"))
+    assert threads[0] is loop_thread and threads[1].name.startswith("biomarker-model")
+    np.testing.assert_allclose(lone[0, :15, -1], trained.biomarker.predict(heldout_rows[:1])[0], atol=1e-6)
+    np.testing.assert_array_equal(batch[:, :15], trained.biomarker.predict(heldout_rows[:3]))
 
 
 def _glioma_rows(trained):
