@@ -34,11 +34,12 @@ class Server:
     pid: int
 
 
-def start_process(command: list[str], env: dict[str, str], log_path: Path, port: int) -> subprocess.Popen:
-    """`command` (with `{port}` filled in) in its own process group with extra `env`, output to `log_path`."""
+def start_process(command: list[str], env: dict[str, str], log_path: Path, port: int,
+                  cwd: Path = ROOT) -> subprocess.Popen:
+    """`command` (with `{port}` filled in) in `cwd`, in its own process group with extra `env`, output to `log_path`."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [part.format(port=port) for part in command], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            [part.format(port=port) for part in command], cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -72,12 +73,12 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def serving(command: list[str], env: dict[str, str], log_path: Path, ready_path: str = "/readyz",
-            timeout_s: float = 240.0) -> Iterator[Server]:
-    """`command` (with `{port}` filled in) in its own process group with extra `env`; yields it once `ready_path`
-    answers 200, and stops the whole group afterwards."""
+            timeout_s: float = 240.0, cwd: Path = ROOT) -> Iterator[Server]:
+    """`command` (with `{port}` filled in) in `cwd` (this checkout by default), in its own process group with extra
+    `env`; yields it once `ready_path` answers 200, and stops the whole group afterwards."""
     port = free_port()
     log_path.write_bytes(b"")
-    process = start_process(command, env, log_path, port)
+    process = start_process(command, env, log_path, port, cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, url, log_path, ready_path, timeout_s)
