@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from api.models import ModelSlot, RunnerModel
-from core.cards.tabular import HeadOutput, TabularCard, output_generation
+from core.cards.tabular import HeadOutput, TabularCard
+from core.generation import output_generation
 from preprocessing.tabular import EncodedRecord, encode_request
 
 

@@ -14,6 +14,7 @@ from api.request_cache import CachedRequest
 from api.shaping import heatmap_explanation
 from core.cards.classification import ClassificationCard
 from core.errors import InvalidRequest
+from core.generation import output_generation
 from core.imaging import DecodedSlice
 from core.ood import ood_warnings
 from core.schemas import CTClassificationResponse, ExplainResponse, HeatmapExplanation
@@ -74,9 +75,9 @@ async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filen
         row = outputs[0][0]
         heatmaps = {method: maps[0] for method, maps in zip(methods, outputs[1:])}
         warnings += ood_warnings(float(row[-2]), card.ood)
-        return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings), float(row[-1])
+        return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings), output_generation(row)
 
-    _, (classified, _) = await slot.on_served_model(run, lambda out: int(out[1]))
+    _, (classified, _) = await slot.on_served_model(run, lambda out: out[1])
     return classified
 
 

@@ -21,7 +21,8 @@ import bentoml
 import numpy as np
 
 from core import store
-from core.cards.tabular import TabularCard, with_generation
+from core.cards.tabular import TabularCard
+from core.generation import with_generation
 from core.settings import get_settings
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel

@@ -21,6 +21,7 @@ import numpy as np
 from core import store
 from core.cards.classification import ClassificationCard
 from core.errors import ModelNotLoaded
+from core.generation import with_generation
 from core.ood import ood_scores
 from core.settings import get_settings
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, LazyGradCam, nvidia_host, softmax
@@ -143,7 +144,7 @@ class CTClassifier:
         model, generation = self.served.get()
         probabilities, scores = model.predict_scored(batch)
         self.served.record_timing(started, len(batch))
-        return np.concatenate([probabilities, scores[:, None], np.full((len(batch), 1), generation, np.float32)], axis=1)
+        return with_generation(np.concatenate([probabilities, scores[:, None]], axis=1), generation)
 
     @bentoml.api(batchable=settings.ct_adaptive_batching, max_batch_size=16, max_latency_ms=settings.batch_max_latency_ms)
     def explain(self, batch: np.ndarray) -> np.ndarray:

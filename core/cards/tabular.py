@@ -27,22 +27,6 @@ FeatureValue = float | bool | str | None
 """A feature's validated value as the caller meant it (a category by its card spelling); None when missing."""
 BASE_COLUMN, PROBABILITY_COLUMN = -2, -1
 """A runner's `explain` output per record is (sum of head classes, features + 2): SHAP values, base value, probability."""
-GENERATION_SLOT = -1
-"""After the heads' classes, one more entry along a runner output's class axis carries the generation of the model
-that computed it (`with_generation`, `output_generation`); `TabularCard.read_heads` reads the heads before it."""
-
-
-def with_generation(output: np.ndarray, generation: int) -> np.ndarray:
-    """A batch of outputs (N, sum K, ...) with the generation appended along the class axis: (N, sum K + 1, ...)."""
-    slot = np.full((output.shape[0], 1, *output.shape[2:]), generation, dtype=output.dtype)
-    return np.concatenate([output, slot], axis=1)
-
-
-def output_generation(output: np.ndarray) -> int:
-    """The model generation one record's output (sum K + 1, ...) was computed by."""
-    return int(np.asarray(output[GENERATION_SLOT]).flat[0])
-
-
 SEX_CODES: dict[str, str] = {"M": "male", "F": "female", "O": "other"}
 """Administrative sex as DICOM (PatientSex) and HL7 code it, by the category it stands for."""
 

@@ -12,7 +12,7 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models import ModelStore
 
 from core import store
-from core.cards.tabular import output_generation
+from core.generation import output_generation
 from core.errors import ModelNotLoaded
 from preprocessing.tabular import encode_records, stack_rows
 from runners import biomarker as runner_module
