@@ -1,5 +1,5 @@
 """What every runner shares: BentoML service options, the batching policy, the per-request savings every served process
-installs on import (media types, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
+installs on import (media types, local callers, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
 `runners.engines`)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from runners import batching
+from runners.local_callers import cache_local_callers
 from runners.media_types import cache_media_types
 from runners.tracing import trace_only_when_exported
 
@@ -25,6 +26,7 @@ costs more CPU than the biomarker model itself)."""
 
 batching.never_hold_lone_requests()
 cache_media_types()
+cache_local_callers()
 trace_only_when_exported()
 
 
