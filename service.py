@@ -81,6 +81,7 @@ from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
+from runners.biomarker import ARRAY_METHODS as BIOMARKER_ARRAY_METHODS
 from runners.biomarker import BiomarkerModel
 from runners.common import ACCESS_LOG_OFF
 from runners.ct import CTClassifier
@@ -113,7 +114,7 @@ class NeuroNova:
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard, batched=batched_methods(CTClassifier))
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary,
-                                   batched=batched_methods(BiomarkerModel))
+                                   batched=batched_methods(BiomarkerModel), array_methods=BIOMARKER_ARRAY_METHODS)
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
         self.tasks = open_task_store(settings)
         self.queue = None

@@ -13,6 +13,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from api.coalescing import coalescers
+from runners.array_route import ArrayRouteClient
 from core import store
 from core.cards.base import CardBase
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
@@ -96,19 +97,26 @@ class ModelSlot(Generic[CardT]):
     """One model route's view of its runner (a `bentoml.depends` handle).
 
     `batched`: the runner's row-wise batchable methods with their max batch size (`api.coalescing.batched_methods`);
-    concurrent calls of each are sent together (`api.coalescing`)."""
+    concurrent calls of each are sent together (`api.coalescing`). `array_methods`: methods called through the
+    runner's array route (`runners.array_route`) instead of BentoML's route."""
 
     def __init__(self, model_id: str, runner: Any, card_type: type[CardT], summary: Summary = classification_summary,
-                 batched: Mapping[str, int] | None = None) -> None:
+                 batched: Mapping[str, int] | None = None, array_methods: tuple[str, ...] = ()) -> None:
         self.model_id = model_id
         self.runner = runner
+        self._arrays = ArrayRouteClient(runner, array_methods)
         self.card_type = card_type
         self.summary = summary
         self._cached: tuple[float, RunnerModel[CardT]] | None = None
         self._coalescers = coalescers(self._sender, batched or {})
 
     def _sender(self, method: str) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
-        return lambda rows: retried_if_stale(lambda: getattr(self.runner.to_async, method)(rows))
+        return lambda rows: retried_if_stale(lambda: self._invoke(method, rows))
+
+    def _invoke(self, method: str, batch: np.ndarray, *args: Any) -> Awaitable[np.ndarray]:
+        if method in self._arrays.methods and not args:
+            return self._arrays.call(method, batch)
+        return getattr(self.runner.to_async, method)(batch, *args)
 
     async def describe(self) -> dict[str, Any]:
         """The runner's own description; `loaded: False` with the reason when it cannot be reached."""
@@ -158,7 +166,7 @@ class ModelSlot(Generic[CardT]):
         """Call a runner method with a batch (and its further arguments); runner failures become MODEL_INFERENCE_ERROR,
         an unreachable runner MODEL_NOT_LOADED. `retry_stale=False` for long calls (an MRI volume): a connection that
         breaks may then be a runner that died of the input, which must not be sent again."""
-        invoke = lambda: getattr(self.runner.to_async, method)(batch, *args)  # noqa: E731
+        invoke = lambda: self._invoke(method, batch, *args)  # noqa: E731
         coalescer = self._coalescers.get(method) if not args and retry_stale else None
         try:
             if coalescer is not None:

@@ -24,6 +24,8 @@ from core import store
 from core.cards.tabular import TabularCard
 from core.generation import with_generation
 from core.settings import get_settings
+from runners.array_route import ArrayRoutes
+from runners.array_route import PATH as ARRAY_PATH
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, softmax
 from runners.switching import SwitchableModel
 
@@ -106,8 +108,12 @@ def _check_booster(booster: xgb.Booster, card: TabularCard, head: str, n_classes
 
 
 MODEL_ID = "biomarker_prediction"
+MAX_BATCH = 64
+ARRAY_METHODS = ("predict", "explain")
+"""Methods the API calls through the array route (runners.array_route), batched as BentoML batches them."""
 
 
+@bentoml.asgi_app(ArrayRoutes(ARRAY_METHODS, MAX_BATCH, settings.batch_max_latency_ms).app, path=ARRAY_PATH)
 @bentoml.service(name="BiomarkerModel", workers=1, traffic={"timeout": 60}, runner_connection=RUNNER_CONNECTION,
                   logging=ACCESS_LOG_OFF)
 class BiomarkerModel:
@@ -138,12 +144,12 @@ class BiomarkerModel:
             return self._timed(rows, method)
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._timed, rows, method)
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=settings.batch_max_latency_ms)
     async def predict(self, rows: np.ndarray) -> np.ndarray:
         """(N, F) encoded rows -> (N, sum K + 1): probabilities, heads side by side in card order, and the generation."""
         return await self._run(rows, "predict")
 
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=settings.batch_max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=settings.batch_max_latency_ms)
     async def explain(self, rows: np.ndarray) -> np.ndarray:
         """(N, F) encoded rows -> (N, sum K + 1, F + 2): exact TreeSHAP values, base value and probability per class,
         and the generation."""

@@ -77,13 +77,13 @@ def test_model_info_publishes_the_feature_schema(http):
 
 
 def explain_batches(http) -> int:
-    """How many batches the biomarker runner's `explain` has run so far: BentoML's own `adaptive_batch_size`
-    histogram, which the runner observes per dispatched batch, read from /metrics."""
+    """How many batches the biomarker runner's `explain` has run so far: the rows-per-batch histogram its array route
+    (runners/array_route.py) observes per dispatched batch, read from /metrics."""
     total = 0
     for family in text_string_to_metric_families(http.get("/metrics").text):
         for sample in family.samples:
             if (sample.labels.get("runner_name") == "BiomarkerModel" and sample.labels.get("method_name") == "explain"
-                    and sample.name == "bentoml_service_adaptive_batch_size_count"):
+                    and sample.name == "neuronova_runner_batch_rows_count"):
                 total += int(sample.value)
     return total
 
