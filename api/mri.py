@@ -21,11 +21,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from api.budgets import scaled, within_budget
-from api.models import MODEL_SWITCHED, ModelSlot
+from api.models import ModelSlot, RunnerModel
 from api.request_cache import CachedRequest, RequestCache
 from api.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
-from core.errors import ModelInferenceError
 from core.ood import OOD_WARNING
 from core.schemas import (
     MaskOutput,
@@ -169,18 +168,22 @@ async def segment_series(
     return await segment_uploads(slot, tasks, replace(request, sequence_type=list(series)), uploads, limits)
 
 
-async def segment_uploads(
-    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, uploads: list[Upload],
-    limits: LimitSettings,
-) -> Segmented:
-    """Decode, prepare, run (with the requested extras) and measure; each step reported to the task store."""
-    started = time.perf_counter()
-    model = await slot.loaded()
+@dataclass(frozen=True)
+class Inferred:
+    """What one pass of a task's steps on one model gave, and the generation the runner served when it ended."""
+
+    volume: DecodedVolume
+    prepared: PreparedVolume
+    output: ModelOutput
+    explainable: bool
+    generation: int | None
+
+
+async def infer_uploads(slot: ModelSlot[SegmentationCard], report: Report, request: SegmentationRequest,
+                        uploads: list[Upload], limits: LimitSettings, model: RunnerModel[SegmentationCard]) -> Inferred:
+    """Decode and prepare with `model`'s card, run the runner's passes; the runner's generation afterwards (the
+    model's own when the runner cannot say)."""
     card = model.card
-
-    def report(step: str) -> None:
-        tasks.report(request.ref, step)
-
     report("decoding")
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
     if sequence_types is not None:
@@ -209,15 +212,30 @@ async def segment_uploads(
         report("explaining")
         attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.ref,
                                                                 retry_stale=False), budgets)
-    switched_to = await slot.generation_now()
-    if switched_to not in (None, model.describe.get("generation")):  # its calls may have run on different models
-        raise ModelInferenceError("the MRI model was switched while this task ran; submit it again",
-                                  {"reason": MODEL_SWITCHED})
+    generation = await slot.generation_now()
+    return Inferred(volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), explainable,
+                    generation if generation is not None else model.describe.get("generation"))
+
+
+async def segment_uploads(
+    slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, uploads: list[Upload],
+    limits: LimitSettings,
+) -> Segmented:
+    """Decode, prepare, run (with the requested extras) and measure; each step reported to the task store. A model
+    switched while the steps ran (they may then have run on different versions) runs them again on the new model
+    (`ModelSlot.on_served_model`), so the result names the one model that computed all of it."""
+    started = time.perf_counter()
+
+    def report(step: str) -> None:
+        tasks.report(request.ref, step)
+
+    model, inferred = await slot.on_served_model(
+        lambda model: infer_uploads(slot, report, request, uploads, limits, model), lambda out: out.generation)
+    card, volume, prepared = model.card, inferred.volume, inferred.prepared
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
-        build_result, volume, prepared, ModelOutput(probabilities, attention, layer, passes, passes_ms), card,
-        request.post_processing, model.tag, report,
-    ), budgets)
+        build_result, volume, prepared, inferred.output, card, request.post_processing, model.tag, report,
+    ), limits.task_step_budget_seconds)
     warnings = [zero_filled_warning(s) for s in prepared.missing_sequences]
     if result.ood_check is None:
         warnings.append(NO_OOD_CALIBRATION_WARNING)
@@ -225,7 +243,7 @@ async def segment_uploads(
         warnings.append(OOD_WARNING)
     if volume.format == "dicom" and result.dicom_seg_base64 is None:
         warnings.append(NO_SEG_WARNING)
-    if request.xai and not explainable:
+    if request.xai and not inferred.explainable:
         warnings.append("this model has no differentiable weights, so no Grad-CAM map was made")
     described = await asyncio.to_thread(describe_volume, volume, prepared, uploads)
     response = MRISegmentationResponse(

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from api.models import RunnerModel
+from api.models import ModelSlot, RunnerModel
 from api.mri import NO_OOD_CALIBRATION_WARNING, SegmentationRequest, segment_mri, zero_filled_warning
 from core.cards.segmentation import MRI_SEQUENCES, VolumeInputSpec, VolumeIntervalCalibration
 from core.errors import InvalidRequest, ModelInferenceError
@@ -29,24 +29,30 @@ class StandInSlot:
 
     model_id = "mri_segmentation"
 
-    def __init__(self, gradcam_layer: str | None, switch_during_inference: bool = False) -> None:
+    on_served_model = ModelSlot.on_served_model  # the real switch handling, over this stand-in's loaded() and forget()
+
+    def __init__(self, gradcam_layer: str | None, switches_during_inference: int = 0) -> None:
         self.model = RunnerModel(tag="stand-in:1", card=card(),
                                  describe={"gradcam_layer": gradcam_layer, "generation": 1})
-        self.switch_during_inference = switch_during_inference
-        self.switched = False
+        self.switches_left = switches_during_inference
         self.calls: list[str] = []
 
     async def loaded(self) -> RunnerModel:
         return self.model
 
+    def forget(self) -> None:
+        pass
+
     async def generation_now(self) -> int | None:
-        """The runner's generation now: the described one, one more once a switch happened."""
-        described = self.model.describe.get("generation")
-        return (described or 0) + 1 if self.switched else described
+        return self.model.describe.get("generation")
 
     async def call(self, method: str, volume: np.ndarray, task_id: str, retry_stale: bool = True) -> np.ndarray:
         self.calls.append(method)
-        self.switched = self.switched or self.switch_during_inference  # an admin switches the model meanwhile
+        if self.switches_left:  # an admin switches the model meanwhile: the runner serves the next version
+            self.switches_left -= 1
+            generation = self.model.describe["generation"] + 1
+            self.model = RunnerModel(tag=f"stand-in:{generation}", card=self.model.card,
+                                     describe={**self.model.describe, "generation": generation})
         if method == "explain":
             return np.linspace(0, 1, volume[0].size, dtype=np.float32).reshape(volume.shape[1:])
         if method == "segment_passes":  # the mirrored passes disagree about a growing block
@@ -95,11 +101,18 @@ def test_mixed_upload_uses_the_finest_grid_and_skips_gradcam_without_weights(tmp
     assert response.result.uncertainty is None
 
 
-def test_a_model_switch_during_the_task_fails_it_instead_of_naming_the_wrong_model(tmp_path) -> None:
-    slot = StandInSlot(gradcam_layer=None, switch_during_inference=True)
-    with pytest.raises(ModelInferenceError, match="switched while this task ran") as failed:
+def test_a_model_switch_during_the_task_runs_it_again_on_the_new_model(tmp_path) -> None:
+    slot = StandInSlot(gradcam_layer=None, switches_during_inference=1)
+    response, record = run(tmp_path, slot, {"case.nii": four_d_nifti(small_case())}, sequence_type=None, xai=False)
+    assert response.model_version == "stand-in:2" and slot.calls == ["segment", "segment"]
+    assert response.result.tumor_detected and record.current_step == "writing_outputs"
+
+
+def test_a_model_switched_again_and_again_fails_the_task_instead_of_naming_the_wrong_model(tmp_path) -> None:
+    slot = StandInSlot(gradcam_layer=None, switches_during_inference=5)
+    with pytest.raises(ModelInferenceError, match="switched repeatedly") as failed:
         run(tmp_path, slot, {"case.nii": four_d_nifti(small_case())}, sequence_type=None, xai=False)
-    assert failed.value.details == {"reason": "model_switched"} and slot.calls == ["segment"]
+    assert failed.value.details == {"reason": "model_switched"} and slot.calls == ["segment", "segment"]
 
 
 def test_missing_required_sequence_is_refused_by_name_before_decoding(tmp_path) -> None:

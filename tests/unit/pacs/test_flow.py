@@ -143,7 +143,8 @@ def test_an_export_the_pacs_refuses_fails_the_job(flow) -> None:
 @pytest.mark.parametrize("error, state", [
     (PacsUnavailable("WADO-RS series retrieve: ConnectionError"), "queued"),
     (ModelInferenceError("ct_classification runner failed", {"reason": "ServiceUnavailable"}), "queued"),
-    (ModelInferenceError("the MRI model was switched while this task ran", {"reason": "model_switched"}), "queued"),
+    (ModelInferenceError("the mri_segmentation model was switched repeatedly during the request; retry it",
+                        {"reason": "model_switched"}), "queued"),
     (ModelInferenceError("ct_classification runner failed", {"reason": "ValueError"}), "failed"),
     (InvalidImageFormat("not an image"), "failed"),
 ])
