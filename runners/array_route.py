@@ -4,7 +4,7 @@ A biomarker request's model work is a 16-float row and ~0.4 ms of trees; BentoML
 about as much again around it (pydantic IO models, pickle, its endpoint and batching wrappers on both sides). This
 route carries the array as its bytes (`x-shape`, `x-dtype` headers) to a `CorkDispatcher` — the class BentoML batches
 its own routes with, with the method's own batch limits — which calls the runner's method on the merged batch: a lone
-biomarker request is 0.27-0.38 ms faster (bench/ab_lone.py, docs/performance.md), and concurrent requests are still
+biomarker request is 0.26-0.27 ms faster (bench/ab_lone.py, docs/performance.md), and concurrent requests are still
 batched. Errors answer as BentoML's runner routes do (a status and `{"error": ...}`), and the API side maps them with
 BentoML's own client mapping, so a caller sees the same exceptions either way. BentoML's route for each method stays.
 """
@@ -64,7 +64,9 @@ def decode(body: bytes, headers: Any) -> np.ndarray:
 class ArrayRoutes:
     """POST /{method}: an (N, ...) array in, the method's (N, ...) output back, for batchable runner `methods` of the
     current BentoML service. Concurrent calls of a method are merged along the first axis by a `CorkDispatcher` with
-    `max_batch_size` rows and `max_latency_ms` (the method's BentoML batching settings)."""
+    `max_batch_size` rows and `max_latency_ms` (the method's BentoML batching settings). The method is called on the
+    event loop: an async method decides where its work runs (the biomarker runner's: a lone row on the loop, a batch in
+    its model thread); a sync one would block the loop while it runs."""
 
     def __init__(self, methods: Sequence[str], max_batch_size: int, max_latency_ms: int) -> None:
         self.methods = frozenset(methods)
