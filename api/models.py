@@ -13,11 +13,11 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from api.coalescing import coalescers
-from runners.array_route import ArrayRouteClient
 from core import store
 from core.cards.base import CardBase
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
 from core.schemas import ModelInfo, ModelStatus
+from runners.array_route import ArrayRouteClient
 
 CardT = TypeVar("CardT", bound=CardBase)
 T = TypeVar("T")

@@ -101,10 +101,10 @@ class ArrayRoutes:
                                         fallback=lambda: ServiceUnavailable("runner overloaded: batch queue full"))
 
             async def run_batch(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-                batch_sizes().labels(runner_name=bentoml.get_current_service().__class__.__name__,
-                                     method_name=method).observe(sum(len(rows) for rows in batches))
-                method_here = getattr(bentoml.get_current_service(), method).local  # not the service's self-proxy
-                output = method_here(np.concatenate(batches))
+                service = bentoml.get_current_service()
+                batch = np.concatenate(batches)
+                batch_sizes().labels(runner_name=type(service).__name__, method_name=method).observe(len(batch))
+                output = getattr(service, method).local(batch)  # `.local`: not the service's self-proxy
                 if inspect.isawaitable(output):
                     output = await output
                 return np.split(output, np.cumsum([len(rows) for rows in batches])[:-1])
