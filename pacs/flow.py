@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from pydicom.dataset import Dataset
 from api.classification import GRAD_CAM, classify_slice
 from api.models import MODEL_SWITCHED, ModelSlot
 from api.shaping import class_probabilities
-from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
+from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError, error_body
 from core.settings import LimitSettings
 from core.tasks import TaskStates
 from pacs.config import PacsConfig
@@ -96,21 +97,35 @@ class PacsFlow:
 
     async def run_forever(self) -> None:
         """Work the queues: a due notification (resolved into jobs), else a due job; idle, wake on a notification
-        or every poll interval."""
+        or every poll interval. An error of the queue itself (its database busy or unreachable) is logged and the
+        loop goes on after a poll interval: it never ends while the worker lives."""
         while True:
-            notice = await asyncio.to_thread(self.jobs.claim_notice)
-            if notice is not None:
-                await self.handle_notice(*notice)
-                continue
-            job = await asyncio.to_thread(self.jobs.claim)
-            if job is None:
+            try:
+                worked = await self.work_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
+                log.warning("pacs: job queue error (%s: %s), trying again in %.1f s", type(exc).__name__, exc,
+                            self.config.poll_seconds)
+                worked = False
+            if not worked:
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), self.config.poll_seconds)
                 except TimeoutError:
                     pass
-                continue
-            await self.run(job)
+
+    async def work_once(self) -> bool:
+        """Handle one due notification, else run one due job; whether there was one."""
+        notice = await asyncio.to_thread(self.jobs.claim_notice)
+        if notice is not None:
+            await self.handle_notice(*notice)
+            return True
+        job = await asyncio.to_thread(self.jobs.claim)
+        if job is None:
+            return False
+        await self.run(job)
+        return True
 
     async def handle_notice(self, study_uid: str, received_at: float) -> None:
         try:
@@ -171,14 +186,17 @@ class PacsFlow:
     async def _segment(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
         mri = await asyncio.to_thread(importlib.import_module, "api.mri")
         slot = self.slots["mri_segmentation"]
-        task_id = f"pacs-{job.job_id}-{job.runs}"
+        # A task record of its own for every attempt: a failed attempt's record is cancelled (`TaskStates.fail`), and
+        # an attempt queued again after the runner shed it must not find that record (it would stop at its first step).
+        task_id = f"pacs-{job.job_id}-{uuid.uuid4().hex[:12]}"
         self.tasks.create(task_id, job.job_id, slot.model_id)
         request = mri.SegmentationRequest(task_id=task_id, request_id=job.job_id, images=(), sequence_type=None,
                                           xai=False, post_processing=mri.PostProcessingOptions())
         try:
             segmented = await mri.segment_series(slot, self.tasks, request, series, self.limits)
         except Exception as exc:
-            self.tasks.fail(task_id, {"code": "PACS_JOB_FAILED", "message": type(exc).__name__})
+            self.tasks.fail(task_id, exc if isinstance(exc, NeuroNovaError)
+                            else error_body("PACS_JOB_FAILED", type(exc).__name__))
             raise
         self.tasks.complete(task_id, {"pacs_job": job.job_id})
         response, volume = segmented.response, segmented.volume
@@ -238,7 +256,9 @@ class PacsFlow:
             while True:
                 try:
                     await self._follow_changes(client)
-                except (httpx.HTTPError, PacsUnavailable) as exc:
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Orthanc restarting, a torn answer: the next poll goes on
                     log.warning("pacs: /changes poll failed: %s", type(exc).__name__)
                 await asyncio.sleep(polling.interval_seconds)
 
@@ -252,8 +272,9 @@ class PacsFlow:
             page = (await client.get("/changes", params={"since": since, "limit": 100})).raise_for_status().json()
             for change in page["Changes"]:
                 if change["ChangeType"] == STABLE_STUDY:
-                    study = (await client.get(f"/studies/{change['ID']}")).raise_for_status().json()
-                    self.notify(study["MainDicomTags"]["StudyInstanceUID"])
+                    study = await client.get(f"/studies/{change['ID']}")
+                    if study.status_code != httpx.codes.NOT_FOUND:  # deleted since: nothing to notify
+                        self.notify(study.raise_for_status().json()["MainDicomTags"]["StudyInstanceUID"])
                 since = int(change["Seq"])
                 self.jobs.set_cursor("orthanc_changes", since)
             if page["Done"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,15 +34,18 @@ PATIENT_NAME, PATIENT_ID = "Testpatient^Johanna", "PHI7731XYZ"
 OUR_MANUFACTURER = "NeuroNova Inference"
 
 
-def wait_for(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2) -> object:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout_s`."""
+def wait_for(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2,
+             evidence: Callable[[], str] | None = None) -> object:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout_s`, with what `evidence`
+    tells of the state then (e.g. the job rows and the service log)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            told = f"\n{evidence()}" if evidence is not None else ""
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}{told}")
         time.sleep(interval_s)
 
 
@@ -168,6 +172,19 @@ class PacsService:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60,
                             headers={"Authorization": f"Bearer {make_token(role='admin')}"})
+
+    def evidence(self, study_uid: str) -> str:
+        """For a failure message: the study's jobs, the queue's pending notifications and cursors (read from its
+        database), and the current server log without its access lines."""
+        with contextlib.closing(sqlite3.connect(self.state / "data" / "pacs" / "jobs.sqlite3")) as database:
+            jobs = database.execute("SELECT state, runs, reason, log_json FROM pacs_jobs WHERE study_uid = ?",
+                                    (study_uid,)).fetchall()
+            notices = database.execute("SELECT * FROM pacs_notices").fetchall()
+            cursors = database.execute("SELECT * FROM pacs_cursors").fetchall()
+        lines = [line for log in self.logs[-1:] for line in log.read_text(errors="replace").splitlines()
+                 if "neuronova.access" not in line]
+        return "\n".join([f"jobs of the study: {jobs}", f"notifications pending: {notices}", f"cursors: {cursors}",
+                          "server log (access lines left out):", *lines[-60:]])
 
     def jobs(self, study_uid: str) -> list[dict]:
         with self.client() as client:

@@ -68,11 +68,12 @@ def by_modality(datasets: list[Dataset]) -> dict[str, Dataset]:
     return {str(ds.Modality): ds for ds in datasets}
 
 
-def store_and_wait(orthanc: Orthanc, study: Study, count: int) -> tuple[list[Dataset], float]:
+def store_and_wait(orthanc: Orthanc, service: PacsService, study: Study, count: int) -> tuple[list[Dataset], float]:
     """Store the study into Orthanc; (our results, seconds from the last instance stored to the results' arrival)."""
     orthanc.upload(study.files)
     stored = time.monotonic()
-    found = wait_for(lambda: results(orthanc, study.uid, count), RESULTS_TIMEOUT_S, f"{count} result series")
+    found = wait_for(lambda: results(orthanc, study.uid, count), RESULTS_TIMEOUT_S, f"{count} result series",
+                     evidence=lambda: service.evidence(study.uid))
     return found, time.monotonic() - stored  # type: ignore[return-value]
 
 
@@ -103,7 +104,7 @@ def load_factor() -> float:
 def test_1_mr_study_comes_back_as_one_seg_and_one_report(orthanc: Orthanc, service: PacsService) -> None:
     study = _studies["mr"] = mr_study()
     load = os.getloadavg()[0]
-    found, elapsed = store_and_wait(orthanc, study, 2)
+    found, elapsed = store_and_wait(orthanc, service, study, 2)
     _timings["mr"] = elapsed
     print(f"MR study-in -> results-in-PACS: {elapsed:.1f} s (load average {load:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after)")
@@ -121,7 +122,7 @@ def test_1_mr_study_comes_back_as_one_seg_and_one_report(orthanc: Orthanc, servi
 
 def test_2_ct_study_comes_back_as_an_overlay_and_a_probability_report(orthanc: Orthanc, service: PacsService) -> None:
     study = _studies["ct"] = ct_study()
-    found, elapsed = store_and_wait(orthanc, study, 2)
+    found, elapsed = store_and_wait(orthanc, service, study, 2)
     _timings["ct"] = elapsed
     print(f"CT study-in -> results-in-PACS: {elapsed:.1f} s (load average {os.getloadavg()[0]:.2f})")
     objects = by_modality(found)
@@ -165,7 +166,8 @@ def test_4_repeated_notifications_are_accepted(service: PacsService) -> None:
 def test_5_a_study_no_rule_matches_is_left_alone_and_logged(orthanc: Orthanc, service: PacsService) -> None:
     study = ultrasound_study()
     orthanc.upload(study.files)
-    (job,) = wait_for(lambda: service.jobs(study.uid), 30, "the skipped job")  # type: ignore[misc]
+    (job,) = wait_for(lambda: service.jobs(study.uid), 30, "the skipped job",
+                      evidence=lambda: service.evidence(study.uid))  # type: ignore[misc]
     assert job["state"] == "skipped"
     assert job["reason"].startswith("no rule matched: ")
     assert "mri_segmentation: " in job["reason"] and "ct_classification: " in job["reason"]
@@ -179,13 +181,16 @@ def test_6_a_pacs_outage_before_export_delays_the_results_and_loses_nothing(
     orthanc.upload(study.files)
     retrieved = lambda: [j for j in service.jobs(study.uid)  # noqa: E731
                          if any(e["message"].startswith("retrieved") for e in j["log"])]
-    (job,) = wait_for(retrieved, 60, "the job to retrieve its series", interval_s=0.05)  # type: ignore[misc]
+    (job,) = wait_for(retrieved, 60, "the job to retrieve its series", interval_s=0.05,
+                      evidence=lambda: service.evidence(study.uid))  # type: ignore[misc]
     orthanc.stop()
     stopped = time.monotonic()
-    wait_for(lambda: service.jobs(study.uid)[0]["export_failures"] >= 1, 60, "a failed export")
+    wait_for(lambda: service.jobs(study.uid)[0]["export_failures"] >= 1, 60, "a failed export",
+             evidence=lambda: service.evidence(study.uid))
     time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
     orthanc.start()
-    found = wait_for(lambda: results(orthanc, study.uid, 2), 60, "the results after the restart")
+    found = wait_for(lambda: results(orthanc, study.uid, 2), 60, "the results after the restart",
+                     evidence=lambda: service.evidence(study.uid))
     assert set(by_modality(found)) == {"SEG", "SR"}  # type: ignore[arg-type]
     (job,) = service.jobs(study.uid)
     assert job["state"] == "done" and job["runs"] == 1 and job["export_failures"] >= 1
@@ -207,12 +212,13 @@ def test_7_a_service_crash_mid_job_runs_the_job_again_once(orthanc: Orthanc, ser
     study = _studies["crash"] = mr_study(seed=5)
     orthanc.upload(study.files)
     running = lambda: [j for j in service.jobs(study.uid) if j["state"] == "running"]  # noqa: E731
-    wait_for(running, 60, "the job to run", interval_s=0.05)
+    wait_for(running, 60, "the job to run", interval_s=0.05, evidence=lambda: service.evidence(study.uid))
     service.crash()
     assert our_series(orthanc, study.uid) == []
     service.start(changes=True)  # from now on the /changes poller notifies (test 8), not Lua
     notify_lua(orthanc, None)
-    found = wait_for(lambda: results(orthanc, study.uid, 2), RESULTS_TIMEOUT_S, "the results after the restart")
+    found = wait_for(lambda: results(orthanc, study.uid, 2), RESULTS_TIMEOUT_S, "the results after the restart",
+                     evidence=lambda: service.evidence(study.uid))
     assert set(by_modality(found)) == {"SEG", "SR"}  # type: ignore[arg-type]
     (job,) = service.jobs(study.uid)
     assert job["state"] == "done" and job["runs"] == 2
@@ -221,7 +227,7 @@ def test_7_a_service_crash_mid_job_runs_the_job_again_once(orthanc: Orthanc, ser
 
 def test_8_the_changes_poller_notifies_like_lua(orthanc: Orthanc, service: PacsService) -> None:
     study = ct_study()
-    found, elapsed = store_and_wait(orthanc, study, 2)
+    found, elapsed = store_and_wait(orthanc, service, study, 2)
     print(f"CT via /changes: {elapsed:.1f} s")
     assert set(by_modality(found)) == {"OT", "SR"}
     time.sleep(3)
@@ -233,7 +239,7 @@ def test_9_an_mr_study_without_a_tumour_gets_a_report_saying_so(orthanc: Orthanc
     """Seed 6's healthy brain: the shipped demo model finds nothing in it (its highest tumour-class probability is
     0.39)."""
     study = mr_study(seed=6, tumour=False)
-    found, elapsed = store_and_wait(orthanc, study, 1)
+    found, elapsed = store_and_wait(orthanc, service, study, 1)
     print(f"MR study without a tumour -> negative report in PACS: {elapsed:.1f} s")
     (report,) = found
     assert report.Modality == "SR" and report.StudyInstanceUID == study.uid

@@ -5,6 +5,7 @@ unreachable; exports retried with backoff, refused exports failed; runner overlo
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ from core.tasks import TaskStore
 from pacs.config import PacsConfig
 from pacs.dicomweb import PacsRefused, PacsUnavailable, StudySeries
 from pacs.flow import PacsFlow, hold_lock, read_results, write_results
-from pacs.jobs import JobStore
+from pacs.jobs import Job, JobStore
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY = "1.2.3.4"
@@ -191,3 +192,39 @@ def test_results_are_written_whole_and_one_lock_holder_at_a_time(tmp_path: Path)
     assert hold_lock(tmp_path / "poller.lock") is None
     first.close()
     assert hold_lock(tmp_path / "poller.lock") is not None
+
+
+def claim_when_due(jobs: JobStore, timeout_s: float = 30.0) -> Job:
+    """The next job once its backoff has passed."""
+    deadline = time.monotonic() + timeout_s
+    while (job := jobs.claim()) is None:
+        assert time.monotonic() < deadline, "no job became due"
+        time.sleep(0.01)
+    return job
+
+
+def test_an_mri_run_the_runner_shed_runs_again_from_its_first_step(flow, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cause of the crash-and-restart test's timeout (issue #28): a fresh server's MRI runner sheds or is not up
+    yet, the attempt is queued again, and the next attempt found the first attempt's task record, cancelled when it
+    failed, and stopped at its first step: the job failed and the study never got its results."""
+    import api.mri
+
+    attempts: list[str] = []
+
+    async def segment_series(slot, tasks, request, series, limits):
+        tasks.report(request.task_id, "decoding")  # the pipeline's first step (raises once the task is cancelled)
+        attempts.append(request.task_id)
+        if len(attempts) == 1:
+            raise ModelInferenceError("mri_segmentation runner failed", {"reason": "ServiceUnavailable"})
+        raise ModelInferenceError("mri_segmentation runner failed", {"reason": "ValueError"})
+
+    monkeypatch.setattr(api.mri, "segment_series", segment_series)
+    slot = type("Slot", (), {"model_id": "mri_segmentation"})()
+    flows = flow(ScriptedPacs(retrieves=[[Dataset()], [Dataset()]]), {"mri_segmentation": slot})
+    job_id, _ = flows.jobs.add(STUDY, "mri_segmentation", "m:1", {"T1": "1.2.3.4.1"})
+    asyncio.run(flows.run(flows.jobs.claim()))
+    assert flows.jobs.get(job_id).state == "queued"
+    asyncio.run(flows.run(claim_when_due(flows.jobs)))
+    assert len(attempts) == 2 and attempts[0] != attempts[1]  # the second attempt reached the runner again
+    job = flows.jobs.get(job_id)
+    assert job.state == "failed" and job.reason == "mri_segmentation runner failed"
