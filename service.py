@@ -41,6 +41,7 @@ from api.shutdown import (
     fail_own_tasks,
     guard_worker_process,
     is_bentoml_worker,
+    mark_arbiter,
     recover_after_crash,
 )
 from api.shaping import (
@@ -94,6 +95,8 @@ quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
 if is_bentoml_worker():
     guard_worker_process(settings.shutdown_grace_seconds)
+else:
+    mark_arbiter()
 ops = FastAPI(title="NeuroNova operations", openapi_url=None, docs_url=None, redoc_url=None)
 
 GRAD_CAM = "grad_cam"

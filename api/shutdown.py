@@ -8,7 +8,10 @@ as an orphan, holding BentoML's task database (a new server in the same director
 `guard_worker_process` (called in every BentoML worker process) therefore:
 - starts a deadline at the first SIGTERM/SIGINT: in-flight work has `grace_s` to finish, then the registered
   callbacks run (the API marks its unfinished MRI tasks failed) and the process exits with `os._exit`;
-- watches its parent: once the arbiter is gone (killed with SIGKILL) the worker sends itself SIGTERM.
+- watches its parent: once the arbiter is gone (killed with SIGKILL) the worker sends itself SIGTERM. The arbiter
+  is known by the pid it wrote into the workers' environment (`mark_arbiter`), not by the worker's parent when the
+  guard starts: a worker still importing when the arbiter was killed is already an orphan by then (its parent is 1),
+  and would otherwise watch init for ever.
 
 uvicorn installs its own signal handlers when it starts serving (after this module is imported), so the deadline
 hooks `uvicorn.Server.handle_exit`, the method uvicorn installs, rather than a signal handler of its own.
@@ -33,6 +36,8 @@ from core.tasks import TaskStore
 
 log = logging.getLogger("neuronova.shutdown")
 PARENT_POLL_S = 1.0
+ARBITER_PID = "NEURONOVA_ARBITER_PID"
+"""Set by the arbiter in its environment before it starts its workers (circus copies it into theirs)."""
 _deadline_callbacks: list[Callable[[], None]] = []
 _signal_callbacks: list[Callable[[], None]] = []
 _deadline_started = threading.Event()
@@ -54,6 +59,12 @@ def at_deadline(callback: Callable[[], None]) -> None:
     _deadline_callbacks.append(callback)
 
 
+def mark_arbiter() -> None:
+    """Name this process as the arbiter in the environment the workers it starts inherit (call it in the arbiter,
+    which imports the service before it starts its workers)."""
+    os.environ[ARBITER_PID] = str(os.getpid())
+
+
 def guard_worker_process(grace_s: float) -> None:
     """Bound this worker's shutdown to `grace_s` after SIGTERM and end it when its arbiter dies (see module doc)."""
     original = uvicorn.Server.handle_exit
@@ -63,8 +74,13 @@ def guard_worker_process(grace_s: float) -> None:
         original(server, sig, frame)
 
     uvicorn.Server.handle_exit = handle_exit  # type: ignore[method-assign]
-    parent = os.getppid()
-    threading.Thread(target=_watch_parent, args=(parent,), name="neuronova-parent-watch", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(arbiter_pid(),), name="neuronova-parent-watch", daemon=True).start()
+
+
+def arbiter_pid() -> int:
+    """The pid of the arbiter that started this worker (its parent when the arbiter named none)."""
+    named = os.environ.get(ARBITER_PID, "")
+    return int(named) if named.isdigit() else os.getppid()
 
 
 def start_deadline(grace_s: float) -> None:

@@ -11,13 +11,18 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER_TAG = "NEURONOVA_SERVER_TAG"
+"""Set in the environment of every server this harness starts, so each of its processes is found by it: BentoML
+starts each worker in a session of its own, and a worker whose arbiter died leaves the process tree (parent 1)."""
 
 
 def free_port() -> int:
@@ -34,14 +39,43 @@ class Server:
     pid: int
 
 
+class ServerProcess(subprocess.Popen):
+    """A server's top process; `tag` is the value of `SERVER_TAG` in the environment of every process it starts."""
+
+    tag: str
+
+
 def start_process(command: list[str], env: dict[str, str], log_path: Path, port: int,
-                  cwd: Path = ROOT) -> subprocess.Popen:
-    """`command` (with `{port}` filled in) in `cwd`, in its own process group with extra `env`, output to `log_path`."""
+                  cwd: Path = ROOT) -> ServerProcess:
+    """`command` (with `{port}` filled in) in `cwd`, in its own process group with extra `env` and a fresh
+    `SERVER_TAG`, output to `log_path`."""
+    tag = uuid.uuid4().hex
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [part.format(port=port) for part in command], cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        process = ServerProcess(
+            [part.format(port=port) for part in command], cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env, SERVER_TAG: tag},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    process.tag = tag
+    return process
+
+
+def tagged_processes(name: str, value: str) -> list[psutil.Process]:
+    """Every live process (zombies aside) whose environment sets `name` to `value`."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE and process.environ().get(name) == value:
+                found.append(process)
+    return found
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL `processes` and wait until they are gone."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=30)
 
 
 def wait_ready(process: subprocess.Popen, url: str, log_path: Path, ready_path: str = "/readyz",
@@ -59,8 +93,10 @@ def wait_ready(process: subprocess.Popen, url: str, log_path: Path, ready_path: 
         time.sleep(0.5)
 
 
-def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the process group of `process`; SIGKILL what is left of it after `grace_s`."""
+def stop_group(process: ServerProcess, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group of `process`; SIGKILL what is left of it after `grace_s`, and then every process of
+    the server that is still alive, wherever it is (orphaned workers included)."""
+    started = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -69,6 +105,9 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+    left = tagged_processes(SERVER_TAG, process.tag)
+    _, still = psutil.wait_procs(left, timeout=max(0.0, grace_s - (time.monotonic() - started)))
+    kill_processes(still)
 
 
 @contextlib.contextmanager

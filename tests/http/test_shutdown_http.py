@@ -14,8 +14,6 @@ import contextlib
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from bench.harness import ROOT, free_port
+from bench.harness import BENTOML_SERVE, SERVER_TAG, free_port, kill_processes, start_process, tagged_processes
 from bench.soak import role
 from core.tasks import TaskStore, task_store_path
 from tests.http.test_mri_http import wait_for, wait_for_step
@@ -38,15 +36,12 @@ START_TIMEOUT_S = 240.0
 
 
 class Server:
-    """`bentoml serve` in its own process group; `tree` is every process of it, arbiter first."""
+    """`bentoml serve` in its own process group, every process of it tagged in its environment (bench.harness)."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", "--host", "127.0.0.1", "--port",
-                 self.url.rsplit(":", 1)[1]], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = start_process(BENTOML_SERVE, env, log_path, port)
         self.log_path = log_path
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -56,8 +51,12 @@ class Server:
                     break
             assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-4000:]}"
             time.sleep(0.5)
-        arbiter = psutil.Process(self.process.pid)
-        self.tree = [arbiter, *arbiter.children(recursive=True)]
+
+    @property
+    def tree(self) -> list[psutil.Process]:
+        """Every live process of the server now, arbiter first: workers BentoML replaced and orphans included."""
+        found = tagged_processes(SERVER_TAG, self.process.tag)
+        return sorted(found, key=lambda p: p.pid != self.process.pid)
 
     def by_role(self, prefix: str) -> list[psutil.Process]:
         return [p for p in self.tree if role(p).startswith(prefix)]
@@ -101,9 +100,8 @@ def servers(demo_models: dict[str, str], tmp_path: Path) -> Iterator[tuple[dict[
         for server in started:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.process.pid, signal.SIGKILL)
-            for process in alive(server.tree):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
+            kill_processes(server.tree)
+            server.process.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _bentoml_impl.tasks.result import Sqlite3Store
 
 from api.budgets import StepBudgetExceeded, scaled, within_budget
-from api.shutdown import fail_own_tasks, is_bentoml_worker, recover_after_crash, remove_stale_sqlite_sidecars
+from api.shutdown import (
+    ARBITER_PID,
+    arbiter_pid,
+    fail_own_tasks,
+    is_bentoml_worker,
+    mark_arbiter,
+    recover_after_crash,
+    remove_stale_sqlite_sidecars,
+)
 from core.tasks import TaskStore, task_store_path
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_a_step_past_its_budget_fails_with_a_clear_error() -> None:
@@ -93,3 +105,33 @@ def test_a_step_doing_n_times_the_work_gets_n_times_its_budget() -> None:
     budgets = {"inference": 900.0, "decoding": 60.0}
     assert scaled(budgets, "inference", 8) == {"inference": 7200.0, "decoding": 60.0}
     assert scaled(budgets, "explaining", 8) == budgets and budgets["inference"] == 900.0
+
+
+ORPHANED_WORKER = """
+import threading
+from api.shutdown import arbiter_pid, _watch_parent
+threading.Thread(target=_watch_parent, args=(arbiter_pid(),), daemon=True).start()
+threading.Event().wait(120)
+"""
+
+
+def test_a_worker_whose_arbiter_died_before_its_guard_started_ends_itself() -> None:
+    """The arbiter is named in the environment: a worker that was still importing when its arbiter was SIGKILLed
+    (its parent is already init, or here a live test process) still sees that its arbiter is gone, and ends."""
+    arbiter = subprocess.Popen([sys.executable, "-c", "pass"])
+    arbiter.wait()
+    worker = subprocess.Popen([sys.executable, "-c", ORPHANED_WORKER], cwd=ROOT,
+                              env={**os.environ, ARBITER_PID: str(arbiter.pid)})
+    try:
+        assert worker.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_the_arbiter_names_itself_for_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ARBITER_PID, raising=False)
+    assert arbiter_pid() == os.getppid()
+    monkeypatch.setenv(ARBITER_PID, "")
+    mark_arbiter()
+    assert os.environ[ARBITER_PID] == str(os.getpid()) and arbiter_pid() == os.getpid()
