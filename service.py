@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware
 from api.biomarker import predict_record
+from api import accept_balance
 from api.classification import (
     ExplainOptions,
     cached_classification,
@@ -95,8 +96,10 @@ quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
 if is_bentoml_worker():
     guard_worker_process(settings.shutdown_grace_seconds)
+    accept_balance.install()
 else:
     mark_arbiter()
+    accept_balance.prepare_board()
 ops = FastAPI(title="NeuroNova operations", openapi_url=None, docs_url=None, redoc_url=None)
 
 GRAD_CAM = "grad_cam"

@@ -7,13 +7,16 @@ import io
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bentoml
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from bench.soak import role, server_tree
 from core import store
 from core.cards import CT_CLASSES
 from training_export.synthetic_ct import generate_ct_dataset, write_ct_dicom
@@ -157,3 +160,24 @@ def test_health_model_info_and_metrics(http, server_url):
     assert info["card"]["provenance"]["synthetic_data"] is True and info["model_size_mb"] > 0
     metrics = http.get("/metrics").text
     assert "bentoml_service_request_total" in metrics and "adaptive_batch_size" in metrics
+
+
+def test_a_pooled_keep_alive_client_s_connections_are_shared_by_both_api_workers(server_url, auth_headers) -> None:
+    """Issue #29: a client pool opening its connections one after another (as Django's or Nginx's upstream pool do)
+    gets them spread over the API workers by least connections, not all on the worker that last went idle."""
+    workers = [p for p in server_tree(server_url) if role(p).startswith("neuronova:")]
+    assert len(workers) == 2
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    clients = [httpx.Client(base_url=server_url, headers=auth_headers, timeout=120) for _ in range(8)]
+    try:
+        ports = []
+        for client in clients:  # each opens its connection and keeps it (keep-alive)
+            response = upload(client, data)
+            assert response.status_code == 200
+            ports.append(response.extensions["network_stream"].get_extra_info("socket").getsockname()[1])
+        held = [sum(1 for c in worker.net_connections("tcp") if c.raddr and c.raddr.port in ports)
+                for worker in workers]
+    finally:
+        for client in clients:
+            client.close()
+    assert sum(held) == 8 and min(held) >= 2, held  # >= 2: other tests' idle connections may still tilt it
