@@ -33,6 +33,7 @@ from typing import Any
 import uvicorn
 
 from api.shutdown import arbiter_pid
+from core.tasks import _pid_alive
 
 log = logging.getLogger("neuronova.accept")
 DEFER_S = 0.05
@@ -70,19 +71,9 @@ class ConnectionBoard:
         counts = []
         for slot in range(0, SLOTS * _SLOT, _SLOT):
             pid = self._words[slot]
-            if slot != self._mine and pid > 0 and _alive(pid):
+            if slot != self._mine and pid > 0 and _pid_alive(pid):
                 counts.append(self._words[slot + 1])
         return min(counts, default=None)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def board_path(arbiter: int) -> Path:
