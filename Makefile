@@ -3,8 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 3000
+HOST ?= 127.0.0.1
 export BENTOML_DO_NOT_TRACK := True
-# Local development serves without JWT auth; production sets NEURONOVA_AUTH__SECRET and leaves auth on.
+# Local development serves without JWT auth, on loopback only (the service refuses to start open on another address);
+# production sets NEURONOVA_AUTH__SECRET (>= 32 bytes) and leaves auth on.
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
 COVERAGE_FLOOR ?= 95
 
@@ -27,8 +29,8 @@ models: install  ## retrain every demo model from code into the local model stor
 export-demo: install  ## rewrite demo_models/ from the store's latest versions (after `make models`)
 	$(BIN)/python -m training_export export-demo
 
-serve: demo  ## set up, import the shipped demo models if absent, serve on :3000
-	$(SERVE_ENV) $(BIN)/bentoml serve service:NeuroNova --port $(PORT)
+serve: demo  ## set up, import the shipped demo models if absent, serve on 127.0.0.1:3000
+	$(SERVE_ENV) $(BIN)/bentoml serve service:NeuroNova --host $(HOST) --port $(PORT)
 
 test: install  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
 	BENTOML_HOME=$(CURDIR)/.bentoml-test $(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)

@@ -4,6 +4,7 @@ import asyncio
 import importlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +15,10 @@ from fastapi import FastAPI, Query
 from pydantic import Field
 from starlette.responses import JSONResponse
 
+from api import log_redaction, metric_labels
+from api.metric_labels import service_routes
 from api.access_log import AccessLogMiddleware
-from api.auth import PUBLIC_PATHS, JWTAuthMiddleware
+from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, serving_host
 from api.biomarker import predict_record
 from api import accept_balance
 from api.classification import (
@@ -94,6 +97,9 @@ log = logging.getLogger("neuronova")
 settings = get_settings()
 quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
+log_redaction.install()
+if is_bentoml_worker() or serving_host(sys.argv) is not None:  # a server starting: refuse to start open
+    check_start(settings.auth, serving_host(sys.argv))
 if is_bentoml_worker():
     guard_worker_process(settings.shutdown_grace_seconds)
     accept_balance.install()
@@ -413,3 +419,4 @@ MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
                               field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)
+metric_labels.install(service_routes(ops.routes, NeuroNova.apis.values()))

@@ -16,9 +16,57 @@ from core.settings import AuthSettings
 
 log = logging.getLogger("neuronova.auth")
 
+MIN_HMAC_SECRET_BYTES = 32
+"""An HS256 key shorter than the hash (256 bits) is refused (RFC 7518, section 3.2); PyJWT only warns."""
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PUBLIC_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
 ADMIN_PATHS = frozenset({"/update_model"})
 ADMIN_PREFIXES = ("/pacs/",)
+
+
+class UnsafeStart(RuntimeError):
+    """The server would start in a way that exposes patients' data or admin routes: it refuses to."""
+
+
+def check_start(auth: AuthSettings, bind_host: str | None) -> None:
+    """Refuse a start that verifies no token with a real key, or serves without auth beyond loopback.
+
+    With auth on: an HMAC algorithm needs a secret of `MIN_HMAC_SECRET_BYTES` at least, an RSA / EC one a public key.
+    With auth off: only a loopback `bind_host` (None: not known here, e.g. a worker), unless
+    `allow_unauthenticated_network` says so, which is logged loudly."""
+    if auth.enabled:
+        algorithms = [a for a in auth.algorithms if a.lower() != "none"]
+        if not algorithms:
+            raise UnsafeStart("NEURONOVA_AUTH__ALGORITHMS names no usable algorithm")
+        if any(a.startswith("HS") for a in algorithms) and len(auth.secret.encode()) < MIN_HMAC_SECRET_BYTES:
+            raise UnsafeStart(f"NEURONOVA_AUTH__SECRET must be at least {MIN_HMAC_SECRET_BYTES} bytes for "
+                              f"{'/'.join(algorithms)} (it is {len(auth.secret.encode())}): the secret Django signs "
+                              "its tokens with; local development without auth: NEURONOVA_AUTH__ENABLED=false")
+        if any(a.startswith(("RS", "ES", "PS")) for a in algorithms) and not auth.public_key.strip():
+            raise UnsafeStart("NEURONOVA_AUTH__PUBLIC_KEY is required for " + "/".join(algorithms))
+        return
+    if bind_host is None or bind_host in LOOPBACK_HOSTS:
+        return
+    if not auth.allow_unauthenticated_network:
+        raise UnsafeStart(f"authentication is off (NEURONOVA_AUTH__ENABLED=false) and the server would listen on "
+                          f"{bind_host}: serve on 127.0.0.1 (bentoml serve --host 127.0.0.1; make serve does), turn "
+                          "auth on, or set NEURONOVA_AUTH__ALLOW_UNAUTHENTICATED_NETWORK=true to expose it anyway")
+    log.warning("!!! authentication is OFF and the server listens on %s: anyone who reaches it may read results, "
+                "switch models and drive the PACS connection (NEURONOVA_AUTH__ALLOW_UNAUTHENTICATED_NETWORK=true) !!!",
+                bind_host)
+
+
+def serving_host(argv: list[str]) -> str | None:
+    """The address `bentoml serve` binds, from its command line (its default is every address); None for any other
+    command (a build, a test importing the service)."""
+    if argv[1:2] != ["serve"]:
+        return None
+    for index, argument in enumerate(argv):
+        if argument == "--host" and index + 1 < len(argv):
+            return argv[index + 1]
+        if argument.startswith("--host="):
+            return argument.split("=", 1)[1]
+    return "0.0.0.0"  # noqa: S104 - BentoML's default, named to be refused
 
 
 def verify_token(token: str, auth: AuthSettings) -> dict[str, Any]:

@@ -23,6 +23,9 @@ class AuthSettings(BaseModel):
     role_claim: str = "role"
     admin_role: str = "admin"
     leeway_seconds: int = 10
+    allow_unauthenticated_network: bool = Field(default=False, description=(
+        "with auth off, serve on an address other than loopback anyway (anyone who reaches it may switch models and "
+        "read results); refused at start without it"))
 
 
 class RateLimitSettings(BaseModel):

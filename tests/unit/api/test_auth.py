@@ -1,5 +1,6 @@
 """JWT checks: every rejection is a 401 in the error schema; admin paths need the admin role."""
 
+import re
 import time
 
 import jwt
@@ -10,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from api.auth import JWTAuthMiddleware, verify_token
+from api.auth import JWTAuthMiddleware, UnsafeStart, check_start, serving_host, verify_token
 from core.errors import Unauthorized
 from core.settings import AuthSettings
 
@@ -55,11 +56,14 @@ def test_valid_token_passes_claims(client):
         f"Bearer {token(nbf=time.time() + 3600)}",
         f"Bearer {token(aud='someone-else')}",
         f"Bearer {token(iss='evil')}",
+        f"Bearer {token(aud=None)}",
+        f"Bearer {token(iss=None)}",
         f"Bearer {token(exp=None)}",
         f"Bearer {jwt.encode({'sub': 'x', 'aud': 'neuronova', 'iss': 'django', 'exp': time.time() + 60}, 'wrong-key-wrong-key-wrong-key-0000', algorithm='HS256')}",
         "Bearer " + jwt.encode({"sub": "x", "aud": "neuronova", "iss": "django", "exp": time.time() + 60}, None, algorithm="none"),
     ],
-    ids=["missing", "basic", "empty", "garbage", "expired", "not-yet-valid", "audience", "issuer", "no-exp", "wrong-key", "alg-none"],
+    ids=["missing", "basic", "empty", "garbage", "expired", "not-yet-valid", "audience", "issuer", "no-audience",
+         "no-issuer", "no-exp", "wrong-key", "alg-none"],
 )
 def test_rejections_are_401_in_schema(client, header):
     response = get(client, value=header)
@@ -99,3 +103,41 @@ def test_pacs_routes_need_the_admin_role_and_notify_also_takes_the_pacs_token():
     assert accepted.status_code == 200 and accepted.json() == {"sub": "static token of /pacs/notify"}
     assert get(client, "/pacs/jobs", "Bearer pacs-static-token").status_code == 401  # only where it is configured
     assert get(client, "/pacs/notify", "Bearer pacs-static-tokeN").status_code == 401
+
+
+@pytest.mark.parametrize("auth, problem", [
+    (AuthSettings(), "at least 32 bytes"),
+    (AuthSettings(secret="x"), "at least 32 bytes for HS256 (it is 1)"),
+    (AuthSettings(secret="s" * 31), "it is 31"),
+    (AuthSettings(algorithms=["RS256"]), "NEURONOVA_AUTH__PUBLIC_KEY"),
+    (AuthSettings(algorithms=["none"]), "no usable algorithm"),
+])
+def test_a_server_with_auth_on_refuses_to_start_without_a_real_key(auth, problem):
+    with pytest.raises(UnsafeStart, match=re.escape(problem)):
+        check_start(auth, "127.0.0.1")
+
+
+def test_a_server_with_auth_on_and_a_real_key_starts_anywhere():
+    check_start(AuthSettings(secret="s" * 32), "0.0.0.0")
+    check_start(AuthSettings(algorithms=["ES256"], public_key="-----BEGIN PUBLIC KEY-----..."), "0.0.0.0")
+
+
+def test_a_server_without_auth_serves_loopback_only_unless_told_loudly(caplog):
+    off = AuthSettings(enabled=False)
+    for host in ("127.0.0.1", "localhost", "::1", None):
+        check_start(off, host)
+    with pytest.raises(UnsafeStart, match="NEURONOVA_AUTH__ALLOW_UNAUTHENTICATED_NETWORK"):
+        check_start(off, "0.0.0.0")
+    check_start(AuthSettings(enabled=False, allow_unauthenticated_network=True), "0.0.0.0")
+    assert "authentication is OFF" in caplog.text
+
+
+@pytest.mark.parametrize("argv, host", [
+    (["bentoml", "serve", "service:NeuroNova"], "0.0.0.0"),
+    (["bentoml", "serve", "service:NeuroNova", "--host", "10.0.0.5", "--port", "3000"], "10.0.0.5"),
+    (["bentoml", "serve", "--host=127.0.0.1"], "127.0.0.1"),
+    (["bentoml", "build"], None),
+    (["pytest", "tests"], None),
+])
+def test_the_bound_address_is_read_from_bentoml_serve_s_command_line(argv, host):
+    assert serving_host(argv) == host

@@ -1,0 +1,94 @@
+"""Safe on a hospital network (issue #24), against real `bentoml serve` processes: a server refuses to start open
+(auth off beyond loopback, or auth on without a real key), a refused request leaves no patient value in the server
+log, and no request adds metric series beyond the service's routes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.data import get_testdata_file
+
+from bench.harness import ROOT, free_port, stop_group, start_process
+
+START_BOUND_S = 180.0
+PHI_NAME = "Doe^Johanna"
+
+
+def refused_start(tmp_path: Path, env: dict[str, str], host: list[str]) -> str:
+    """Run `bentoml serve` with `env`; it must exit non-zero by itself: its output."""
+    command = [sys.executable, "-m", "bentoml", "serve", "service:NeuroNova", *host, "--port", "{port}"]
+    log = tmp_path / "refused.log"
+    process = start_process(command, {"NEURONOVA_DATA_DIR": str(tmp_path / "data"), **env}, log, free_port())
+    try:
+        assert process.wait(timeout=START_BOUND_S) != 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server started instead of refusing:\n{log.read_text()[-3000:]}")
+    finally:
+        stop_group(process, grace_s=5)
+    return log.read_text()
+
+
+def test_without_auth_the_server_refuses_every_address_but_loopback(tmp_path: Path) -> None:
+    output = refused_start(tmp_path, {"NEURONOVA_AUTH__ENABLED": "false"}, [])  # bentoml serve's default: 0.0.0.0
+    assert "NEURONOVA_AUTH__ALLOW_UNAUTHENTICATED_NETWORK" in output and "0.0.0.0" in output
+
+
+def test_with_auth_the_server_refuses_a_short_secret(tmp_path: Path) -> None:
+    output = refused_start(tmp_path, {"NEURONOVA_AUTH__SECRET": "x"}, ["--host", "127.0.0.1"])
+    assert "NEURONOVA_AUTH__SECRET must be at least 32 bytes" in output
+
+
+def test_make_serve_binds_loopback() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "HOST ?= 127.0.0.1" in makefile and "bentoml serve service:NeuroNova --host $(HOST)" in makefile
+
+
+def test_refused_requests_leave_no_patient_value_in_the_log(http: httpx.Client, server_state: Path) -> None:
+    """BentoML logs every request its validation refuses with the refused values; ours must not reach the log."""
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    answers = [
+        http.post("/predict/biomarker_prediction", json={"patient_id": PHI_NAME, "biomarkers": {"age": PHI_NAME}}),
+        http.post("/predict/biomarker_prediction", json={"patient_id": PHI_NAME, "biomarkers": [PHI_NAME]}),
+        http.post("/predict/ct_classification", files={"image": ("ct.dcm", ct)}, data={"patient_id": PHI_NAME}),
+        http.post("/predict/ct_classification", files={"image": ("ct.dcm", ct)},
+                  data={"patient_id": "P000001", "xai": PHI_NAME}),
+        http.post("/xai/explain", json={"request_id": PHI_NAME, "method": PHI_NAME}),
+        http.post("/feedback", json={"request_id": "r1", "verdict": PHI_NAME, "reviewer_id": PHI_NAME}),
+    ]
+    assert [answer.status_code for answer in answers] == [400] * len(answers), [a.text for a in answers]
+    assert all(PHI_NAME not in answer.text for answer in answers)
+    http.get("/health")  # the log lines of the refusals are written before this answer
+    log = (server_state / "server.log").read_text(errors="replace")
+    assert "Exception on" in log or "validation error" in log  # BentoML did log the refusals
+    assert PHI_NAME not in log and "Johanna" not in log
+
+
+def endpoint_labels(url: str) -> set[str]:
+    """The `endpoint` label values of every series on the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {sample.labels["endpoint"] for family in text_string_to_metric_families(text)
+            for sample in family.samples if "endpoint" in sample.labels}
+
+
+def test_random_paths_and_task_ids_add_no_metric_series(server_url: str, http: httpx.Client) -> None:
+    """Requests to 200 random paths, without a token, and task polls by id leave the endpoint labels to the
+    service's routes (unknown paths: `other`; a task id: its placeholder)."""
+    for number in range(200):
+        httpx.get(f"{server_url}/probe-{number}-{uuid.uuid4().hex}", timeout=30)
+    for _ in range(3):
+        http.get(f"/task/{uuid.uuid4().hex}")
+    labels = endpoint_labels(server_url)
+    assert not any("probe-" in label for label in labels) and "other" in labels
+    assert "/task/{task_id}" in labels and not any(re.fullmatch(r"/task/[0-9a-f]{32}", label) for label in labels)
+    before = len(labels)
+    for number in range(200):
+        httpx.post(f"{server_url}/another-{number}", timeout=30)
+    assert len(endpoint_labels(server_url)) == before
