@@ -15,12 +15,10 @@ from fastapi import FastAPI, Query
 from pydantic import Field
 from starlette.responses import JSONResponse
 
-from api import log_redaction, metric_labels
-from api.metric_labels import service_routes
+from api import accept_balance, log_redaction, metric_labels
 from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, serving_host
 from api.biomarker import predict_record
-from api import accept_balance
 from api.classification import (
     ExplainOptions,
     cached_classification,
@@ -35,6 +33,7 @@ from api.feedback import FeedbackReceipt, FeedbackRequest, record_feedback
 from core.feedback import FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
+from api.metric_labels import service_routes
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.phi import PatientId

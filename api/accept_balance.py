@@ -24,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+import select
 import socket
 import tempfile
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from core.tasks import _pid_alive
 log = logging.getLogger("neuronova.accept")
 DEFER_S = 0.05
 """How long a worker holding more connections than another leaves a pending connection to it."""
+RECHECK_S = 0.005
+"""How often a deferring worker looks again: whether the connection was taken, or the counts changed."""
 SLOTS = 64
 """Workers one board holds (BentoML numbers them from 1)."""
 _SLOT = 2  # int64 words a slot: the worker's pid, its open connections
@@ -76,6 +79,13 @@ class ConnectionBoard:
         return min(counts, default=None)
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether a connection is pending on the listening socket (without accepting it)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def board_path(arbiter: int) -> Path:
     """The board of the server whose arbiter has pid `arbiter` (in shared memory where Linux has it)."""
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -105,19 +115,30 @@ class LeastConnectionsServer:
         return len(self._transports)
 
     def _on_pending(self) -> None:
+        if self._my_turn():
+            self._accept()
+            return
+        self._loop.remove_reader(self._sock.fileno())  # level-triggered: it would fire again at once
+        self._deferred = self._loop.call_later(RECHECK_S, self._recheck, self._loop.time())
+
+    def _my_turn(self) -> bool:
+        """Whether no other live worker holds fewer open connections than this one (publishing this one's count)."""
         mine = self.open_connections()
         self._board.publish(mine)
         fewest = self._board.fewest_elsewhere()
-        if fewest is not None and mine > fewest:
-            self._loop.remove_reader(self._sock.fileno())
-            self._deferred = self._loop.call_later(DEFER_S, self._after_deferral)
-            return
-        self._accept()
+        return fewest is None or mine <= fewest
 
-    def _after_deferral(self) -> None:
-        """Still pending after `DEFER_S`: the worker with fewer connections did not take it, so this one does."""
+    def _recheck(self, deferred_at: float) -> None:
+        """While deferring: done once another worker took the connection; take it when it is this worker's turn
+        now, or when it has waited `DEFER_S` (the worker with fewer is busy, or gone)."""
         self._deferred = None
         if not self._serving:
+            return
+        if not _readable(self._sock):
+            self._loop.add_reader(self._sock.fileno(), self._on_pending)
+            return
+        if self._loop.time() - deferred_at < DEFER_S and not self._my_turn():
+            self._deferred = self._loop.call_later(RECHECK_S, self._recheck, deferred_at)
             return
         self._accept()
         self._loop.add_reader(self._sock.fileno(), self._on_pending)
@@ -132,7 +153,7 @@ class LeastConnectionsServer:
                 raise
             log.warning("accept failed (%s): retrying in %.2f s", errno.errorcode[exc.errno], DEFER_S)
             self._loop.remove_reader(self._sock.fileno())
-            self._deferred = self._loop.call_later(DEFER_S, self._after_deferral)
+            self._deferred = self._loop.call_later(DEFER_S, self._recheck, self._loop.time() - DEFER_S)
             return
         connection.setblocking(False)
         self._loop.create_task(self._serve(connection))
@@ -140,13 +161,26 @@ class LeastConnectionsServer:
 
     async def _serve(self, connection: socket.socket) -> None:
         try:
-            transport, _ = await self._loop.connect_accepted_socket(self._protocol_factory, connection, ssl=self._ssl)
+            transport, protocol = await self._loop.connect_accepted_socket(self._protocol_factory, connection,
+                                                                           ssl=self._ssl)
         except (OSError, ConnectionError) as exc:  # e.g. a failed TLS handshake: that client's loss alone
             log.info("connection dropped before serving: %s", type(exc).__name__)
             connection.close()
             return
         self._transports.add(transport)
         self._board.publish(self.open_connections())
+        lost = protocol.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            """The board learns of a closed connection at once (a stale, higher count would draw connections away
+            from a worker that has just lost its own)."""
+            try:
+                lost(exc)
+            finally:
+                self._transports.discard(transport)
+                self._board.publish(self.open_connections())
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def close(self) -> None:
         if not self._serving:

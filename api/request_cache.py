@@ -104,10 +104,10 @@ class RequestCache:
                 arrays = {k: stored[k] for k in stored.files if k != "__meta__"}
                 meta = json.loads(stored["__meta__"].tobytes())
         except FileNotFoundError:
-            raise NotFound(f"request {request_id!r} is not in the explanation cache (expired, evicted or unknown)",
+            raise NotFound("this request_id is not in the explanation cache (expired, evicted or unknown)",
                            {"ttl_seconds": self.ttl_seconds, "max_entries": self.max_entries}) from None
         if meta["request_id"] != request_id:
-            raise NotFound(f"request {request_id!r} is not in the explanation cache")
+            raise NotFound("this request_id is not in the explanation cache")
         return CachedRequest(meta["request_id"], meta["model_id"], meta["model_version"], meta["input_sha256"],
                              arrays, meta["facts"])
 

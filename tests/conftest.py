@@ -74,11 +74,24 @@ def inprocess_client(demo_models: dict[str, str], request: pytest.FixtureRequest
         yield client
 
 
+PYTHON_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+"""Started by Python itself for this process (shared memory, semaphores); each ends when its pipe from this process
+closes, i.e. with it."""
+
+
+def _python_helper_of_this_process(process: psutil.Process) -> bool:
+    try:
+        return process.ppid() == os.getpid() and any(helper in " ".join(process.cmdline()) for helper in PYTHON_HELPERS)
+    except psutil.Error:
+        return False
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when a process the session started outlived it (after every fixture stopped its servers), and
     kill it, so no test leaves a server, an orphaned worker or a helper behind."""
     ours = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
-    left = [p for p in tagged_processes(SESSION_TAG, os.environ[SESSION_TAG]) if p.pid not in ours]
+    left = [p for p in tagged_processes(SESSION_TAG, os.environ[SESSION_TAG])
+            if p.pid not in ours and not _python_helper_of_this_process(p)]
     if not left:
         return
     described = []

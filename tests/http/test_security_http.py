@@ -61,7 +61,7 @@ def test_refused_requests_leave_no_patient_value_in_the_log(http: httpx.Client, 
         http.post("/xai/explain", json={"request_id": PHI_NAME, "method": PHI_NAME}),
         http.post("/feedback", json={"request_id": "r1", "verdict": PHI_NAME, "reviewer_id": PHI_NAME}),
     ]
-    assert [answer.status_code for answer in answers] == [400] * len(answers), [a.text for a in answers]
+    assert all(400 <= answer.status_code < 500 for answer in answers), [a.text for a in answers]
     assert all(PHI_NAME not in answer.text for answer in answers)
     http.get("/health")  # the log lines of the refusals are written before this answer
     log = (server_state / "server.log").read_text(errors="replace")
