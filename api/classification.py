@@ -123,7 +123,7 @@ async def explain_cached(slot: ModelSlot[ClassificationCard], model: RunnerModel
     answered, or when occlusion stands in for Grad-CAM)."""
     layer = model.describe.get("gradcam_layer")
     if cached.model_id != slot.model_id:
-        raise InvalidRequest(f"request {cached.request_id!r} was a {cached.model_id} request")
+        raise InvalidRequest(f"this request_id was a {cached.model_id} request")
     if layer is not None and options.grad_cam.layer_name not in (None, layer):
         raise InvalidRequest(f"Grad-CAM is served on layer {layer!r} only", {"layer_name": options.grad_cam.layer_name})
     methods, warnings = xai_methods_for(model, xai_methods)

@@ -63,7 +63,7 @@ def _is_segmentation(cached: CachedRequest) -> bool:
 def _checked_label(feedback: FeedbackRequest, cached: CachedRequest) -> None:
     """A classification is corrected with one of the model's labels, never with a mask."""
     if feedback.corrected_mask:
-        raise InvalidRequest(f"request {cached.request_id!r} was a {cached.model_id} request: correct it with "
+        raise InvalidRequest(f"this request_id was a {cached.model_id} request: correct it with "
                              "corrected_label; corrected_mask is for segmentation requests")
     labels = cached.facts.get("labels", [])
     if feedback.corrected_label is not None and feedback.corrected_label not in labels:
@@ -73,7 +73,7 @@ def _checked_label(feedback: FeedbackRequest, cached: CachedRequest) -> None:
 def _reviewed_mask(feedback: FeedbackRequest, cached: CachedRequest) -> np.ndarray | None:
     """The mask a segmentation verdict stands for: the doctor's on 'correct', the model's on 'accept', none on 'reject'."""
     if feedback.corrected_label:
-        raise InvalidRequest(f"request {cached.request_id!r} was a {cached.model_id} request: correct it with "
+        raise InvalidRequest(f"this request_id was a {cached.model_id} request: correct it with "
                              "corrected_mask (a NIfTI label volume); corrected_label is for classification requests")
     if feedback.verdict == "accept":
         return cached.arrays["mask"]
