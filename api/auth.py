@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import jwt
@@ -84,6 +85,17 @@ def verify_token(token: str, auth: AuthSettings) -> dict[str, Any]:
         raise Unauthorized(f"invalid token: {exc}") from None
 
 
+_SUBJECT: ContextVar[str] = ContextVar("neuronova_token_subject", default="")
+
+
+def current_subject() -> str:
+    """The verified token subject of the request being served ("" where auth is off, or outside a request): whose
+    cached inputs and results it may read. Set by `JWTAuthMiddleware` for everything below it, BentoML tasks the
+    request starts included (a context variable: API methods need no `ctx` parameter, which would make BentoML
+    answer 200 for every error response they return, pitfall G23)."""
+    return _SUBJECT.get()
+
+
 def bearer_token(scope: Scope) -> str:
     """The token of an `Authorization: Bearer ...` header, or Unauthorized."""
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -125,4 +137,8 @@ class JWTAuthMiddleware:
             await error_response(error, headers)(scope, receive, send)
             return
         scope.setdefault("state", {})["claims"] = claims
-        await self.app(scope, receive, send)
+        subject = _SUBJECT.set(str(claims.get("sub") or ""))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _SUBJECT.reset(subject)

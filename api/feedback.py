@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import re
 from typing import Literal
 
 import numpy as np
@@ -22,6 +24,17 @@ AFFINE_TOLERANCE_MM = 1e-3
 """How far a corrected mask's voxel-to-world affine may differ from the input's (NIfTI stores it as float32)."""
 
 
+REVIEWER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def reviewer_of(subject: str) -> str:
+    """The reviewer id recorded for a token subject: the subject itself where it is a plain id, else a stable
+    pseudonym of it (an e-mail address or a name never reaches the feedback store)."""
+    if REVIEWER_ID.fullmatch(subject):
+        return subject
+    return "sub-" + hashlib.sha256(subject.encode()).hexdigest()[:16]
+
+
 class FeedbackRequest(BaseModel):
     """A reviewer's verdict on an earlier result."""
 
@@ -31,7 +44,8 @@ class FeedbackRequest(BaseModel):
     corrected_mask: str | None = Field(
         default=None, description="segmentation requests: base64 NIfTI (.nii or .nii.gz) label volume on the grid and "
         "affine of the response's mask, with the model's label values")
-    reviewer_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    reviewer_id: str = Field(min_length=1, max_length=64, pattern=REVIEWER_ID.pattern,
+                             description="recorded from the token's subject instead where auth is on")
     comment: str = Field(default="", max_length=2000)
 
     @model_validator(mode="after")

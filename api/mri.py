@@ -98,6 +98,8 @@ class SegmentationRequest:
     post_processing: PostProcessingOptions
     uncertainty: bool = False
     attempt: int | None = None
+    owner: str = ""
+    """The submitter's token subject ("" without auth): its result is cached for that owner alone."""
 
     @property
     def ref(self) -> str:
@@ -107,7 +109,8 @@ class SegmentationRequest:
     def queued_params(self) -> dict[str, Any]:
         """The parameters a queued task keeps for whichever replica runs it (the uploads travel separately)."""
         return {"request_id": self.request_id, "sequence_type": self.sequence_type, "xai": self.xai,
-                "post_processing": self.post_processing.model_dump(mode="json"), "uncertainty": self.uncertainty}
+                "post_processing": self.post_processing.model_dump(mode="json"), "uncertainty": self.uncertainty,
+                "owner": self.owner}
 
     @classmethod
     def from_queued(cls, ref: str, params: dict[str, Any], images: Sequence[Path]) -> SegmentationRequest:
@@ -116,7 +119,7 @@ class SegmentationRequest:
         return cls(task_id=task_id, request_id=params["request_id"], images=images,
                    sequence_type=params["sequence_type"], xai=params["xai"],
                    post_processing=PostProcessingOptions(**params["post_processing"]),
-                   uncertainty=params["uncertainty"], attempt=attempt)
+                   uncertainty=params["uncertainty"], attempt=attempt, owner=params.get("owner", ""))
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ async def segment_mri(
     segmented = await segment_uploads(slot, tasks, request, uploads, limits)
     if cache is not None:
         await asyncio.to_thread(lambda: cache.put(cached_segmentation(segmented.response, segmented.volume,
-                                                                      segmented.prepared)))
+                                                                      segmented.prepared), request.owner))
     return segmented.response
 
 

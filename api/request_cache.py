@@ -74,15 +74,18 @@ class RequestCache:
         self._unswept_bytes = 0
         directory.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, request_id: str) -> Path:
-        return self.directory / f"{hashlib.sha256(request_id.encode()).hexdigest()[:40]}.npz"
+    def _path(self, request_id: str, owner: str) -> Path:
+        key = f"{owner}\n{request_id}" if owner else request_id
+        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
 
-    def put(self, entry: CachedRequest) -> None:
+    def put(self, entry: CachedRequest, owner: str = "") -> None:
+        """Keep `entry` for its `owner` (the token subject of the request; "" without auth): the same request id of
+        another owner is another entry, which neither overwrites nor reads this one."""
         buffer = io.BytesIO()
-        meta = {"request_id": entry.request_id, "model_id": entry.model_id, "model_version": entry.model_version,
-                "input_sha256": entry.input_sha256, "facts": entry.facts}
+        meta = {"request_id": entry.request_id, "owner": owner, "model_id": entry.model_id,
+                "model_version": entry.model_version, "input_sha256": entry.input_sha256, "facts": entry.facts}
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
-        path = self._path(entry.request_id)
+        path = self._path(entry.request_id, owner)
         handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=TEMP_SUFFIX)
         with os.fdopen(handle, "wb") as stream:
             stream.write(buffer.getvalue())
@@ -93,9 +96,10 @@ class RequestCache:
                 or self._unswept_bytes * SWEEP_FRACTION >= self.max_bytes):
             self._evict()
 
-    def get(self, request_id: str) -> CachedRequest:
-        """The cached request, or NotFound once it has expired or been evicted (or never existed)."""
-        path = self._path(request_id)
+    def get(self, request_id: str, owner: str = "") -> CachedRequest:
+        """`owner`'s cached request, or NotFound once it has expired or been evicted, or never existed for this owner
+        (another owner's entry of the same id gets the same answer)."""
+        path = self._path(request_id, owner)
         try:
             if time.time() - path.stat().st_mtime > self.ttl_seconds:
                 path.unlink(missing_ok=True)
@@ -106,7 +110,7 @@ class RequestCache:
         except FileNotFoundError:
             raise NotFound("this request_id is not in the explanation cache (expired, evicted or unknown)",
                            {"ttl_seconds": self.ttl_seconds, "max_entries": self.max_entries}) from None
-        if meta["request_id"] != request_id:
+        if meta["request_id"] != request_id or meta.get("owner", "") != owner:
             raise NotFound("this request_id is not in the explanation cache")
         return CachedRequest(meta["request_id"], meta["model_id"], meta["model_version"], meta["input_sha256"],
                              arrays, meta["facts"])

@@ -38,7 +38,7 @@ def test_feedback_posted_to_the_service_lands_in_postgres(inprocess_client, post
     elsewhere = FeedbackStore(tmp_path / "elsewhere", url)  # another host: nothing but the URL
     with elsewhere.engine.connect() as connection:
         [row] = connection.execute(select(feedback_records).where(feedback_records.c.request_id == "req-feedback-pg"))
-    assert (row.id, row.corrected_label, row.reviewer_id) == (receipt["feedback_id"], other, "dr_pg")
+    assert (row.id, row.corrected_label, row.reviewer_id) == (receipt["feedback_id"], other, "tests")  # the token's sub
     tensor, label = elsewhere.labelled_inputs("ct_classification")[-1]  # ordered by id: the newest is this one
     assert label == other and tensor.ndim == 3 and tensor.std() > 0  # the prepared pixels, read back from PostgreSQL
     assert not (tmp_path / "elsewhere").exists()  # nothing on this host's disk
