@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 from api import accept_balance, log_redaction, metric_labels
 from api.access_log import AccessLogMiddleware
-from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, current_subject, serving_host
+from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, current_owner, current_subject, serving_host
 from api.biomarker import predict_record
 from api.classification import (
     ExplainOptions,
@@ -220,7 +220,7 @@ class NeuroNova:
             warnings=modality_warnings(out.decoded, card.input.modalities) + out.warnings,
             metadata=response_metadata(describe_slice(out.decoded, data), metadata),
         )
-        self.requests.put(cached_classification(response, out), current_subject())
+        self.requests.put(cached_classification(response, out), current_owner())
         return response
 
     @bentoml.api(route="/predict/biomarker_prediction")
@@ -261,7 +261,7 @@ class NeuroNova:
     ) -> ExplainResponse:
         """Grad-CAM or occlusion maps for an earlier CT prediction of the same token subject, from the bounded,
         expiring cache of prepared inputs."""
-        cached = self.requests.get(request_id, current_subject())
+        cached = self.requests.get(request_id, current_owner())
         model = await self.ct.loaded()
         return await explain_cached(self.ct, model, cached, xai_methods, options)
 
@@ -271,10 +271,10 @@ class NeuroNova:
         """A doctor accepts, corrects (a CT label, an MRI mask) or rejects an earlier result of the same token
         subject; stored durably for fine-tuning (in a thread: an MRI input is tens of MB to load and compress). The
         reviewer is the token's subject where auth is on."""
-        owner = current_subject()
-        verdict = FeedbackRequest(**{**review, **({"reviewer_id": reviewer_of(owner)} if owner else {})})
-        return await asyncio.to_thread(
-            lambda: record_feedback(self.feedback_store, verdict, self.requests.get(verdict.request_id, owner)))
+        reviewer = current_subject()
+        verdict = FeedbackRequest(**{**review, **({"reviewer_id": reviewer_of(reviewer)} if reviewer else {})})
+        return await asyncio.to_thread(lambda: record_feedback(self.feedback_store, verdict,
+                                                               self.requests.get(verdict.request_id, current_owner())))
 
     @bentoml.api(route="/update_model")
     @handles_errors
@@ -320,7 +320,7 @@ class NeuroNova:
         mri = await asyncio.to_thread(importlib.import_module, "api.mri")
 
         request = mri.SegmentationRequest(
-            task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image, owner=current_subject(),
+            task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image, owner=current_owner(),
             sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
         )
         if self.queue is not None:  # distributed: whichever replica's worker is free runs it

@@ -85,15 +85,24 @@ def verify_token(token: str, auth: AuthSettings) -> dict[str, Any]:
         raise Unauthorized(f"invalid token: {exc}") from None
 
 
-_SUBJECT: ContextVar[str] = ContextVar("neuronova_token_subject", default="")
+_CLAIMS: ContextVar[Mapping[str, Any]] = ContextVar("neuronova_token_claims", default={})
+_OWNER_CLAIM: ContextVar[str] = ContextVar("neuronova_owner_claim", default="sub")
 
 
 def current_subject() -> str:
-    """The verified token subject of the request being served ("" where auth is off, or outside a request): whose
-    cached inputs and results it may read. Set by `JWTAuthMiddleware` for everything below it, BentoML tasks the
-    request starts included (a context variable: API methods need no `ctx` parameter, which would make BentoML
-    answer 200 for every error response they return, pitfall G23)."""
-    return _SUBJECT.get()
+    """The verified token subject (`sub`) of the request being served ("" where auth is off, or outside a request):
+    the reviewer a verdict is recorded for. Set by `JWTAuthMiddleware` for everything below it, BentoML tasks the
+    request starts included (context variables: API methods need no `ctx` parameter, which would make BentoML answer
+    200 for every error response they return, pitfall G23)."""
+    return str(_CLAIMS.get().get("sub") or "")
+
+
+def current_owner() -> str:
+    """Whose cached inputs and results the request being served may read and write: the token's
+    `NEURONOVA_AUTH__OWNER_CLAIM` (its subject by default; a shared claim, e.g. a department, lets its members review
+    each other's requests), its subject where that claim is absent, "" where auth is off."""
+    claims = _CLAIMS.get()
+    return str(claims.get(_OWNER_CLAIM.get()) or claims.get("sub") or "")
 
 
 def bearer_token(scope: Scope) -> str:
@@ -137,8 +146,9 @@ class JWTAuthMiddleware:
             await error_response(error, headers)(scope, receive, send)
             return
         scope.setdefault("state", {})["claims"] = claims
-        subject = _SUBJECT.set(str(claims.get("sub") or ""))
+        known, owner_claim = _CLAIMS.set(claims), _OWNER_CLAIM.set(self.auth.owner_claim)
         try:
             await self.app(scope, receive, send)
         finally:
-            _SUBJECT.reset(subject)
+            _CLAIMS.reset(known)
+            _OWNER_CLAIM.reset(owner_claim)

@@ -23,6 +23,9 @@ class AuthSettings(BaseModel):
     role_claim: str = "role"
     admin_role: str = "admin"
     leeway_seconds: int = 10
+    owner_claim: str = Field(default="sub", description=(
+        "the token claim whose value owns a request's cached input and result (only requests with the same value may "
+        "explain or review it); a shared claim such as a department lets colleagues review each other's requests"))
     allow_unauthenticated_network: bool = Field(default=False, description=(
         "with auth off, serve on an address other than loopback anyway (anyone who reaches it may switch models and "
         "read results); refused at start without it"))

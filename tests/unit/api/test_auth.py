@@ -11,7 +11,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from api.auth import JWTAuthMiddleware, UnsafeStart, check_start, serving_host, verify_token
+from api.auth import (
+    JWTAuthMiddleware,
+    UnsafeStart,
+    check_start,
+    current_owner,
+    current_subject,
+    serving_host,
+    verify_token,
+)
 from core.errors import Unauthorized
 from core.settings import AuthSettings
 
@@ -141,3 +149,16 @@ def test_a_server_without_auth_serves_loopback_only_unless_told_loudly(caplog):
 ])
 def test_the_bound_address_is_read_from_bentoml_serve_s_command_line(argv, host):
     assert serving_host(argv) == host
+
+
+def test_the_owner_is_the_configured_claim_and_the_reviewer_the_subject():
+    async def owner(request: Request) -> JSONResponse:
+        return JSONResponse({"owner": current_owner(), "subject": current_subject()})
+
+    shared = AuthSettings(secret=SECRET, audience="neuronova", issuer="django", owner_claim="dept")
+    client = TestClient(JWTAuthMiddleware(Starlette(routes=[Route("/predict/x", owner)]), auth=shared))
+    answer = client.get("/predict/x", headers={"Authorization": f"Bearer {token(sub='dr-a', dept='neuro')}"})
+    assert answer.json() == {"owner": "neuro", "subject": "dr-a"}
+    answer = client.get("/predict/x", headers={"Authorization": f"Bearer {token(sub='dr-b')}"})  # no dept claim
+    assert answer.json() == {"owner": "dr-b", "subject": "dr-b"}
+    assert current_owner() == "" and current_subject() == ""  # outside a request
