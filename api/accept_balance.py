@@ -104,6 +104,8 @@ class LeastConnectionsServer:
         self._ssl = ssl
         self._board = board
         self._transports: set[asyncio.BaseTransport] = set()
+        self._starting: set[asyncio.Task] = set()
+        """Accepted connections whose protocol is being set up (held here: the loop keeps tasks only weakly)."""
         self._deferred: asyncio.TimerHandle | None = None
         self._serving = True
         self.sockets = [sock]
@@ -112,7 +114,7 @@ class LeastConnectionsServer:
 
     def open_connections(self) -> int:
         self._transports = {t for t in self._transports if not t.is_closing()}
-        return len(self._transports)
+        return len(self._transports) + len(self._starting)
 
     def _on_pending(self) -> None:
         if self._my_turn():
@@ -156,8 +158,10 @@ class LeastConnectionsServer:
             self._deferred = self._loop.call_later(DEFER_S, self._recheck, self._loop.time() - DEFER_S)
             return
         connection.setblocking(False)
-        self._loop.create_task(self._serve(connection))
-        self._board.publish(self.open_connections() + 1)
+        starting = self._loop.create_task(self._serve(connection))
+        self._starting.add(starting)
+        starting.add_done_callback(self._starting.discard)
+        self._board.publish(self.open_connections())
 
     async def _serve(self, connection: socket.socket) -> None:
         try:
@@ -168,7 +172,6 @@ class LeastConnectionsServer:
             connection.close()
             return
         self._transports.add(transport)
-        self._board.publish(self.open_connections())
         lost = protocol.connection_lost
 
         def connection_lost(exc: Exception | None) -> None:
