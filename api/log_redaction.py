@@ -9,6 +9,7 @@ the fields and the error types, without values and without the traceback (which 
 from __future__ import annotations
 
 import logging
+import re
 
 from pydantic import ValidationError
 
@@ -27,9 +28,20 @@ def validation_error_in(exc_info: object) -> ValidationError | None:
     return None
 
 
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+
+
+def field_of(location: tuple[int | str, ...]) -> str:
+    """The top-level field an error is about; deeper parts (dict keys, an unexpected field's name) are the client's
+    words, so they are only marked, never written."""
+    first = location[0] if location else None
+    name = first if isinstance(first, str) and FIELD_NAME.fullmatch(first) else "(body)"
+    return f"{name}.…" if len(location) > 1 else name
+
+
 def describe(error: ValidationError) -> str:
-    """`N validation error(s) for Model: field.path (error type); ...` and nothing a request carried."""
-    fields = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or '(body)'} ({item['type']})"
+    """`N validation error(s) for Model: field (error type); ...` and nothing a request carried."""
+    fields = "; ".join(f"{field_of(item['loc'])} ({item['type']})"
                        for item in error.errors(include_url=False, include_context=False, include_input=False))
     return f"{error.error_count()} validation error(s) for {error.title}: {fields}"
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from api.log_redaction import BENTOML_REQUEST_LOGGER, ValidationInputFilter, install
+from api.log_redaction import BENTOML_REQUEST_LOGGER, ValidationInputFilter, describe, install
 
 NAME = "Doe^John"
 
@@ -55,3 +55,15 @@ def test_installed_on_bentoml_s_request_logger(caplog: pytest.LogCaptureFixture)
     except ValidationError:
         logging.getLogger(BENTOML_REQUEST_LOGGER).error("Exception on /x [POST]", exc_info=True)
     assert NAME not in caplog.text and "patient_id (int_parsing)" in caplog.text
+
+
+class Nested(BaseModel, extra="forbid"):
+    records: dict[str, int]
+
+
+def test_dict_keys_and_unexpected_field_names_are_not_written() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Nested(records={NAME: "x"}, **{"Johanna Doe": 1})  # type: ignore[arg-type]
+    text = describe(caught.value)
+    assert "Johanna" not in text and NAME not in text
+    assert text == "2 validation error(s) for Nested: records.… (int_parsing); (body) (extra_forbidden)"
