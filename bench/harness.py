@@ -93,9 +93,9 @@ def wait_ready(process: subprocess.Popen, url: str, log_path: Path, ready_path: 
         time.sleep(0.5)
 
 
-def stop_group(process: ServerProcess, grace_s: float = 30.0) -> None:
-    """SIGTERM the process group of `process`; SIGKILL what is left of it after `grace_s`, and then every process of
-    the server that is still alive, wherever it is (orphaned workers included)."""
+def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the process group of `process`; SIGKILL what is left of it after `grace_s`, and then, for a server
+    started by `start_process`, every process of it that is still alive, wherever it is (orphaned workers included)."""
     started = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -105,7 +105,10 @@ def stop_group(process: ServerProcess, grace_s: float = 30.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-    left = tagged_processes(SERVER_TAG, process.tag)
+    tag = getattr(process, "tag", None)
+    if tag is None:
+        return
+    left = tagged_processes(SERVER_TAG, tag)
     _, still = psutil.wait_procs(left, timeout=max(0.0, grace_s - (time.monotonic() - started)))
     kill_processes(still)
 
