@@ -74,7 +74,7 @@ class RequestCache:
         self._unswept_bytes = 0
         directory.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, request_id: str, owner: str) -> Path:
+    def _path(self, request_id: str, owner: str = "") -> Path:
         key = f"{owner}\n{request_id}" if owner else request_id
         return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.npz"
 
