@@ -82,6 +82,7 @@ from core.schemas import (
 )
 from core.settings import get_settings
 from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
+from monitoring.live import live_figures
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
@@ -385,9 +386,12 @@ class NeuroNova:
 
     @ops.get("/model_info")
     async def model_info(self) -> ModelInfoResponse:
-        """Every loaded model's card, metrics, size and live inference time."""
-        infos = [await slot.info() for slot in self._slots()]
-        return ModelInfoResponse(models=[info for info in infos if info is not None])
+        """Every loaded model's card, held-out metrics, size and inference time, and how it does live: answers, OOD
+        rate and drift on this replica, clinicians' verdicts from the feedback store (in a thread: a database read)."""
+        infos = [info for info in [await slot.info() for slot in self._slots()] if info is not None]
+        for info in infos:
+            info.live = await asyncio.to_thread(live_figures, info.model_id, info.version, self.feedback_store)
+        return ModelInfoResponse(models=infos)
 
     def _slots(self) -> list[ModelSlot]:
         return [self.ct, self.biomarker, self.mri]

@@ -10,6 +10,7 @@ import numpy as np
 from api.models import ModelSlot, RunnerModel
 from core.cards.tabular import HeadOutput, TabularCard
 from core.generation import output_generation
+from monitoring import metrics
 from preprocessing.tabular import EncodedRecord, encode_request
 
 
@@ -21,6 +22,14 @@ class Predicted:
     record: EncodedRecord
     heads: dict[str, HeadOutput]
 
+    def monitor(self, model_id: str) -> None:
+        """Report each head's answer and the features not given to the per-version metrics (monitoring/)."""
+        card, tag = self.model.card, self.model.tag
+        metrics.observe_model(model_id, tag, metrics.reference_accuracy(card.metrics, card.heads[0].name))
+        for name, head in self.heads.items():
+            metrics.observe_prediction(model_id, tag, name, head.classes[head.top])
+        metrics.observe_missing(model_id, tag, self.record.missing, card.feature_names())
+
 
 async def predict_record(slot: ModelSlot[TabularCard], biomarkers: dict[str, Any], *, explain: bool) -> Predicted:
     """Validate and encode `biomarkers` with the served model's card and run it (`explain`: with exact TreeSHAP); after
@@ -30,4 +39,6 @@ async def predict_record(slot: ModelSlot[TabularCard], biomarkers: dict[str, Any
         return record, (await slot.call("explain" if explain else "predict", record.row[None]))[0]
 
     model, (record, output) = await slot.on_served_model(run, lambda out: output_generation(out[1]))
-    return Predicted(model, record, model.card.read_heads(output))
+    predicted = Predicted(model, record, model.card.read_heads(output))
+    predicted.monitor(slot.model_id)
+    return predicted

@@ -18,6 +18,7 @@ from core.generation import output_generation
 from core.imaging import DecodedSlice
 from core.ood import ood_warnings
 from core.schemas import CTClassificationResponse, ExplainResponse, HeatmapExplanation
+from monitoring import metrics
 from preprocessing.decode import decode_slice
 from preprocessing.transforms import PreparedSlice, prepare_slice
 from xai.render import DEFAULT_COLORMAP, colorize
@@ -53,7 +54,20 @@ class Classified:
     prepared: PreparedSlice
     probabilities: np.ndarray
     heatmaps: dict[str, np.ndarray]
+    ood_score: float
     warnings: list[str] = field(default_factory=list)
+
+    def monitor(self, model_id: str) -> None:
+        """Report the answer, its input and its OOD check to the per-version metrics (monitoring/)."""
+        card, tag, source = self.model.card, self.model.tag, self.decoded.source
+        labels = card.contract_labels()
+        metrics.observe_model(model_id, tag, metrics.reference_accuracy(card.metrics))
+        metrics.observe_prediction(model_id, tag, "class", labels[int(np.argmax(self.probabilities))])
+        metrics.observe_image(model_id, tag, source.format, source.modality, card.input.modalities, self.decoded.shape,
+                              self.decoded.pixel_spacing_mm)
+        if card.ood is not None:
+            metrics.observe_ood(model_id, tag, card.ood.relative(self.ood_score), card.ood.flags(self.ood_score),
+                                card.ood.coverage)
 
 
 async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filename: str | None, *,
@@ -74,10 +88,12 @@ async def classify_slice(slot: ModelSlot[ClassificationCard], data: bytes, filen
         outputs = await asyncio.gather(slot.call("predict", batch), *(slot.call(RUNNER_METHODS[m], batch) for m in methods))
         row = outputs[0][0]
         heatmaps = {method: maps[0] for method, maps in zip(methods, outputs[1:])}
-        warnings += ood_warnings(float(row[-2]), card.ood)
-        return Classified(model, decoded, prepared, row[:-2], heatmaps, warnings), output_generation(row)
+        score = float(row[-2])
+        warnings += ood_warnings(score, card.ood)
+        return Classified(model, decoded, prepared, row[:-2], heatmaps, score, warnings), output_generation(row)
 
     _, (classified, _) = await slot.on_served_model(run, lambda out: out[1])
+    classified.monitor(slot.model_id)
     return classified
 
 

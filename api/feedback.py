@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from api.request_cache import CachedRequest
 from core.errors import ImageTooLarge, InvalidRequest
 from core.feedback import FeedbackEntry, FeedbackStore
+from monitoring import metrics
 
 AFFINE_TOLERANCE_MM = 1e-3
 """How far a corrected mask's voxel-to-world affine may differ from the input's (NIfTI stores it as float32)."""
@@ -139,6 +140,8 @@ def record_feedback(store: FeedbackStore, feedback: FeedbackRequest, cached: Cac
         corrected_label=feedback.corrected_label, reviewer_id=feedback.reviewer_id, comment=feedback.comment,
         arrays=cached.arrays, mask=mask, mask_affine=cached.arrays.get("input_affine"),
     ))
+    metrics.observe_verdict(cached.model_id, cached.model_version, feedback.verdict, cached.facts.get("predicted_class"),
+                            feedback.corrected_label, cached.facts.get("labels", []))
     return FeedbackReceipt(feedback_id=feedback_id, request_id=cached.request_id, model_id=cached.model_id,
                            model_version=cached.model_version, input_sha256=cached.input_sha256,
                            verdict=feedback.verdict)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from core.settings import LimitSettings
 from core.tasks import TaskStates, split_ref, task_ref
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
+from monitoring import metrics
 from postprocessing.dicom_results import dataset_bytes
 from postprocessing.masks import (
     PostProcessingOptions,
@@ -255,7 +257,21 @@ async def segment_uploads(
         result=result, volume=described,
         xai={GRAD_CAM: explanation} if explanation is not None else None, metadata=response_metadata(),
     )
+    monitor_segmentation(slot.model_id, model.tag, card, volume, result)
     return Segmented(response, volume, prepared)
+
+
+def monitor_segmentation(model_id: str, tag: str, card: SegmentationCard, volume: DecodedVolume,
+                         result: SegmentationResult) -> None:
+    """Report the answer, its input, its OOD check and its confidence to the per-version metrics (monitoring/)."""
+    metrics.observe_prediction(model_id, tag, "tumour", "detected" if result.tumor_detected else "not_detected")
+    metrics.observe_image(model_id, tag, volume.format, None, (), volume.shape, volume.spacing)
+    check = result.ood_check
+    if check is not None and card.ood is not None:
+        relative = check.distance / check.threshold if check.distance is not None else math.inf
+        metrics.observe_ood(model_id, tag, relative, check.flagged, card.ood.coverage)
+    metrics.observe_segmentation(model_id, tag, result.confidence,
+                                 result.uncertainty.mean_in_tumour if result.uncertainty is not None else None)
 
 
 def cached_segmentation(response: MRISegmentationResponse, volume: DecodedVolume, prepared: PreparedVolume) -> CachedRequest:

@@ -157,6 +157,15 @@ class FeedbackStore:
                 connection.execute(insert(feedback_masks).values(feedback_id=feedback_id, mask_file=mask_name))
         return feedback_id
 
+    def verdict_counts(self, model_id: str, model_version: str) -> dict[str, int]:
+        """How many verdicts of each kind clinicians gave this model version."""
+        columns = feedback_records.c
+        query = (select(columns.verdict, func.count()).where(columns.model_id == model_id,
+                                                             columns.model_version == model_version)
+                 .group_by(columns.verdict))
+        with self.engine.connect() as connection:
+            return {verdict: int(count) for verdict, count in connection.execute(query)}
+
     def labelled_inputs(self, model_id: str) -> list[tuple[np.ndarray, str]]:
         """(input tensor, reviewed label) of every accepted or corrected record: the fine-tuning set."""
         columns = feedback_records.c

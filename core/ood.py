@@ -11,6 +11,7 @@ the calibration is a typicality interval: the central `coverage` % of the scores
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -36,6 +37,13 @@ class OodCalibration(BaseModel):
     def flags(self, score: float) -> bool:
         """Whether a score falls outside the in-distribution interval."""
         return not self.low <= score <= self.high
+
+    def relative(self, score: float) -> float:
+        """Where a score falls relative to the interval: 0 at `low`, 1 at `high` (monitoring's common scale)."""
+        span = self.high - self.low
+        if span <= 0:
+            return 0.0 if score == self.low else math.copysign(math.inf, score - self.low)
+        return (score - self.low) / span
 
 
 def score_kind(output_kind: OutputKind) -> ScoreKind:

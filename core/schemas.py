@@ -91,6 +91,23 @@ class HealthResponse(BaseModel):
     uptime_seconds: float
 
 
+class LiveFigures(BaseModel):
+    """How a served version does in production, beside its card's held-out metrics (monitoring/live.py)."""
+
+    predictions: dict[str, dict[str, int]] = Field(description="this replica since its start: answers by output "
+                                                               "(head) and predicted class")
+    ood_checks: int = Field(description="this replica since its start: inputs given an out-of-distribution check")
+    ood_flagged: int
+    ood_rate: float | None
+    expected_ood_rate: float | None = Field(description="the share the card's calibration flags in distribution")
+    drift_score: float | None = Field(description="-log10 p of the recent OOD flags against the expected rate (the "
+                                                  "highest of this replica's workers); alerting above 4")
+    verdicts: dict[str, int] = Field(description="every clinician verdict on this version (all replicas, from the "
+                                                 "feedback store)")
+    agreement_rate: float | None = Field(description="accepted / all verdicts")
+    reference_accuracy: float | None = Field(description="the card's held-out accuracy, where it states one")
+
+
 class ModelInfo(BaseModel):
     model_id: str
     name: str
@@ -108,6 +125,7 @@ class ModelInfo(BaseModel):
         default=None, description="tabular models: each numeric feature's unit (a request may give another unit "
         "of the same dimension as {\"value\", \"unit\"})")
     card: dict[str, Any] = Field(description="the full model card from the store")
+    live: LiveFigures | None = None
 
 
 class ModelInfoResponse(BaseModel):

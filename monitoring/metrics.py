@@ -1,0 +1,177 @@
+"""What the models see and how clinicians judge them, per model and version, on the service's own `/metrics`
+(BentoML's Prometheus client, multiprocess: every API worker writes, one scrape reads them all).
+
+Every label value is bounded: model ids are the service's three, versions are the store's, classes, heads, features
+and modalities come from the served model's card (anything else counts as "other"); no patient or request id.
+Names, labels and meaning are listed in docs/api.md ("Monitoring metrics").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bentoml._internal.configuration.containers import BentoMLContainer
+
+from monitoring.drift import FlagWindow
+
+NAMESPACE = "neuronova"
+VERSION_LABELS = ["model_id", "model_version"]
+OTHER = "other"
+UNSTATED = "unstated"
+RELATIVE_OOD_BUCKETS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0, math.inf)
+IMAGE_SIDE_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 2048, 4096, math.inf)
+SPACING_MM_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)
+UNCERTAINTY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, math.inf)
+REFERENCE_ACCURACY_KEYS = ("accuracy",)
+"""Card metrics that say how often the model was right on its held-out set; a tabular card's first head's
+`<head>_accuracy` too (`reference_accuracy`)."""
+
+
+@dataclass(frozen=True)
+class Families:
+    predictions: Any
+    ood_checks: Any
+    ood_relative: Any
+    drift: Any
+    expected_ood_rate: Any
+    reference_accuracy: Any
+    inputs: Any
+    image_side: Any
+    spacing: Any
+    missing_features: Any
+    mri_confidence: Any
+    mri_uncertainty: Any
+    verdicts: Any
+    corrections: Any
+
+
+@functools.cache
+def families() -> Families:
+    """The metric families, made once per process on first use (the worker's multiprocess directory is set by then)."""
+    client = BentoMLContainer.metrics_client.get()
+
+    def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Any:
+        return client.Counter(namespace=NAMESPACE, name=name, documentation=documentation,
+                              labelnames=[*VERSION_LABELS, *labels])
+
+    def histogram(name: str, documentation: str, buckets: Sequence[float]) -> Any:
+        return client.Histogram(namespace=NAMESPACE, name=name, documentation=documentation,
+                                labelnames=VERSION_LABELS, buckets=buckets)
+
+    def gauge(name: str, documentation: str, mode: str, labels: Sequence[str] = ()) -> Any:
+        return client.Gauge(namespace=NAMESPACE, name=name, documentation=documentation,
+                            labelnames=[*VERSION_LABELS, *labels], multiprocess_mode=mode)
+
+    return Families(
+        predictions=counter("predictions", "Answers by output (head) and predicted class", ["output", "predicted_class"]),
+        ood_checks=counter("ood_checks", "Out-of-distribution checks of inputs, by outcome", ["flagged"]),
+        ood_relative=histogram("ood_score_relative", "OOD score relative to the card's in-distribution bound: "
+                               "0..1 inside it (CT: low..high; MRI: distance / threshold)", RELATIVE_OOD_BUCKETS),
+        drift=gauge("input_drift_score", "-log10 binomial tail of the OOD flags in each worker's window of recent "
+                    "checks against the card's expected rate (max over live workers)", "livemax", ["signal"]),
+        expected_ood_rate=gauge("expected_ood_rate", "Share of in-distribution inputs the card's OOD calibration flags",
+                                "max"),
+        reference_accuracy=gauge("model_reference_accuracy", "Held-out accuracy from the model's card", "max"),
+        inputs=counter("inputs", "Inputs by format and modality", ["format", "modality"]),
+        image_side=histogram("input_image_side_pixels", "Longer side of each input image or volume slice",
+                             IMAGE_SIDE_BUCKETS),
+        spacing=histogram("input_spacing_mm", "Finest in-plane pixel spacing of each input that states one",
+                          SPACING_MM_BUCKETS),
+        missing_features=counter("missing_features", "Tabular features a request did not give", ["feature"]),
+        mri_confidence=counter("mri_confidence", "Segmentations by confidence level", ["level"]),
+        mri_uncertainty=histogram("mri_uncertainty_mean", "Mean uncertainty (0-1) over the delivered tumour voxels",
+                                  UNCERTAINTY_BUCKETS),
+        verdicts=counter("feedback_verdicts", "Clinicians' verdicts on results", ["verdict"]),
+        corrections=counter("feedback_corrections", "Clinicians' corrections: the model's class and the reviewer's",
+                            ["predicted_class", "corrected_class"]),
+    )
+
+
+def bounded(value: str | None, allowed: Sequence[str]) -> str:
+    """`value` where it is one of `allowed`, else "other" (a label never takes a caller's free text)."""
+    return value if value is not None and value in allowed else OTHER
+
+
+def reference_accuracy(metrics: dict[str, float], first_head: str | None = None) -> float | None:
+    """The card's held-out accuracy: `accuracy`, or for a tabular card its first head's `<head>_accuracy`."""
+    keys = [*REFERENCE_ACCURACY_KEYS, *([f"{first_head}_accuracy"] if first_head else [])]
+    return next((metrics[key] for key in keys if key in metrics), None)
+
+
+class DriftWindows:
+    """Each model version's window of OOD flags in this worker, and the gauge that shows its score."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str], FlagWindow] = {}
+        self._lock = threading.Lock()  # MRI results are measured in threads
+
+    def observe(self, model_id: str, model_version: str, expected_rate: float, flagged: bool) -> float:
+        with self._lock:
+            window = self._windows.get((model_id, model_version))
+            if window is None or window.expected_rate != expected_rate:
+                window = self._windows[(model_id, model_version)] = FlagWindow(expected_rate)
+            score = window.add(flagged)
+        families().drift.labels(model_id, model_version, "ood_rate").set(score)
+        return score
+
+
+DRIFT = DriftWindows()
+
+
+def observe_model(model_id: str, model_version: str, accuracy: float | None) -> None:
+    """The card's reference figures beside the live ones (set on every answer: a gauge write is an mmap store)."""
+    if accuracy is not None:
+        families().reference_accuracy.labels(model_id, model_version).set(accuracy)
+
+
+def observe_ood(model_id: str, model_version: str, relative_score: float, flagged: bool, coverage: float) -> None:
+    """One OOD check: its outcome, where the score fell relative to the card's bound, and the drift window."""
+    metrics = families()
+    expected = 1.0 - coverage / 100.0
+    metrics.ood_checks.labels(model_id, model_version, str(flagged).lower()).inc()
+    if math.isfinite(relative_score):
+        metrics.ood_relative.labels(model_id, model_version).observe(relative_score)
+    metrics.expected_ood_rate.labels(model_id, model_version).set(expected)
+    DRIFT.observe(model_id, model_version, expected, flagged)
+
+
+def observe_prediction(model_id: str, model_version: str, output: str, predicted_class: str) -> None:
+    families().predictions.labels(model_id, model_version, output, predicted_class).inc()
+
+
+def observe_image(model_id: str, model_version: str, image_format: str, modality: str | None,
+                  modalities: Sequence[str], shape: Sequence[int], spacing_mm: Sequence[float] | None) -> None:
+    """An input image's format, modality (one of the card's, "other", or "unstated" where the file names none), size
+    and spacing."""
+    metrics = families()
+    label = UNSTATED if modality is None else bounded(modality, modalities)
+    metrics.inputs.labels(model_id, model_version, image_format, label).inc()
+    metrics.image_side.labels(model_id, model_version).observe(max(shape))
+    if spacing_mm:
+        metrics.spacing.labels(model_id, model_version).observe(min(spacing_mm))
+
+
+def observe_missing(model_id: str, model_version: str, missing: Sequence[str], features: Sequence[str]) -> None:
+    for feature in missing:
+        families().missing_features.labels(model_id, model_version, bounded(feature, features)).inc()
+
+
+def observe_segmentation(model_id: str, model_version: str, confidence: str, uncertainty_mean: float | None) -> None:
+    metrics = families()
+    metrics.mri_confidence.labels(model_id, model_version, confidence).inc()
+    if uncertainty_mean is not None:
+        metrics.mri_uncertainty.labels(model_id, model_version).observe(uncertainty_mean)
+
+
+def observe_verdict(model_id: str, model_version: str, verdict: str, predicted: str | None, corrected: str | None,
+                    labels: Sequence[str]) -> None:
+    """A clinician's verdict; a corrected class also by (the model's class, the reviewer's), both from the card."""
+    metrics = families()
+    metrics.verdicts.labels(model_id, model_version, verdict).inc()
+    if corrected is not None:
+        metrics.corrections.labels(model_id, model_version, bounded(predicted, labels), bounded(corrected, labels)).inc()
