@@ -82,6 +82,7 @@ from core.schemas import (
 )
 from core.settings import get_settings
 from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
+from monitoring.backlog import watch_backlog
 from monitoring.live import live_figures
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
@@ -177,6 +178,15 @@ class NeuroNova:
         job queue; one of them polls `/changes`."""
         if self.pacs_background is not None:
             await self.pacs_background.start()
+
+    @bentoml.on_startup
+    async def start_monitoring(self) -> None:
+        """Each API worker publishes the MRI task backlog to /metrics (monitoring/backlog.py)."""
+        self.backlog_watch = asyncio.create_task(watch_backlog(self.tasks))
+
+    @bentoml.on_shutdown
+    async def stop_monitoring(self) -> None:
+        self.backlog_watch.cancel()
 
     @bentoml.on_shutdown
     async def stop_queue(self) -> None:

@@ -30,7 +30,9 @@ from psycopg.types.json import Jsonb
 from core.errors import NeuroNovaError, error_body
 from core.settings import Settings
 from core.tasks import (
+    BACKLOG_SQL,
     RETENTION_SECONDS,
+    Backlog,
     STEP_PROGRESS,
     TaskCancelled,
     TaskRecord,
@@ -215,6 +217,10 @@ class PostgresTaskStore:
                 f"estimated_remaining_seconds = 0, finished_at = %s WHERE task_id = %s AND {_ACTIVE_SQL}",
                 (time.time(), task_id))
         return self.get(task_id)
+
+    def backlog(self) -> Backlog:
+        with psycopg.connect(self.database_url, connect_timeout=10) as connection:
+            return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall())
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None; one accepted but never queued for `QUEUEING_DEADLINE_S` is failed first."""

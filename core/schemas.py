@@ -101,7 +101,7 @@ class LiveFigures(BaseModel):
     ood_rate: float | None
     expected_ood_rate: float | None = Field(description="the share the card's calibration flags in distribution")
     drift_score: float | None = Field(description="-log10 p of the recent OOD flags against the expected rate (the "
-                                                  "highest of this replica's workers); alerting above 4")
+                                                  "window of this replica's worker that checked last); alerting above 4")
     verdicts: dict[str, int] = Field(description="every clinician verdict on this version (all replicas, from the "
                                                  "feedback store)")
     agreement_rate: float | None = Field(description="accepted / all verdicts")

@@ -78,6 +78,25 @@ class TaskStates(Protocol):
     def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> Any: ...
     def cancel(self, task_id: str) -> TaskRecord | None: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
+    def backlog(self) -> Backlog: ...
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Unfinished tasks: how many in each active status, and when the oldest of them was submitted."""
+
+    counts: dict[str, int]
+    oldest_created_at: float | None
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[str, int, float]]) -> Backlog:
+        """From (status, count, oldest created_at) rows of the active statuses."""
+        return cls(counts={status: 0 for status in ACTIVE} | {status: int(n) for status, n, _ in rows},
+                   oldest_created_at=min((float(oldest) for _, _, oldest in rows), default=None))
+
+
+BACKLOG_SQL = ("SELECT status, COUNT(*), MIN(created_at) FROM {table} WHERE status IN ('pending', 'processing') "
+               "GROUP BY status")
 
 
 def task_ref(task_id: str, attempt: int | None) -> str:
@@ -235,6 +254,10 @@ class TaskStore:
                 (time.time(), task_id),
             )
         return self.get(task_id)
+
+    def backlog(self) -> Backlog:
+        with self._connect() as connection:
+            return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table="tasks")).fetchall())
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None; an active task whose worker process is gone is failed first."""

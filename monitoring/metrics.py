@@ -72,8 +72,8 @@ def families() -> Families:
         ood_checks=counter("ood_checks", "Out-of-distribution checks of inputs, by outcome", ["flagged"]),
         ood_relative=histogram("ood_score_relative", "OOD score relative to the card's in-distribution bound: "
                                "0..1 inside it (CT: low..high; MRI: distance / threshold)", RELATIVE_OOD_BUCKETS),
-        drift=gauge("input_drift_score", "-log10 binomial tail of the OOD flags in each worker's window of recent "
-                    "checks against the card's expected rate (max over live workers)", "livemax", ["signal"]),
+        drift=gauge("input_drift_score", "-log10 binomial tail of the OOD flags in a worker's window of recent checks "
+                    "against the card's expected rate (the worker that checked last)", "livemostrecent", ["signal"]),
         expected_ood_rate=gauge("expected_ood_rate", "Share of in-distribution inputs the card's OOD calibration flags",
                                 "max"),
         reference_accuracy=gauge("model_reference_accuracy", "Held-out accuracy from the model's card", "max"),

@@ -18,15 +18,26 @@ def kustomization() -> dict:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
+def manifests() -> list[str]:
+    """The manifest files the kustomization lists (other kustomizations it includes aside)."""
+    return [name for name in kustomization()["resources"] if name.endswith(".yaml")]
+
+
 def resources() -> dict[str, dict]:
-    """Every resource kustomize applies, by kind."""
-    documents = [doc for name in kustomization()["resources"] for doc in yaml.safe_load_all((K8S / name).read_text())]
+    """Every resource of this folder that kustomize applies, by kind."""
+    documents = [doc for name in manifests() for doc in yaml.safe_load_all((K8S / name).read_text())]
     return {doc["kind"]: doc for doc in documents}
 
 
-def test_kustomization_lists_every_manifest():
-    listed = set(kustomization()["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+def test_kustomization_lists_every_manifest_and_the_monitoring_config_maps():
+    assert set(manifests()) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    included = [K8S / name for name in kustomization()["resources"] if not name.endswith(".yaml")]
+    assert [path.resolve() for path in included] == [(K8S.parent / "monitoring").resolve()]
+    monitoring = yaml.safe_load((K8S.parent / "monitoring" / "kustomization.yaml").read_text())
+    generated = {entry["name"]: entry["files"] for entry in monitoring["configMapGenerator"]}
+    assert generated == {"neuronova-prometheus-rules": ["alerts.yml"],
+                         "neuronova-grafana-dashboard": ["grafana/neuronova.json"]}
+    assert all((K8S.parent / "monitoring" / f).is_file() for files in generated.values() for f in files)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
