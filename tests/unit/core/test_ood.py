@@ -61,3 +61,10 @@ def test_mean_logit_and_max_softmax_scores_on_logits():
     assert calibration.score == "mean_logit" and calibration.low < calibration.high
     with pytest.raises(ValueError, match="needs a model that outputs logits"):
         ood_scores(np.array([[0.9, 0.1]]), "probabilities", "mean_logit")
+
+
+def test_a_score_is_placed_on_the_calibration_s_scale() -> None:
+    calibration = OodCalibration(score="energy", low=-12.0, high=-2.0, coverage=95.0, n_images=100)
+    assert [calibration.relative(s) for s in (-12.0, -7.0, -2.0, -22.0)] == [0.0, 0.5, 1.0, -1.0]
+    point = OodCalibration(score="energy", low=-5.0, high=-5.0, coverage=95.0, n_images=1)
+    assert [point.relative(s) for s in (-5.0, -4.0, -6.0)] == [0.0, float("inf"), float("-inf")]
