@@ -103,20 +103,39 @@ def reference_accuracy(metrics: dict[str, float], first_head: str | None = None)
     return next((metrics[key] for key in keys if key in metrics), None)
 
 
+@functools.lru_cache(maxsize=8192)
+def series(family: str, *labels: str) -> Any:
+    """One labelled series of a family, looked up once per process (label values are bounded, so is the cache):
+    an answer then costs one mmap write per metric (docs/performance.md, "Monitoring")."""
+    return getattr(families(), family).labels(*labels)
+
+
+@functools.lru_cache(maxsize=1024)
+def publish_reference(family: str, model_id: str, model_version: str, value: float) -> None:
+    """A card's figure for a version (it never changes), set once per process."""
+    series(family, model_id, model_version).set(value)
+
+
 class DriftWindows:
-    """Each model version's window of OOD flags in this worker, and the gauge that shows its score."""
+    """Each model version's window of OOD flags in this worker, and the gauge that shows its score (set when it
+    changes)."""
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, str], FlagWindow] = {}
+        self._published: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()  # MRI results are measured in threads
 
     def observe(self, model_id: str, model_version: str, expected_rate: float, flagged: bool) -> float:
+        key = (model_id, model_version)
         with self._lock:
-            window = self._windows.get((model_id, model_version))
+            window = self._windows.get(key)
             if window is None or window.expected_rate != expected_rate:
-                window = self._windows[(model_id, model_version)] = FlagWindow(expected_rate)
+                window = self._windows[key] = FlagWindow(expected_rate)
             score = window.add(flagged)
-        families().drift.labels(model_id, model_version, "ood_rate").set(score)
+            changed = self._published.get(key) != score
+            self._published[key] = score
+        if changed:
+            series("drift", model_id, model_version, "ood_rate").set(score)
         return score
 
 
@@ -124,54 +143,50 @@ DRIFT = DriftWindows()
 
 
 def observe_model(model_id: str, model_version: str, accuracy: float | None) -> None:
-    """The card's reference figures beside the live ones (set on every answer: a gauge write is an mmap store)."""
+    """The card's held-out accuracy beside the live figures."""
     if accuracy is not None:
-        families().reference_accuracy.labels(model_id, model_version).set(accuracy)
+        publish_reference("reference_accuracy", model_id, model_version, accuracy)
 
 
 def observe_ood(model_id: str, model_version: str, relative_score: float, flagged: bool, coverage: float) -> None:
     """One OOD check: its outcome, where the score fell relative to the card's bound, and the drift window."""
-    metrics = families()
     expected = 1.0 - coverage / 100.0
-    metrics.ood_checks.labels(model_id, model_version, str(flagged).lower()).inc()
+    series("ood_checks", model_id, model_version, "true" if flagged else "false").inc()
     if math.isfinite(relative_score):
-        metrics.ood_relative.labels(model_id, model_version).observe(relative_score)
-    metrics.expected_ood_rate.labels(model_id, model_version).set(expected)
+        series("ood_relative", model_id, model_version).observe(relative_score)
+    publish_reference("expected_ood_rate", model_id, model_version, expected)
     DRIFT.observe(model_id, model_version, expected, flagged)
 
 
 def observe_prediction(model_id: str, model_version: str, output: str, predicted_class: str) -> None:
-    families().predictions.labels(model_id, model_version, output, predicted_class).inc()
+    series("predictions", model_id, model_version, output, predicted_class).inc()
 
 
 def observe_image(model_id: str, model_version: str, image_format: str, modality: str | None,
                   modalities: Sequence[str], shape: Sequence[int], spacing_mm: Sequence[float] | None) -> None:
     """An input image's format, modality (one of the card's, "other", or "unstated" where the file names none), size
     and spacing."""
-    metrics = families()
     label = UNSTATED if modality is None else bounded(modality, modalities)
-    metrics.inputs.labels(model_id, model_version, image_format, label).inc()
-    metrics.image_side.labels(model_id, model_version).observe(max(shape))
+    series("inputs", model_id, model_version, image_format, label).inc()
+    series("image_side", model_id, model_version).observe(max(shape))
     if spacing_mm:
-        metrics.spacing.labels(model_id, model_version).observe(min(spacing_mm))
+        series("spacing", model_id, model_version).observe(min(spacing_mm))
 
 
 def observe_missing(model_id: str, model_version: str, missing: Sequence[str], features: Sequence[str]) -> None:
     for feature in missing:
-        families().missing_features.labels(model_id, model_version, bounded(feature, features)).inc()
+        series("missing_features", model_id, model_version, bounded(feature, features)).inc()
 
 
 def observe_segmentation(model_id: str, model_version: str, confidence: str, uncertainty_mean: float | None) -> None:
-    metrics = families()
-    metrics.mri_confidence.labels(model_id, model_version, confidence).inc()
+    series("mri_confidence", model_id, model_version, confidence).inc()
     if uncertainty_mean is not None:
-        metrics.mri_uncertainty.labels(model_id, model_version).observe(uncertainty_mean)
+        series("mri_uncertainty", model_id, model_version).observe(uncertainty_mean)
 
 
 def observe_verdict(model_id: str, model_version: str, verdict: str, predicted: str | None, corrected: str | None,
                     labels: Sequence[str]) -> None:
     """A clinician's verdict; a corrected class also by (the model's class, the reviewer's), both from the card."""
-    metrics = families()
-    metrics.verdicts.labels(model_id, model_version, verdict).inc()
+    series("verdicts", model_id, model_version, verdict).inc()
     if corrected is not None:
-        metrics.corrections.labels(model_id, model_version, bounded(predicted, labels), bounded(corrected, labels)).inc()
+        series("corrections", model_id, model_version, bounded(predicted, labels), bounded(corrected, labels)).inc()
