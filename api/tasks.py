@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
 from core.settings import Settings
-from core.tasks import TaskCancelled, TaskStates, open_task_store
+from core.tasks import ACTIVE, TaskCancelled, TaskStates, open_task_store
 
 log = logging.getLogger("neuronova.tasks")
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
@@ -104,8 +104,12 @@ def task_status(tasks: TaskStates, task_id: str) -> JSONResponse:
 
 
 def cancel_task(tasks: TaskStates, task_id: str) -> JSONResponse:
-    """Cancel an active task: its state turns `cancelled` now and its work stops at the next check."""
+    """Cancel an active task: its state turns `cancelled` now and its work stops at the next check. A task BentoML
+    has queued but not started is entered in our store cancelled, so that its body stops at its first step."""
     record = tasks.cancel(task_id)
+    if record is None and (_bentoml_task(task_id) or {}).get("status") in ACTIVE:
+        tasks.create(task_id, None, None)
+        record = tasks.cancel(task_id)
     if record is None:
         return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
     return JSONResponse(record.to_json())

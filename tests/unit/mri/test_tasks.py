@@ -208,3 +208,20 @@ def test_fail_unfinished_fails_one_owners_tasks_or_those_whose_owner_is_gone(sto
     assert store.fail_unfinished(error) == ["orphaned"]  # a live process's task is left to it
     assert store.get("orphaned").error["message"] == "stopped" and store.get("done").result == {"ok": True}
     assert store.get("live").status == "pending" and store.cancel_requested("mine") and not store.cancel_requested("live")
+
+
+def test_a_task_bentoml_queued_but_did_not_start_can_be_cancelled(store: TaskStore, tmp_path, monkeypatch) -> None:
+    """Cancelled right after submission (before its body entered our store): its body then stops at its first step."""
+    path = tmp_path / "bentoml.db"
+    _bentoml_store(path, [("queued", "in_progress", None), ("done", "completed", _stored(200, {}))])
+    monkeypatch.setattr(api_tasks, "bentoml_result_store_path", lambda: path)
+    assert json.loads(api_tasks.cancel_task(store, "queued").body)["status"] == "cancelled"
+    assert api_tasks.cancel_task(store, "done").status_code == 404  # finished: nothing to cancel
+
+    async def body() -> BaseModel:
+        store.report("queued", "decoding")
+        raise AssertionError("the body of a cancelled task went past its first step")
+
+    answer = asyncio.run(api_tasks.run_tracked(store, "queued", "req-q", "mri_segmentation", body))
+    assert json.loads(answer.body)["error"]["code"] == "TASK_CANCELLED"
+    assert store.get("queued").status == "cancelled"
