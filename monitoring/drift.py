@@ -9,6 +9,11 @@ checks with k flagged, the drift score is the evidence against "these inputs com
 many flags would happen once in a thousand windows, and it grows without bound as the stream shifts (a scanner,
 protocol or modality the model never saw). One statistic serves every model with a calibration, needs no labels and
 nothing from the card beyond what it already holds.
+
+Why not a drift library: Evidently, NannyML and Alibi Detect compare whole feature distributions and would add tens
+to hundreds of MB to every API worker (pandas / plotting stacks, or TensorFlow / torch back ends for Alibi Detect's
+learned detectors) for what is here one score per input against a rate the card already states. Their strength,
+distribution tests over many features, is what a per-feature reference in the card would need first.
 """
 
 from __future__ import annotations

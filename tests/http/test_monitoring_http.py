@@ -40,6 +40,8 @@ DRIFT_ALERT = 4.0
 MOST_FLAGS_WITHOUT_ALARM = 6
 """With at most this many flags among any window of 20 or more in-distribution checks, the score stays below 4."""
 VERDICTS = 20
+DETECTED_WITHIN = 20
+"""Shifted slices until the drift score passes the alert threshold, at most (measured: 10)."""
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +113,12 @@ def test_a_shifted_scanner_fires_the_drift_alert_and_rejections_the_disagreement
 
         detected_after = None
         shifted_answers = []
-        for n, hu in enumerate(shifted, start=1):
+        for n, hu in enumerate(shifted[:DETECTED_WITHIN], start=1):
             shifted_answers.append(classify(http, dicom_bytes(hu + SCANNER_OFFSET_HU, tmp_path)))
             if drift_score(http, version) > DRIFT_ALERT:
                 detected_after = n
                 break
-        assert detected_after is not None, f"no drift after {STREAM} shifted slices"
+        assert detected_after is not None and detected_after <= DETECTED_WITHIN, f"drift after {detected_after} slices"
         print(f"drift score above {DRIFT_ALERT} after {detected_after} shifted slices "
               f"({sum(OOD_WARNING in a['warnings'] for a in shifted_answers)} flagged)")
         monitor.wait(lambda: ct_alerts(monitor).get("NeuroNovaInputDrift ct_classification") in ("pending", "firing"),
