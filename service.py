@@ -344,13 +344,15 @@ class NeuroNova:
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)
     async def get_task(self, task_id: str) -> JSONResponse:
-        """The original design's polling route: status, progress, current step, result or error."""
-        return task_status(self.tasks, task_id)
+        """The original design's polling route: status, progress, current step, result or error (the submitter's
+        only: another subject is told the task does not exist)."""
+        return await asyncio.to_thread(task_status, self.tasks, task_id, current_owner())
 
     @ops.delete("/task/{task_id}", response_model=TaskStatusResponse)
     async def delete_task(self, task_id: str) -> JSONResponse:
-        """Cancel a task: it is marked cancelled at once and its work stops at the next window batch."""
-        return cancel_task(self.tasks, task_id)
+        """Cancel a task (the submitter's): it is marked cancelled at once and its work stops at the next window
+        batch."""
+        return await asyncio.to_thread(cancel_task, self.tasks, task_id, current_owner())
 
     @ops.post("/pacs/notify", response_model=Notified, status_code=202)
     @handles_errors

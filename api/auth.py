@@ -20,7 +20,8 @@ log = logging.getLogger("neuronova.auth")
 MIN_HMAC_SECRET_BYTES = 32
 """An HS256 key shorter than the hash (256 bits) is refused (RFC 7518, section 3.2); PyJWT only warns."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-PUBLIC_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", "/metrics"})
+METRICS_PATH = "/metrics"
+PUBLIC_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz", METRICS_PATH})
 ADMIN_PATHS = frozenset({"/update_model"})
 ADMIN_PREFIXES = ("/pacs/",)
 
@@ -117,17 +118,21 @@ def bearer_token(scope: Scope) -> str:
 class JWTAuthMiddleware:
     """Verifies the bearer token on every non-public path, puts the claims in `scope["state"]["claims"]`,
     and requires the admin role on admin paths. `path_tokens` are static bearer tokens a path also accepts (what a
-    PACS's script sends to `/pacs/notify`). Tokens are never logged."""
+    PACS's script sends to `/pacs/notify`). With a metrics token configured, `/metrics` is an admin path that also
+    takes that token. Tokens are never logged."""
 
     def __init__(self, app: ASGIApp, auth: AuthSettings, path_tokens: Mapping[str, str] | None = None) -> None:
         self.app = app
         self.auth = auth
-        self.path_tokens = {path: token for path, token in (path_tokens or {}).items() if token}
+        tokens = {**(path_tokens or {}), METRICS_PATH: auth.metrics_token}
+        self.path_tokens = {path: token for path, token in tokens.items() if token}
+        protected = {METRICS_PATH} if auth.metrics_token else set()
+        self.public, self.admin_paths = PUBLIC_PATHS - protected, ADMIN_PATHS | protected
         if not auth.enabled:
             log.warning("JWT authentication is DISABLED (NEURONOVA_AUTH__ENABLED=false): local development only")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or not self.auth.enabled:
+        if scope["type"] != "http" or scope["path"] in self.public or not self.auth.enabled:
             await self.app(scope, receive, send)
             return
         try:
@@ -138,7 +143,7 @@ class JWTAuthMiddleware:
                 await self.app(scope, receive, send)
                 return
             claims = verify_token(token, self.auth)
-            admin_path = scope["path"] in ADMIN_PATHS or scope["path"].startswith(ADMIN_PREFIXES)
+            admin_path = scope["path"] in self.admin_paths or scope["path"].startswith(ADMIN_PREFIXES)
             if admin_path and claims.get(self.auth.role_claim) != self.auth.admin_role:
                 raise Forbidden(f"the {self.auth.admin_role!r} role is required for {scope['path']}")
         except (Unauthorized, Forbidden) as error:

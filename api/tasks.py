@@ -26,10 +26,11 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
 from core.settings import Settings
-from core.tasks import ACTIVE, TaskCancelled, TaskStates, open_task_store
+from core.tasks import ACTIVE, TaskCancelled, TaskStates, open_task_store, visible_to
 
 log = logging.getLogger("neuronova.tasks")
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
@@ -91,27 +92,37 @@ def _error(error: NeuroNovaError, ctx: Any) -> JSONResponse:
     return error_response(error)
 
 
-def task_status(tasks: TaskStates, task_id: str) -> JSONResponse:
-    """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404."""
+def task_status(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
+    """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404 (also for
+    another subject's task)."""
+    if not visible_to(tasks, task_id, subject):
+        return unknown_task(task_id)
     record = tasks.get(task_id)
     if record is not None:
         return JSONResponse(record.to_json())
     fallback = _bentoml_task(task_id)
     if fallback is None:
-        return error_response(NotFound("unknown or expired task id (task ids do not survive a restart of BentoML's "
-                                       "own store; resubmit)", {"task_id": task_id}))
+        return unknown_task(task_id)
     return JSONResponse(fallback)
 
 
-def cancel_task(tasks: TaskStates, task_id: str) -> JSONResponse:
-    """Cancel an active task: its state turns `cancelled` now and its work stops at the next check. A task BentoML
-    has queued but not started is entered in our store cancelled, so that its body stops at its first step."""
+def unknown_task(task_id: str) -> JSONResponse:
+    """The one answer for a task id that does not exist, has expired, or is another subject's."""
+    return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+
+
+def cancel_task(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
+    """Cancel an active task of `subject`'s: its state turns `cancelled` now and its work stops at the next check. A
+    task BentoML has queued but not started is entered in our store cancelled, so that its body stops at its first
+    step."""
+    if not visible_to(tasks, task_id, subject):
+        return unknown_task(task_id)
     record = tasks.cancel(task_id)
     if record is None and (_bentoml_task(task_id) or {}).get("status") in ACTIVE:
         tasks.create(task_id, None, None)
         record = tasks.cancel(task_id)
     if record is None:
-        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+        return unknown_task(task_id)
     return JSONResponse(record.to_json())
 
 
@@ -166,7 +177,9 @@ class TaskRoutesMiddleware:
     - `POST <route>/submit`: the Authorization header is dropped after authentication, so BentoML's task store
       (which keeps each request with its headers for 24 h) never holds a bearer token;
     - `PUT <route>/cancel?task_id=`: cancels through our task store, so the work really stops (BentoML's own
-      handler answers 400 and lets the job run on); the answer is the design's task status body.
+      handler answers 400 and lets the job run on); the answer is the design's task status body;
+    - every submission records its submitter (the token's owner claim) before it is answered, and every route that
+      takes a task id answers another subject's task as an unknown one (404).
 
     Distributed (replicas sharing PostgreSQL), BentoML's own store knows only the tasks its replica accepted, so:
     - the task is registered in the shared store before the submission is answered (a poll on another replica
@@ -181,6 +194,7 @@ class TaskRoutesMiddleware:
         self.cancel_paths = frozenset(f"{route}/cancel" for route in task_routes)
         self.status_paths = frozenset(f"{route}/status" for route in task_routes)
         self.get_paths = frozenset(f"{route}/get" for route in task_routes)
+        self.by_id_paths = self.status_paths | self.get_paths | frozenset(f"{route}/retry" for route in task_routes)
         self.tasks = open_task_store(settings)
         self.distributed = settings.distributed.enabled
 
@@ -189,6 +203,8 @@ class TaskRoutesMiddleware:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        subject = current_owner()
+        task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
         reader = None
         if method == "PUT" and path in self.cancel_paths:
             reader = cancel_task
@@ -197,26 +213,34 @@ class TaskRoutesMiddleware:
         elif self.distributed and method == "GET" and path in self.get_paths:
             reader = bentoml_result
         if reader:
-            task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
-            response = (await asyncio.to_thread(reader, self.tasks, task_id) if task_id
+            response = (await asyncio.to_thread(reader, self.tasks, task_id, subject) if task_id
                         else error_response(InvalidRequest("task_id is required")))
             await response(scope, receive, send)
+            return
+        if path in self.by_id_paths and not await asyncio.to_thread(visible_to, self.tasks, task_id, subject):
+            await unknown_task(task_id)(scope, receive, send)  # BentoML's own status / get / retry: owner first
             return
         if path in self.base_paths and method == "POST":
             path = f"{path}/submit"
             scope, send = {**scope, "path": path, "raw_path": path.encode()}, _accepted(send)
         if path in self.submit_paths:
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
-            if self.distributed:
-                await self._submit_shared(scope, receive, send)
-                return
+            await self._submit(scope, receive, send, subject)
+            return
         await self.app(scope, receive, send)
 
-    async def _submit_shared(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Submit, registering the task in the shared store before the answer leaves; BentoML runs the task body
-        (which queues it) after answering, within this call: a body refused by validation never queued it."""
+    async def _submit(self, scope: Scope, receive: Receive, send: Send, subject: str) -> None:
+        """Submit, recording the task's submitter (and, distributed, registering the task in the shared store)
+        before the answer leaves, so that the first poll finds both. BentoML runs the task body after answering,
+        within this call; distributed, a body refused by validation never queued the task, which is failed then."""
         accepted: list[str] = []
         held: Message | None = None
+
+        def register(task_id: str) -> None:
+            if subject:
+                self.tasks.set_owner(task_id, subject)
+            if self.distributed:
+                self.tasks.create(task_id, None, None)
 
         async def registering(message: Message) -> None:
             nonlocal held
@@ -226,13 +250,13 @@ class TaskRoutesMiddleware:
             if held is not None:
                 start, held = held, None
                 if task_id := _submitted_task_id(start, message):
-                    await asyncio.to_thread(self.tasks.create, task_id, None, None)
+                    await asyncio.to_thread(register, task_id)
                     accepted.append(task_id)
                 await send(start)
             await send(message)
 
         await self.app(scope, receive, registering)
-        for task_id in accepted:
+        for task_id in accepted if self.distributed else []:
             record = await asyncio.to_thread(self.tasks.get, task_id)
             if record is not None and record.status == "pending" and await asyncio.to_thread(
                     self.tasks.params, task_id) is None:
@@ -253,22 +277,22 @@ def _submitted_task_id(start: Message, body: Message) -> str | None:
     return answer.get("task_id") if isinstance(answer, dict) else None
 
 
-def bentoml_status(tasks: TaskStates, task_id: str) -> JSONResponse:
+def bentoml_status(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
     """BentoML's `<route>/status` body from our store (distributed mode: the shared store)."""
-    record = tasks.get(task_id)
+    record = tasks.get(task_id) if visible_to(tasks, task_id, subject) else None
     if record is None:
-        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+        return unknown_task(task_id)
     body = record.to_json()
     return JSONResponse({"task_id": task_id, "status": _AS_BENTOML[record.status], "created_at": body["created_at"],
                          "executed_at": body["completed_at"] or body["failed_at"] or body["cancelled_at"]})
 
 
-def bentoml_result(tasks: TaskStates, task_id: str) -> JSONResponse:
+def bentoml_result(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
     """BentoML's `<route>/get` from our store: the result, the task's error with its status, 409 when cancelled,
     400 while it runs."""
-    record = tasks.get(task_id)
+    record = tasks.get(task_id) if visible_to(tasks, task_id, subject) else None
     if record is None:
-        return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+        return unknown_task(task_id)
     if record.status == "completed":
         return JSONResponse(record.result)
     if record.status == "failed" and record.error:

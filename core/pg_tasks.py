@@ -31,6 +31,7 @@ from core.errors import NeuroNovaError, error_body
 from core.settings import Settings
 from core.tasks import (
     BACKLOG_SQL,
+    OWNERS_SCHEMA,
     RETENTION_SECONDS,
     Backlog,
     STEP_PROGRESS,
@@ -42,6 +43,7 @@ from core.tasks import (
 )
 
 TABLE = "neuronova_tasks"
+OWNERS = "neuronova_task_owners"
 SCHEMA_LOCK = 0x4E4E_5441  # pg_advisory_xact_lock key: replicas starting together create the table once
 QUEUEING_DEADLINE_S = 120.0
 """A task accepted but never queued this long ago (its replica stopped between answering and queuing) is failed."""
@@ -82,6 +84,7 @@ class PostgresTaskStore:
         with self._connect() as connection:
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             connection.execute(_SCHEMA)
+            connection.execute(OWNERS_SCHEMA.format(table=OWNERS, seconds="double precision"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PostgresTaskStore:
@@ -221,6 +224,19 @@ class PostgresTaskStore:
     def backlog(self) -> Backlog:
         with psycopg.connect(self.database_url, connect_timeout=10) as connection:
             return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall())
+
+    def set_owner(self, task_id: str, subject: str) -> None:
+        """Record a task's submitter (the first record stands); purges records past retention."""
+        now = time.time()
+        with self._connect() as connection:
+            connection.execute(f"DELETE FROM {OWNERS} WHERE created_at < %s", (now - 2 * RETENTION_SECONDS,))
+            connection.execute(f"INSERT INTO {OWNERS} VALUES (%s, %s, %s) ON CONFLICT (task_id) DO NOTHING",
+                               (task_id, subject, now))
+
+    def owner(self, task_id: str) -> str | None:
+        with self._connect() as connection:
+            row = connection.execute(f"SELECT subject FROM {OWNERS} WHERE task_id = %s", (task_id,)).fetchone()
+        return row["subject"] if row else None
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None; one accepted but never queued for `QUEUEING_DEADLINE_S` is failed first."""

@@ -29,6 +29,9 @@ class AuthSettings(BaseModel):
     allow_unauthenticated_network: bool = Field(default=False, description=(
         "with auth off, serve on an address other than loopback anyway (anyone who reaches it may switch models and "
         "read results); refused at start without it"))
+    metrics_token: str = Field(default="", description=(
+        "when set, /metrics answers only this bearer token (Prometheus: `authorization.credentials_file`) or an admin "
+        "JWT; unset, /metrics is public and belongs on an internal network only"))
 
 
 class RateLimitSettings(BaseModel):

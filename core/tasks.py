@@ -79,6 +79,20 @@ class TaskStates(Protocol):
     def cancel(self, task_id: str) -> TaskRecord | None: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
     def backlog(self) -> Backlog: ...
+    def set_owner(self, task_id: str, subject: str) -> None: ...
+    def owner(self, task_id: str) -> str | None: ...
+
+
+def visible_to(tasks: TaskStates, task_id: str, subject: str) -> bool:
+    """Whether `subject` may see a task: its submitter's, or one without a recorded submitter (auth off at
+    submission, a PACS job's). Another subject is told the task does not exist."""
+    owner = tasks.owner(split_ref(task_id)[0])
+    return owner is None or owner == subject
+
+
+OWNERS_SCHEMA = ("CREATE TABLE IF NOT EXISTS {table} (task_id TEXT PRIMARY KEY, subject TEXT NOT NULL, "
+                 "created_at {seconds} NOT NULL)")
+"""Who submitted each task (the token's owner claim), recorded before the submission is answered."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,7 @@ class TaskStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(_SCHEMA)
+            connection.execute(OWNERS_SCHEMA.format(table="task_owners", seconds="REAL"))
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -258,6 +273,18 @@ class TaskStore:
     def backlog(self) -> Backlog:
         with self._connect() as connection:
             return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table="tasks")).fetchall())
+
+    def set_owner(self, task_id: str, subject: str) -> None:
+        """Record a task's submitter (the first record stands); purges records past retention."""
+        now = time.time()
+        with self._connect() as connection:
+            connection.execute("DELETE FROM task_owners WHERE created_at < ?", (now - 2 * RETENTION_SECONDS,))
+            connection.execute("INSERT OR IGNORE INTO task_owners VALUES (?, ?, ?)", (task_id, subject, now))
+
+    def owner(self, task_id: str) -> str | None:
+        with self._connect() as connection:
+            row = connection.execute("SELECT subject FROM task_owners WHERE task_id = ?", (task_id,)).fetchone()
+        return row[0] if row else None
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task, or None; an active task whose worker process is gone is failed first."""

@@ -1,6 +1,6 @@
 """Safe on a hospital network (issue #24), against real `bentoml serve` processes: a server refuses to start open
 (auth off beyond loopback, or auth on without a real key), a refused request leaves no patient value in the server
-log, and no request adds metric series beyond the service's routes."""
+log, no request adds metric series beyond the service's routes, and a task is its submitter's alone."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from bench.harness import ROOT, free_port, stop_group, start_process
+from tests.http.conftest import make_token
+from tests.unit.mri.mri_inputs import four_d_nifti
+from training_export.synthetic_mri import synthetic_case
 
 START_BOUND_S = 180.0
 PHI_NAME = "Doe^Johanna"
@@ -92,3 +95,27 @@ def test_random_paths_and_task_ids_add_no_metric_series(server_url: str, http: h
     for number in range(200):
         httpx.post(f"{server_url}/another-{number}", timeout=30)
     assert len(endpoint_labels(server_url)) == before
+
+
+def test_another_subject_cannot_see_or_cancel_a_task(server_url: str, http: httpx.Client) -> None:
+    """An MRI task submitted with one token: a token of another subject gets the unknown-id 404 on every task route
+    (ours and BentoML's) and cancels nothing; the submitter polls and cancels it."""
+    case = synthetic_case(21)
+    submitted = http.post("/predict/mri_segmentation/submit", files={"image": ("case.nii.gz", four_d_nifti(case))},
+                          data={"patient_id": "P000601"})
+    assert submitted.status_code == 200, submitted.text
+    task_id = submitted.json()["task_id"]
+    other = {"Authorization": f"Bearer {make_token(subject='another-clinician')}"}
+    with httpx.Client(base_url=server_url, headers=other, timeout=60) as intruder:
+        unknown = intruder.get(f"/task/{uuid.uuid4().hex}").json()["error"]
+        answers = [intruder.get(f"/task/{task_id}"), intruder.get(f"/predict/task_status/{task_id}"),
+                   intruder.delete(f"/task/{task_id}"),
+                   intruder.get("/predict/mri_segmentation/status", params={"task_id": task_id}),
+                   intruder.get("/predict/mri_segmentation/get", params={"task_id": task_id}),
+                   intruder.put("/predict/mri_segmentation/cancel", params={"task_id": task_id})]
+    for answer in answers:
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["message"] == unknown["message"]
+    assert http.get(f"/task/{task_id}").json()["status"] in ("pending", "processing", "completed")
+    assert http.delete(f"/task/{task_id}").status_code in (200, 404)  # 404 only if it already finished
+    assert http.get(f"/task/{task_id}").json()["status"] in ("cancelled", "completed")

@@ -113,6 +113,18 @@ def test_pacs_routes_need_the_admin_role_and_notify_also_takes_the_pacs_token():
     assert get(client, "/pacs/notify", "Bearer pacs-static-tokeN").status_code == 401
 
 
+def test_a_metrics_token_closes_metrics_to_all_but_it_and_admins():
+    routes = [Route("/metrics", whoami)]
+    closed = TestClient(JWTAuthMiddleware(Starlette(routes=routes),
+                                          auth=AUTH.model_copy(update={"metrics_token": "scrape-token-0123456789"})))
+    assert get(closed, "/metrics").status_code == 401
+    assert get(closed, "/metrics", f"Bearer {token()}").status_code == 403  # a clinician's token is not enough
+    assert get(closed, "/metrics", f"Bearer {token(role='admin')}").status_code == 200
+    assert get(closed, "/metrics", "Bearer scrape-token-0123456789").status_code == 200
+    assert get(closed, "/metrics", "Bearer scrape-token-012345678").status_code == 401
+    assert get(TestClient(JWTAuthMiddleware(Starlette(routes=routes), auth=AUTH)), "/metrics").status_code == 200
+
+
 @pytest.mark.parametrize("auth, problem", [
     (AuthSettings(), "at least 32 bytes"),
     (AuthSettings(secret="x"), "at least 32 bytes for HS256 (it is 1)"),

@@ -29,29 +29,29 @@ def body(response) -> tuple[int, dict]:
 
 def test_status_and_result_in_bentomls_shapes(settings: Settings) -> None:
     store = PostgresTaskStore.from_settings(settings)
-    assert body(api_tasks.bentoml_status(store, "nope"))[0] == 404
-    assert body(api_tasks.bentoml_result(store, "nope"))[1]["error"]["code"] == "NOT_FOUND"
+    assert body(api_tasks.bentoml_status(store, "nope", ""))[0] == 404
+    assert body(api_tasks.bentoml_result(store, "nope", ""))[1]["error"]["code"] == "NOT_FOUND"
     store.create("t1", "r1", "mri_segmentation")
-    assert body(api_tasks.bentoml_status(store, "t1"))[1]["status"] == "in_progress"  # queued: clients poll on
-    status, answer = body(api_tasks.bentoml_result(store, "t1"))
+    assert body(api_tasks.bentoml_status(store, "t1", ""))[1]["status"] == "in_progress"  # queued: clients poll on
+    status, answer = body(api_tasks.bentoml_result(store, "t1", ""))
     assert status == 400 and answer["error"]["details"] == {"status": "pending"}
     store.set_params("t1", {})
     ref = task_ref("t1", store.begin_attempt("t1", "a"))
     store.complete(ref, {"task_id": "t1", "result": {"tumor_detected": True}})
-    status, answer = body(api_tasks.bentoml_status(store, "t1"))
+    status, answer = body(api_tasks.bentoml_status(store, "t1", ""))
     assert answer["status"] == "completed" and answer["executed_at"] is not None
-    assert body(api_tasks.bentoml_result(store, "t1")) == (200, {"task_id": "t1", "result": {"tumor_detected": True}})
+    assert body(api_tasks.bentoml_result(store, "t1", "")) == (200, {"task_id": "t1", "result": {"tumor_detected": True}})
     for task_id, error, expected in (("t2", error_body("IMAGE_TOO_LARGE", "big"), 413),
                                      ("t3", error_body("SOMETHING_NEW", "?"), 500)):
         store.create(task_id, None, None)
         store.fail(task_id, error)
-        assert body(api_tasks.bentoml_status(store, task_id))[1]["status"] == "failed"
-        status, answer = body(api_tasks.bentoml_result(store, task_id))
+        assert body(api_tasks.bentoml_status(store, task_id, ""))[1]["status"] == "failed"
+        status, answer = body(api_tasks.bentoml_result(store, task_id, ""))
         assert status == expected and answer["error"]["code"] == error["error"]["code"]
     store.create("t4", None, None)
     store.cancel("t4")
-    assert body(api_tasks.bentoml_status(store, "t4"))[1]["status"] == "canceled"
-    assert body(api_tasks.bentoml_result(store, "t4"))[0] == 409
+    assert body(api_tasks.bentoml_status(store, "t4", ""))[1]["status"] == "canceled"
+    assert body(api_tasks.bentoml_result(store, "t4", ""))[0] == 409
 
 
 def run_middleware(settings: Settings, path: str, method: str, answer: dict | None, query: bytes = b"") -> list[dict]:

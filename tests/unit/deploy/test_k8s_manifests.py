@@ -84,3 +84,19 @@ def test_budget_autoscaler_and_service_select_the_deployment():
     hpa = by_kind["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
     assert hpa["minReplicas"] >= 2 and {m["type"] for m in hpa["metrics"]} == {"Pods", "Resource"}
+
+
+def test_the_pod_runs_hardened_and_its_traffic_is_fenced():
+    by_kind = resources()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["allowPrivilegeEscalation"] is False and container["capabilities"]["drop"] == ["ALL"]
+    policy = by_kind["NetworkPolicy"]["spec"]
+    labels = by_kind["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [3000]
+    assert {port["port"] for rule in policy["egress"] for port in rule["ports"]} == {53, 5432, 8042, 443}

@@ -105,11 +105,11 @@ def test_run_tracked_outcomes(store: TaskStore) -> None:
 
 def test_status_and_cancel_responses(store: TaskStore, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(api_tasks, "bentoml_result_store_path", lambda: tmp_path / "absent.db")
-    assert api_tasks.task_status(store, "nope").status_code == 404
-    assert api_tasks.cancel_task(store, "nope").status_code == 404
+    assert api_tasks.task_status(store, "nope", "").status_code == 404
+    assert api_tasks.cancel_task(store, "nope", "").status_code == 404
     store.create("t8", None, "m")
-    assert json.loads(api_tasks.task_status(store, "t8").body)["status"] == "pending"
-    assert json.loads(api_tasks.cancel_task(store, "t8").body)["status"] == "cancelled"
+    assert json.loads(api_tasks.task_status(store, "t8", "").body)["status"] == "pending"
+    assert json.loads(api_tasks.cancel_task(store, "t8", "").body)["status"] == "cancelled"
 
 
 def _bentoml_store(path, rows) -> None:
@@ -137,7 +137,7 @@ def test_tasks_only_bentoml_knows(store: TaskStore, tmp_path, monkeypatch) -> No
         ("garbled", "failed", "not json"),
     ])
     monkeypatch.setattr(api_tasks, "bentoml_result_store_path", lambda: path)
-    status = lambda task_id: json.loads(api_tasks.task_status(store, task_id).body)
+    status = lambda task_id: json.loads(api_tasks.task_status(store, task_id, "").body)
     assert status("queued")["status"] == "processing" and status("queued")["current_step"] == "queued"
     invalid = status("invalid")
     assert invalid["status"] == "failed" and invalid["error"]["code"] == "INVALID_REQUEST"
@@ -145,7 +145,7 @@ def test_tasks_only_bentoml_knows(store: TaskStore, tmp_path, monkeypatch) -> No
     assert status("listed")["error"]["message"] == "listed"
     assert status("ours")["error"]["code"] == "IMAGE_TOO_LARGE"
     assert status("garbled")["error"]["code"] == "INTERNAL_SERVER_ERROR"
-    assert api_tasks.task_status(store, "absent").status_code == 404
+    assert api_tasks.task_status(store, "absent", "").status_code == 404
 
 
 def test_result_store_goes_to_a_private_folder(tmp_path, monkeypatch) -> None:
@@ -215,8 +215,8 @@ def test_a_task_bentoml_queued_but_did_not_start_can_be_cancelled(store: TaskSto
     path = tmp_path / "bentoml.db"
     _bentoml_store(path, [("queued", "in_progress", None), ("done", "completed", _stored(200, {}))])
     monkeypatch.setattr(api_tasks, "bentoml_result_store_path", lambda: path)
-    assert json.loads(api_tasks.cancel_task(store, "queued").body)["status"] == "cancelled"
-    assert api_tasks.cancel_task(store, "done").status_code == 404  # finished: nothing to cancel
+    assert json.loads(api_tasks.cancel_task(store, "queued", "").body)["status"] == "cancelled"
+    assert api_tasks.cancel_task(store, "done", "").status_code == 404  # finished: nothing to cancel
 
     async def body() -> BaseModel:
         store.report("queued", "decoding")
