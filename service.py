@@ -61,6 +61,7 @@ from api.tasks import (
     cancel_task,
     configure_bentoml_result_store,
     current_task_id,
+    in_turn,
     run_tracked,
     task_status,
 )
@@ -140,6 +141,7 @@ class NeuroNova:
             at_deadline(self.queue.hand_back_running)
         else:
             at_deadline(lambda: fail_own_tasks(self.tasks))
+            self.mri_slots = asyncio.Semaphore(settings.limits.mri_running_per_worker)  # the others wait, pending
         self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
@@ -338,8 +340,8 @@ class NeuroNova:
             await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
             await self.queue.submit(request.task_id, list(image), request.queued_params())
             return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
-        return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
-                                 lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ctx)
+        return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id, lambda: in_turn(
+            self.mri_slots, lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests)), ctx)
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)

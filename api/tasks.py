@@ -18,7 +18,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from bentoml._internal.configuration.containers import BentoMLContainer
@@ -28,12 +28,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
-from core.errors import InvalidRequest, NeuroNovaError, NotFound, error_body
+from core.errors import InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
 from core.settings import Settings
 from core.tasks import ACTIVE, TaskCancelled, TaskStates, open_task_store, visible_to
 
 log = logging.getLogger("neuronova.tasks")
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"
+QUEUE_FULL_RETRY_AFTER_S = 30
+T = TypeVar("T")
 _BENTOML_STATUS = {"in_progress": "processing", "pending": "pending", "completed": "completed", "failed": "failed",
                    "canceled": "cancelled"}
 _AS_BENTOML = {"pending": "in_progress", "processing": "in_progress", "completed": "completed", "failed": "failed",
@@ -197,6 +199,7 @@ class TaskRoutesMiddleware:
         self.by_id_paths = self.status_paths | self.get_paths | frozenset(f"{route}/retry" for route in task_routes)
         self.tasks = open_task_store(settings)
         self.distributed = settings.distributed.enabled
+        self.queue_max = settings.limits.mri_queue_max
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -224,10 +227,22 @@ class TaskRoutesMiddleware:
             path = f"{path}/submit"
             scope, send = {**scope, "path": path, "raw_path": path.encode()}, _accepted(send)
         if path in self.submit_paths:
+            if not self.distributed and (refusal := await asyncio.to_thread(self._queue_full)) is not None:
+                await refusal(scope, receive, send)
+                return
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
             await self._submit(scope, receive, send, subject)
             return
         await self.app(scope, receive, send)
+
+    def _queue_full(self) -> JSONResponse | None:
+        """One machine: the 429 for a submission beyond `mri_queue_max` unfinished tasks, else None."""
+        unfinished = sum(self.tasks.backlog().counts.values())
+        if unfinished < self.queue_max:
+            return None
+        error = RateLimitExceeded(f"{unfinished} MRI tasks are unfinished; submit again later",
+                                  {"reason": "task_queue_full", "retry_after_seconds": QUEUE_FULL_RETRY_AFTER_S})
+        return error_response(error, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
     async def _submit(self, scope: Scope, receive: Receive, send: Send, subject: str) -> None:
         """Submit, recording the task's submitter (and, distributed, registering the task in the shared store)
@@ -264,6 +279,12 @@ class TaskRoutesMiddleware:
                 error = (refused or {}).get("error") or error_body(
                     "INTERNAL_SERVER_ERROR", "the task could not be queued")["error"]
                 await asyncio.to_thread(self.tasks.fail, task_id, {"error": error})
+
+
+async def in_turn(slots: asyncio.Semaphore, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` once one of this worker's MRI slots is free (the task waits `pending` in its queue till then)."""
+    async with slots:
+        return await work()
 
 
 def _submitted_task_id(start: Message, body: Message) -> str | None:

@@ -61,6 +61,12 @@ class LimitSettings(BaseModel):
                                  "explaining": 900.0, "postprocessing": 120.0},
         description="wall-clock budget of each MRI task step; past it the task fails (INTERNAL_SERVER_ERROR, "
                     "details.reason step_budget_exceeded)")
+    mri_running_per_worker: int = Field(default=1, ge=1, description=(
+        "one machine: MRI tasks an API worker runs at once (each holds its decoded volumes: hundreds of MB for a "
+        "BraTS-size study); the others wait in the queue, `pending`"))
+    mri_queue_max: int = Field(default=16, ge=1, description=(
+        "one machine: unfinished MRI tasks (running and waiting) beyond which a submission is refused with 429 "
+        "and Retry-After"))
 
 
 class FeedbackSettings(BaseModel):

@@ -225,3 +225,68 @@ def test_a_task_bentoml_queued_but_did_not_start_can_be_cancelled(store: TaskSto
     answer = asyncio.run(api_tasks.run_tracked(store, "queued", "req-q", "mri_segmentation", body))
     assert json.loads(answer.body)["error"]["code"] == "TASK_CANCELLED"
     assert store.get("queued").status == "cancelled"
+
+
+def test_a_submission_beyond_the_queue_bound_is_refused_with_retry_after(tmp_path) -> None:
+    reached = []
+
+    async def bentoml(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"task_id": "t-new", "status": "in_progress"}'})
+
+    settings = Settings(data_dir=str(tmp_path), limits={"mri_queue_max": 2})
+    middleware = api_tasks.TaskRoutesMiddleware(bentoml, task_routes=("/predict/mri_segmentation",), settings=settings)
+
+    def submit() -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict/mri_segmentation", "headers": []}
+        asyncio.run(middleware(scope, None, send))
+        return sent
+
+    middleware.tasks.create("running", None, "mri_segmentation")
+    middleware.tasks.report("running", "inference")
+    assert submit()[0]["status"] == 202 and len(reached) == 1  # one unfinished: room for another
+    middleware.tasks.create("waiting", None, "mri_segmentation")
+    refused = submit()
+    assert refused[0]["status"] == 429 and (b"retry-after", b"30") in refused[0]["headers"]
+    assert json.loads(refused[1]["body"])["error"]["details"]["reason"] == "task_queue_full" and len(reached) == 1
+    middleware.tasks.complete("running", {})
+    assert submit()[0]["status"] == 202  # a finished task frees its place
+
+
+def test_tasks_beyond_the_worker_s_slots_wait_pending_in_turn(store: TaskStore) -> None:
+    """One slot: the second task is registered and stays `pending` until the first has finished."""
+
+    class Done(BaseModel):
+        name: str
+
+    async def scenario() -> list[str]:
+        slots, order, release = asyncio.Semaphore(1), [], asyncio.Event()
+
+        async def work(name: str) -> Done:
+            order.append(f"{name} starts")
+            store.report(name, "inference")
+            if name == "first":
+                await release.wait()
+            order.append(f"{name} ends")
+            return Done(name=name)
+
+        first = asyncio.create_task(api_tasks.run_tracked(store, "first", None, "m", lambda: api_tasks.in_turn(
+            slots, lambda: work("first"))))
+        second = asyncio.create_task(api_tasks.run_tracked(store, "second", None, "m", lambda: api_tasks.in_turn(
+            slots, lambda: work("second"))))
+        while store.get("second") is None or store.get("first").status != "processing":
+            await asyncio.sleep(0.001)
+        order.append(f"second is {store.get('second').status}")
+        release.set()
+        await asyncio.gather(first, second)
+        return order
+
+    assert asyncio.run(scenario()) == ["first starts", "second is pending", "first ends", "second starts",
+                                       "second ends"]
+    assert store.get("second").status == "completed"

@@ -89,10 +89,12 @@ def test_an_mri_task_s_result_belongs_to_its_submitter(inprocess_client) -> None
     assert submitted.status_code == 200, submitted.text
     task_id = submitted.json()["task_id"]
     deadline = time.monotonic() + 300
-    status_of = lambda: inprocess_client.get(f"{route}/status", params={"task_id": task_id}).json()["status"]  # noqa: E731
+    status_of = lambda: inprocess_client.get(f"{route}/status", params={"task_id": task_id},  # noqa: E731
+                                             headers=headers("dr-mri")).json()["status"]
     while (status := status_of()) == "in_progress":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert status == "completed"
+    assert inprocess_client.get(f"{route}/status", params={"task_id": task_id}, headers=headers("dr-other")).status_code == 404
     assert review(inprocess_client, "dr-other", "mri-owned").status_code == 404
     assert review(inprocess_client, "dr-mri", "mri-owned").status_code == 200
