@@ -113,14 +113,28 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
     kill_processes(still)
 
 
+def own_bentoml_home(home: Path) -> dict[str, str]:
+    """A BENTOML_HOME for one server that shares this process's model store (a link to its `models`): every
+    `bentoml serve` empties its home's Prometheus directory as it starts, so servers sharing one home wipe each
+    other's metrics (docs/bentoml-pitfalls.md G24)."""
+    shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (shared / "models").mkdir(parents=True, exist_ok=True)
+        (home / "models").symlink_to(shared / "models", target_is_directory=True)
+    return {"BENTOML_HOME": str(home)}
+
+
 @contextlib.contextmanager
 def serving(command: list[str], env: dict[str, str], log_path: Path, ready_path: str = "/readyz",
             timeout_s: float = 240.0, cwd: Path = ROOT) -> Iterator[Server]:
     """`command` (with `{port}` filled in) in `cwd` (this checkout by default), in its own process group with extra
-    `env`; yields it once `ready_path` answers 200, and stops the whole group afterwards."""
+    `env` and a BentoML home of its own; yields it once `ready_path` answers 200, and stops the whole group
+    afterwards."""
     port = free_port()
     log_path.write_bytes(b"")
-    process = start_process(command, env, log_path, port, cwd)
+    process = start_process(command, {**own_bentoml_home(log_path.with_name(f"{log_path.stem}-bentoml-home")), **env},
+                            log_path, port, cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, url, log_path, ready_path, timeout_s)

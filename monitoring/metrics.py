@@ -117,12 +117,12 @@ def publish_reference(family: str, model_id: str, model_version: str, value: flo
 
 
 class DriftWindows:
-    """Each model version's window of OOD flags in this worker, and the gauge that shows its score (set when it
-    changes)."""
+    """Each model version's window of OOD flags in this worker, and the gauge that shows its score. The gauge is
+    set on every check, even to the same value: the scrape shows the worker that checked last, never a worker's
+    stale window (multiprocess mode `livemostrecent`)."""
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, str], FlagWindow] = {}
-        self._published: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()  # MRI results are measured in threads
 
     def observe(self, model_id: str, model_version: str, expected_rate: float, flagged: bool) -> float:
@@ -132,10 +132,7 @@ class DriftWindows:
             if window is None or window.expected_rate != expected_rate:
                 window = self._windows[key] = FlagWindow(expected_rate)
             score = window.add(flagged)
-            changed = self._published.get(key) != score
-            self._published[key] = score
-        if changed:
-            series("drift", model_id, model_version, "ood_rate").set(score)
+        series("drift", model_id, model_version, "ood_rate").set(score)
         return score
 
 

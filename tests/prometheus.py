@@ -97,11 +97,18 @@ class Prometheus:
         groups = httpx.get(f"{self.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         return all(_epoch(group["lastEvaluation"]) > moment for group in groups)
 
+    def targets(self) -> list[dict]:
+        """Each scrape target's health, last error and last scrape's duration."""
+        body = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()
+        return [{key: target.get(key) for key in ("scrapeUrl", "health", "lastError", "lastScrapeDuration")}
+                for target in body["data"]["activeTargets"]]
+
     def wait(self, condition: Callable[[], Any], what: str, timeout_s: float = 120.0) -> Any:
-        """Poll `condition` until it is truthy; fail naming `what` (and the alerts) after `timeout_s`."""
+        """Poll `condition` until it is truthy; fail naming `what`, the alerts and the targets after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while not (value := condition()):
-            assert time.monotonic() < deadline, f"{what}: not after {timeout_s}s; alerts {self.alerts()}"
+            assert time.monotonic() < deadline, \
+                f"{what}: not after {timeout_s}s; alerts {self.alerts()}; targets {self.targets()}"
             time.sleep(0.25)
         return value
 
@@ -111,10 +118,11 @@ def _epoch(timestamp: str) -> float:
 
 
 def config_for(target_url: str, folder: Path) -> Path:
-    """The shipped prometheus.yml with its scrape job pointed at `target_url` and 1 s intervals, beside a copy of
-    the shipped rules."""
+    """The shipped prometheus.yml with its scrape job pointed at `target_url` and short intervals (a scrape may take
+    as long as its interval: a loaded box's /metrics can need more than a second), beside a copy of the shipped
+    rules."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["global"].update(scrape_interval="3s", scrape_timeout="3s", evaluation_interval="1s")
     (job,) = config["scrape_configs"]
     job.pop("dns_sd_configs")
     job["static_configs"] = [{"targets": [urlparse(target_url).netloc]}]
