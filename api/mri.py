@@ -264,6 +264,7 @@ async def segment_uploads(
 def monitor_segmentation(model_id: str, tag: str, card: SegmentationCard, volume: DecodedVolume,
                          result: SegmentationResult) -> None:
     """Report the answer, its input, its OOD check and its confidence to the per-version metrics (monitoring/)."""
+    metrics.observe_model(model_id, tag, None)
     metrics.observe_prediction(model_id, tag, "tumour", "detected" if result.tumor_detected else "not_detected")
     metrics.observe_image(model_id, tag, volume.format, None, (), volume.shape, volume.spacing)
     check = result.ood_check

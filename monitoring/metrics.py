@@ -40,6 +40,7 @@ class Families:
     drift: Any
     expected_ood_rate: Any
     reference_accuracy: Any
+    served: Any
     inputs: Any
     image_side: Any
     spacing: Any
@@ -77,6 +78,8 @@ def families() -> Families:
         expected_ood_rate=gauge("expected_ood_rate", "Share of in-distribution inputs the card's OOD calibration flags",
                                 "max"),
         reference_accuracy=gauge("model_reference_accuracy", "Held-out accuracy from the model's card", "max"),
+        served=gauge("model_served", "1 for the version a model answers with now, 0 for one it answered with before "
+                     "(the worker that answered last)", "livemostrecent"),
         inputs=counter("inputs", "Inputs by format and modality", ["format", "modality"]),
         image_side=histogram("input_image_side_pixels", "Longer side of each input image or volume slice",
                              IMAGE_SIDE_BUCKETS),
@@ -139,8 +142,31 @@ class DriftWindows:
 DRIFT = DriftWindows()
 
 
+class ServedVersions:
+    """Which version of each model this worker answered with last: a switch (or a rollback) marks the version left
+    behind 0, so that alerts on its frozen figures stop (the rules watch served versions only)."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, model_id: str, model_version: str) -> None:
+        with self._lock:
+            previous = self._current.get(model_id)
+            if previous == model_version:
+                return
+            self._current[model_id] = model_version
+        if previous is not None:
+            series("served", model_id, previous).set(0)
+        series("served", model_id, model_version).set(1)
+
+
+SERVED = ServedVersions()
+
+
 def observe_model(model_id: str, model_version: str, accuracy: float | None) -> None:
-    """The card's held-out accuracy beside the live figures."""
+    """An answer of this version: it is the one served; its card's held-out accuracy beside the live figures."""
+    SERVED.observe(model_id, model_version)
     if accuracy is not None:
         publish_reference("reference_accuracy", model_id, model_version, accuracy)
 

@@ -87,9 +87,11 @@ class Prometheus:
         return body["data"]["result"]
 
     def alerts(self) -> dict[str, str]:
-        """Each active alert's name (with its model or route) -> state (pending or firing)."""
+        """Each active alert's name with its model and version or route ("NeuroNovaInputDrift ct_classification
+        <version>") -> state (pending or firing)."""
         body = httpx.get(f"{self.url}/api/v1/alerts", timeout=10).json()
-        return {" ".join([a["labels"]["alertname"], *(a["labels"].get(k, "") for k in ("model_id", "endpoint"))]).strip():
+        keys = ("model_id", "model_version", "endpoint")
+        return {" ".join([a["labels"]["alertname"], *(a["labels"][k] for k in keys if k in a["labels"])]):
                 a["state"] for a in body["data"]["alerts"]}
 
     def evaluated_since(self, moment: float) -> bool:

@@ -5,6 +5,7 @@ dashboard and the rules read is one the service exports."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,8 +78,10 @@ def drift_score(http: httpx.Client, version: str) -> float:
                  and sample.labels["model_id"] == "ct_classification" and sample.labels["model_version"] == version), 0.0)
 
 
-def ct_alerts(monitor: Prometheus) -> dict[str, str]:
-    return {name: state for name, state in monitor.alerts().items() if name.endswith("ct_classification")}
+def ct_alerts(monitor: Prometheus, version: str) -> dict[str, str]:
+    """The active alerts on the served CT version, by name."""
+    return {name.split()[0]: state for name, state in monitor.alerts().items()
+            if name.endswith(f" ct_classification {version}")}
 
 
 def scraped(monitor: Prometheus, expr: str, at_least: float) -> bool:
@@ -109,7 +112,9 @@ def test_a_shifted_scanner_fires_the_drift_alert_and_rejections_the_disagreement
         assert drift_score(http, version) < DRIFT_ALERT
         monitor.wait(lambda: scraped(monitor, f"neuronova:clinician_verdicts:increase_1d{{{selector}}}", VERDICTS),
                      "the accepts scraped and the rules evaluated on them")
-        assert ct_alerts(monitor) == {}, "an alert on in-distribution traffic"
+        seen = time.time()
+        monitor.wait(lambda: monitor.evaluated_since(seen), "every rule group evaluated on that scrape")
+        assert ct_alerts(monitor, version) == {}, "an alert on in-distribution traffic"
 
         detected_after = None
         shifted_answers = []
@@ -121,13 +126,13 @@ def test_a_shifted_scanner_fires_the_drift_alert_and_rejections_the_disagreement
         assert detected_after is not None and detected_after <= DETECTED_WITHIN, f"drift after {detected_after} slices"
         print(f"drift score above {DRIFT_ALERT} after {detected_after} shifted slices "
               f"({sum(OOD_WARNING in a['warnings'] for a in shifted_answers)} flagged)")
-        monitor.wait(lambda: ct_alerts(monitor).get("NeuroNovaInputDrift ct_classification") in ("pending", "firing"),
+        monitor.wait(lambda: ct_alerts(monitor, version).get("NeuroNovaInputDrift") in ("pending", "firing"),
                      "the drift alert")
-        assert "NeuroNovaClinicianDisagreement ct_classification" not in ct_alerts(monitor)
+        assert "NeuroNovaClinicianDisagreement" not in ct_alerts(monitor, version)
 
         give_verdicts(http, answers[VERDICTS:2 * VERDICTS], "reject")  # clinicians reject what the model answered
-        monitor.wait(lambda: ct_alerts(monitor).get("NeuroNovaClinicianDisagreement ct_classification")
-                     in ("pending", "firing"), "the disagreement alert")
+        monitor.wait(lambda: ct_alerts(monitor, version).get("NeuroNovaClinicianDisagreement") in ("pending", "firing"),
+                     "the disagreement alert")
 
 
 def test_every_metric_the_dashboard_and_the_rules_read_is_exported(http: httpx.Client, monitor: Prometheus,
