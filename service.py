@@ -310,7 +310,7 @@ class NeuroNova:
         if model_file is not None:
             if sha256 is None:
                 raise InvalidRequest("a model_file needs its sha256")
-            version = import_export_file(model_file, sha256)
+            version = await asyncio.to_thread(import_export_file, model_file, sha256, settings.limits)
         return await switch_model(slot, resolve_target(slot, old_tag, version, rollback), old_tag)
 
     @bentoml.task(route=MRI_ROUTE)

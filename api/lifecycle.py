@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from api.models import ModelSlot
 from core import active_models, model_exports, store
 from core.errors import InvalidRequest, ModelNotLoaded
+from core.settings import LimitSettings
 
 SWITCH_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.2
@@ -26,12 +27,14 @@ class UpdateModelResponse(BaseModel):
     message: str
 
 
-def import_export_file(path: Path, sha256: str) -> str:
-    """Import an exported model (`bentoml models export`) after checking its sha256; return its tag. With replicas,
-    the export is also published on the shared volume for the others (`core.model_exports`)."""
+def import_export_file(path: Path, sha256: str, limits: LimitSettings) -> str:
+    """Import an exported model (`bentoml models export`) after checking its sha256 and what it unpacks to; return
+    its tag. With replicas, the export is also published on the shared volume for the others (`core.model_exports`).
+    Blocking (hashing and unpacking up to gigabytes): call it in a thread."""
     digest = model_exports.file_sha256(path)
     if digest != sha256.lower():
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
+    model_exports.check_unpacked_size(path, limits.model_unpacked_max_bytes, limits.archive_max_compression_ratio)
     try:
         tag = str(bentoml.models.import_model(str(path.resolve())).tag)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error

@@ -22,11 +22,13 @@ MULTIPART_OVERHEAD = 1 * 2**20
 
 
 def route_body_limit(path: str, limits: LimitSettings) -> int:
-    """The body limit of a route: the upload limit for image routes, the JSON limit otherwise."""
+    """The body limit of a route: the upload limit for image and model routes, the JSON limit otherwise."""
     if path.startswith("/predict/ct_classification"):
         return limits.ct_max_bytes + MULTIPART_OVERHEAD
     if path.startswith("/predict/mri_segmentation"):
         return limits.mri_max_bytes + MULTIPART_OVERHEAD
+    if path == "/update_model":
+        return limits.model_upload_max_bytes + MULTIPART_OVERHEAD
     return limits.json_max_bytes
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
 import shutil
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import bentoml
@@ -18,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from core import shared_db, store
-from core.errors import ModelNotLoaded
+from core.errors import ImageTooLarge, InvalidRequest, ModelNotLoaded
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,34 @@ def exports_dir() -> Path:
     if shared is None:
         raise RuntimeError("distributed.shared_dir is not set (it is required with distributed.database_url)")
     return Path(shared) / "models"
+
+
+def check_unpacked_size(path: Path, max_bytes: int, max_ratio: float) -> int:
+    """The bytes an export (a tar, compressed or not, or a zip) unpacks to, read member by member; ImageTooLarge as
+    soon as they pass `max_bytes` or `max_ratio` times the file, before BentoML unpacks anything (an xz of zeros
+    expands thousands of times)."""
+    limit = min(max_bytes, int(path.stat().st_size * max_ratio))
+    total = 0
+
+    def add(size: int) -> None:
+        nonlocal total
+        total += size
+        if total > limit:
+            raise ImageTooLarge("the model export unpacks to more than allowed",
+                                {"limit_bytes": limit, "reason": "model_export_unpacked_too_large"})
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                add(info.file_size)
+        return total
+    try:
+        with tarfile.open(path, "r|*") as archive:
+            for member in archive:
+                add(member.size)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as exc:
+        raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
+    return total
 
 
 def file_sha256(path: Path) -> str:

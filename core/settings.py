@@ -48,6 +48,10 @@ class LimitSettings(BaseModel):
     ct_max_bytes: int = 50 * 2**20
     mri_max_bytes: int = 100 * 2**20
     json_max_bytes: int = 1 * 2**20
+    model_upload_max_bytes: int = Field(default=2 * 2**30, description=(
+        "an exported model uploaded to /update_model (streamed to disk, never held in memory)"))
+    model_unpacked_max_bytes: int = Field(default=8 * 2**30, description=(
+        "what an uploaded export may unpack to; it may also expand at most archive_max_compression_ratio times"))
     max_image_pixels: int = 64 * 2**20
     max_volume_voxels: int = 64 * 2**20
     archive_max_files: int = 2000

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 DEMO_INTENDED_USE = "demo, not for clinical use"
+
+
+def inside_model_folder(name: str) -> str:
+    """A file a card names must be a plain relative path inside the model's own folder: no `..`, no absolute or
+    drive path, no backslash (the serving side joins it to that folder)."""
+    path = PurePosixPath(name)
+    if name and ("\\" in name or path.is_absolute() or PureWindowsPath(name).drive or ".." in path.parts):
+        raise ValueError(f"{name!r} must be a relative path inside the model folder")
+    return name
+
+
+ModelFileName = Annotated[str, AfterValidator(inside_model_folder)]
+"""A file name in a model card, confined to the model's folder."""
 
 
 class Provenance(BaseModel):
@@ -41,7 +57,7 @@ class CardBase(BaseModel):
     card_version: int = 1
     name: str = Field(description="human-readable model name")
     format: str = Field(default="onnx", description="serving file format")
-    model_file: str = "model.onnx"
+    model_file: ModelFileName = "model.onnx"
     intended_use: str
     provenance: Provenance
     metrics: dict[str, float] = Field(default_factory=dict, description="held-out metrics from training or import")

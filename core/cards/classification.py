@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.cards.base import CardBase
+from core.cards.base import CardBase, ModelFileName
 from core.ood import OodCalibration
 
 CT_CLASSES: tuple[str, ...] = ("Glioma", "Meningioma", "Pituitary", "No Tumor")
@@ -55,7 +55,7 @@ class TorchArchitecture(BaseModel):
 
     factory: Literal["monai.ResNet"] = "monai.ResNet"
     kwargs: dict = Field(default_factory=dict)
-    weights_file: str = "model.pt"
+    weights_file: ModelFileName = "model.pt"
     gradcam_layer: str = "layer4"
 
 

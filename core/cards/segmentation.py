@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.cards.base import CardBase
+from core.cards.base import CardBase, ModelFileName
 from core.volume_ood import VolumeOodCalibration
 
 MRI_SEQUENCES: tuple[str, ...] = ("T1", "T1ce", "T2", "FLAIR")
@@ -124,7 +124,7 @@ class SegmentationArchitecture(BaseModel):
 
     factory: Literal["monai.SegResNet"] = "monai.SegResNet"
     kwargs: dict = Field(default_factory=dict)
-    weights_file: str = "model.pt"
+    weights_file: ModelFileName = "model.pt"
     gradcam_layer: str = Field(default="up_layers.1", description="decoder block the attention map is taken from")
 
     def size_multiple(self) -> int:

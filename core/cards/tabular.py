@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.cards.base import CardBase
+from core.cards.base import CardBase, ModelFileName
 from core.units import UnitProblem, parse_unit
 
 IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -117,7 +117,7 @@ class HeadSpec(BaseModel):
 
     name: str = Field(pattern=rf"^{IDENTIFIER}$")
     classes: list[str] = Field(min_length=2, description="output classes in the model's output order")
-    model_file: str
+    model_file: ModelFileName
     description: str = ""
 
 
@@ -126,7 +126,7 @@ class TabularCard(CardBase):
 
     task: Literal["biomarker_prediction"] = "biomarker_prediction"
     format: Literal["xgboost"] = "xgboost"
-    model_file: str = Field(default="", description="the first head's file; every head names its own")
+    model_file: ModelFileName = Field(default="", description="the first head's file; every head names its own")
     features: list[FeatureSpec] = Field(min_length=1, description="model input columns, in order")
     heads: list[HeadSpec] = Field(min_length=1, description="model outputs; the first is the one SHAP plots show")
     training_params: dict[str, float | int | str] = Field(default_factory=dict)

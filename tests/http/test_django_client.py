@@ -236,6 +236,7 @@ def test_mri_submitted_as_running_then_collected_by_the_management_command(neuro
     assert answer.status_code == 202, answer.content
     job = Prediction.objects.get(pk=answer.json()["id"])
     assert job.status == "running" and job.task_id and job.result is None
+    assert job.submitted_by  # polled as its submitter: the service shows a task to no one else
     escape = zip_bytes({"../../escape.dcm": b"x"})
     hostile = Prediction.objects.get(pk=neuronova.post(reverse("neuronova_client:mri"), {
         "image": SimpleUploadedFile("study.zip", escape), "patient_id": "P000108"}).json()["id"])

@@ -22,16 +22,17 @@ def submit_mri(client: NeuroNovaClient, images: Sequence[IO[bytes]], patient_id:
     request_id = f"dj-{uuid.uuid4().hex}"
     task_id = client.submit_mri(images, patient_id, subject=subject, request_id=request_id, xai=xai)
     return Prediction.objects.create(request_id=request_id, model_id="mri_segmentation", patient_id=patient_id,
-                                     task_id=task_id, status=Prediction.Status.RUNNING)
+                                     task_id=task_id, submitted_by=subject, status=Prediction.Status.RUNNING)
 
 
 def poll_running(client: NeuroNovaClient) -> Counter[str]:
-    """One pass over the running jobs; returns how many ended in each status. An unknown task id (expired, or lost
-    with the service's data) fails its job; an unreachable service ends the pass (the next one tries again)."""
+    """One pass over the running jobs, each polled as the subject that submitted it (the service shows a task to
+    its submitter only); returns how many ended in each status. An unknown task id (expired, or lost with the
+    service's data) fails its job; an unreachable service ends the pass (the next one tries again)."""
     outcome: Counter[str] = Counter()
     for prediction in Prediction.objects.filter(status=Prediction.Status.RUNNING).exclude(task_id=""):
         try:
-            polled = client.task_status(prediction.task_id, subject=POLLER_SUBJECT)
+            polled = client.task_status(prediction.task_id, subject=prediction.submitted_by or POLLER_SUBJECT)
         except ServiceError as error:
             if error.code != "NOT_FOUND":
                 log.warning("polling task %s failed: %s", prediction.task_id, error)

@@ -37,6 +37,9 @@ class Prediction(models.Model):
     model_version = models.CharField(max_length=200, blank=True)
     patient_id = models.CharField(max_length=64, db_index=True, help_text="anonymised id, e.g. P123456")
     task_id = models.CharField(max_length=64, blank=True, db_index=True, help_text="the service's MRI task id")
+    submitted_by = models.CharField(max_length=150, blank=True,
+                                    help_text="the token subject that submitted the task: the service shows a task "
+                                              "to its submitter only, so the poller asks as this subject")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     progress = models.PositiveSmallIntegerField(default=0)
     result = models.JSONField(null=True, blank=True, help_text="the service's whole answer")

@@ -1,5 +1,7 @@
 """Body size limits before the body is read whole, and per-client rate limits with Retry-After."""
 
+from pathlib import Path
+
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,6 +27,17 @@ def test_route_limits():
     assert route_body_limit("/predict/ct_classification", LIMITS) > 1000
     assert route_body_limit("/predict/mri_segmentation/submit", LIMITS) > 5000
     assert route_body_limit("/predict/biomarker_prediction", LIMITS) == 100
+
+
+def test_a_model_export_has_a_limit_of_its_own() -> None:
+    """The shipped MRI export (1.6 MB) used to get the 1 MiB JSON limit's 413; exports get gigabytes now."""
+    defaults = LimitSettings()
+    assert route_body_limit("/update_model", defaults) >= 2 * 2**30
+    routes = [Route("/update_model", echo_size, methods=["POST"])]
+    client = TestClient(BodyLimitMiddleware(Starlette(routes=routes), limits=defaults))
+    export = (Path(__file__).resolve().parents[3] / "demo_models" / "neuronova-mri.bentomodel").read_bytes()
+    assert len(export) > defaults.json_max_bytes
+    assert client.post("/update_model", content=export).json() == {"size": len(export)}
 
 
 def test_declared_length_over_limit_is_413_at_once():
