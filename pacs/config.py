@@ -86,6 +86,16 @@ class ExportRetry(BaseModel):
         return min(self.max_seconds, self.initial_seconds * 2 ** max(failures - 1, 0))
 
 
+class RetrievalLimits(BaseModel):
+    """How much of one series a job may retrieve: a study whose series passes either is failed, not retrieved whole
+    (the instance count from the QIDO-RS search is checked before, the bytes while the instances arrive)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_instances_per_series: int = Field(default=2000, gt=0, description="a thin-slice CT is ~1000 instances")
+    max_bytes_per_series: int = Field(default=1 * 2**30, gt=0, description="pixel data of one series")
+
+
 class PacsConfig(BaseModel):
     """Everything the PACS connection needs (one YAML file, `NEURONOVA_PACS__CONFIG`)."""
 
@@ -101,6 +111,7 @@ class PacsConfig(BaseModel):
     changes: ChangesPolling | None = None
     export_retry: ExportRetry = Field(default_factory=ExportRetry)
     poll_seconds: float = Field(default=0.5, gt=0, description="how often an idle worker looks for queued jobs")
+    retrieval: RetrievalLimits = Field(default_factory=RetrievalLimits)
 
     @property
     def store_to(self) -> DicomWebEndpoint:

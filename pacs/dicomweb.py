@@ -11,7 +11,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from pacs.config import DicomWebEndpoint
+from core.errors import ImageTooLarge
+from pacs.config import DicomWebEndpoint, RetrievalLimits
 
 SERIES_INSTANCE_UID = "0020000E"
 RELATED_INSTANCES = "00201209"
@@ -67,9 +68,11 @@ def _calling(what: str):
 class DicomWebPacs:
     """QIDO-RS / WADO-RS on the source, STOW-RS to the destination (blocking: call from a thread)."""
 
-    def __init__(self, source: DicomWebEndpoint, destination: DicomWebEndpoint) -> None:
+    def __init__(self, source: DicomWebEndpoint, destination: DicomWebEndpoint,
+                 limits: RetrievalLimits | None = None) -> None:
         self.source = source
         self.destination = destination
+        self.limits = limits or RetrievalLimits()
 
     @_calling("QIDO-RS series search")
     def study_series(self, study_uid: str) -> list[StudySeries]:
@@ -88,7 +91,16 @@ class DicomWebPacs:
 
     @_calling("WADO-RS series retrieve")
     def retrieve(self, study_uid: str, series_uid: str) -> list[Dataset]:
-        return _client(self.source).retrieve_series(study_uid, series_uid)
+        """The series' instances as they arrive; ImageTooLarge (the job fails) once they pass the retrieval limits."""
+        limits, instances, pixel_bytes = self.limits, [], 0
+        for instance in _client(self.source).iter_series(study_uid, series_uid):
+            instances.append(instance)
+            pixel_bytes += len(instance.PixelData) if "PixelData" in instance else 0
+            if len(instances) > limits.max_instances_per_series or pixel_bytes > limits.max_bytes_per_series:
+                raise ImageTooLarge("the series exceeds the PACS retrieval limits", {
+                    "max_instances_per_series": limits.max_instances_per_series,
+                    "max_bytes_per_series": limits.max_bytes_per_series, "reason": "pacs_retrieval_limit"})
+        return instances
 
     @_calling("STOW-RS store")
     def store(self, study_uid: str, datasets: list[Dataset]) -> None:

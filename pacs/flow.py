@@ -63,7 +63,7 @@ class PacsFlow:
         self.tasks = tasks
         self.limits = limits
         self.work_dir = work_dir
-        self.pacs = pacs or DicomWebPacs(config.source, config.store_to)
+        self.pacs = pacs or DicomWebPacs(config.source, config.store_to, config.retrieval)
         self.wake = asyncio.Event()
 
     def notify(self, study_uid: str) -> None:

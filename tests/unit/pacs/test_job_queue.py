@@ -17,7 +17,9 @@ from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from pacs.config import DicomWebEndpoint, EndpointAuth, ExportRetry, PacsConfig, load_config
+from core.errors import ImageTooLarge
+from pacs import dicomweb
+from pacs.config import DicomWebEndpoint, EndpointAuth, ExportRetry, PacsConfig, RetrievalLimits, load_config
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, _calling
 from pacs.jobs import MAX_RUNS, JobStore, idempotency_key
 
@@ -220,3 +222,25 @@ def test_an_unreachable_pacs_fails_fast_for_the_queue_to_retry() -> None:
     with pytest.raises(PacsUnavailable, match="ConnectionError"):
         pacs.store("1.2.3", [dcmread(get_testdata_file("CT_small.dcm"))])
     assert time.monotonic() - started < 5  # no client-side retries (dicomweb-client's own took 30 s)
+
+
+def test_a_series_past_the_retrieval_limits_is_refused_as_it_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instances are counted and their pixel bytes summed while they stream in; the retrieval stops at the limit."""
+    instance = dcmread(get_testdata_file("CT_small.dcm"))
+    pulled = []
+
+    class Source:
+        def iter_series(self, study_uid: str, series_uid: str):
+            for _ in range(100):
+                pulled.append(1)
+                yield instance
+
+    monkeypatch.setattr(dicomweb, "_client", lambda endpoint: Source())
+    endpoint = DicomWebEndpoint(url="http://pacs.invalid/dicom-web")
+    assert len(DicomWebPacs(endpoint, endpoint).retrieve("1.2", "1.2.3")) == 100  # within the defaults
+    for limits in (RetrievalLimits(max_instances_per_series=10), RetrievalLimits(max_bytes_per_series=
+                                                                               5 * len(instance.PixelData))):
+        pulled.clear()
+        with pytest.raises(ImageTooLarge) as refused:
+            DicomWebPacs(endpoint, endpoint, limits).retrieve("1.2", "1.2.3")
+        assert refused.value.details["reason"] == "pacs_retrieval_limit" and len(pulled) <= 11
