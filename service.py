@@ -100,8 +100,9 @@ settings = get_settings()
 quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
 log_redaction.install()
-if is_bentoml_worker() or serving_host(sys.argv) is not None:  # a server starting: refuse to start open
-    check_start(settings.auth, serving_host(sys.argv))
+bound_host = serving_host(sys.argv)
+if is_bentoml_worker() or bound_host is not None:  # a server starting: refuse to start open
+    check_start(settings.auth, bound_host)
 if is_bentoml_worker():
     guard_worker_process(settings.shutdown_grace_seconds)
     accept_balance.install()
