@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ async def retried_if_stale(call: Callable[[], Awaitable[T]]) -> T:
         except STALE_CONNECTION_ERRORS:
             continue
     return await call()
+
+
+def public_load_error(error: str | None) -> str | None:
+    """What the public /health says of a failure: its kind, not its message (paths, versions, hosts):
+    "FileNotFoundError: [Errno 2] /models/x/model.onnx" -> "FileNotFoundError (details in the server log)"."""
+    if not error:
+        return None
+    kind = error.split(":", 1)[0].strip()
+    return f"{kind if re.fullmatch(r'[A-Za-z][A-Za-z0-9_ ]{0,60}', kind) else 'load error'} (details in the server log)"
 
 
 class ModelSlot(Generic[CardT]):
@@ -182,10 +192,12 @@ class ModelSlot(Generic[CardT]):
             raise ModelNotLoaded(f"{self.model_id} runner is unreachable", {"reason": type(exc).__name__}) from exc
 
     async def status(self) -> ModelStatus:
+        """The model's state for the public /health: a load failure is named by its kind only (its message, with
+        paths and versions, is in the server log)."""
         described = await self.describe()
         return ModelStatus(
             loaded=bool(described.get("loaded")), version=described.get("tag"), last_updated=described.get("loaded_at"),
-            engine=described.get("engine"), error=described.get("error"),
+            engine=described.get("engine"), error=public_load_error(described.get("error")),
         )
 
     async def info(self) -> ModelInfo | None:

@@ -32,7 +32,7 @@ def test_a_silent_runner_is_unreachable_after_the_timeout(monkeypatch):
     slot = ModelSlot("ct_classification", SilentRunner(), ClassificationCard)
 
     status = asyncio.run(asyncio.wait_for(slot.status(), 5))
-    assert not status.loaded and status.error == "runner unreachable: TimeoutError"
+    assert not status.loaded and status.error == "runner unreachable (details in the server log)"
     with pytest.raises(ModelNotLoaded):
         asyncio.run(asyncio.wait_for(slot.loaded(), 5))
 
@@ -77,7 +77,7 @@ def test_a_runner_that_resets_every_attempt_is_unreachable_after_a_bounded_numbe
     slot = ModelSlot("ct_classification", runner, ClassificationCard)
 
     status = asyncio.run(slot.status())
-    assert not status.loaded and status.error == "runner unreachable: ClientOSError"
+    assert not status.loaded and status.error == "runner unreachable (details in the server log)"
     assert len(runner.calls) == models.STALE_CONNECTION_ATTEMPTS
     runner.calls = []
     with pytest.raises(ModelNotLoaded) as refused:  # 503 in the error schema, not a 500
@@ -130,3 +130,14 @@ def test_a_model_switched_at_every_attempt_fails_the_request_instead_of_naming_t
     with pytest.raises(ModelInferenceError, match="switched repeatedly") as failed:
         asyncio.run(slot.on_served_model(runner.run, lambda out: out[1]))
     assert failed.value.details == {"reason": models.MODEL_SWITCHED}
+
+
+@pytest.mark.parametrize(("error", "public"), [
+    ("FileNotFoundError: [Errno 2] No such file: '/home/bentoml/models/x/model.onnx'",
+     "FileNotFoundError (details in the server log)"),
+    ("neuronova-ct:abc is not in this replica's store nor on the shared volume",
+     "load error (details in the server log)"),
+    (None, None),
+])
+def test_the_public_health_names_a_load_failure_without_its_message(error, public):
+    assert models.public_load_error(error) == public
