@@ -84,7 +84,7 @@ from core.schemas import (
 from core.settings import get_settings
 from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
 from monitoring.backlog import watch_backlog
-from monitoring.live import live_figures
+from monitoring.live import live_figures, replica_samples
 from pacs.jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
@@ -404,8 +404,9 @@ class NeuroNova:
         """Every loaded model's card, held-out metrics, size and inference time, and how it does live: answers, OOD
         rate and drift on this replica, clinicians' verdicts from the feedback store (in a thread: a database read)."""
         infos = [info for info in [await slot.info() for slot in self._slots()] if info is not None]
+        samples = await asyncio.to_thread(replica_samples)  # one read of the metrics files for every model
         for info in infos:
-            info.live = await asyncio.to_thread(live_figures, info.model_id, info.version, self.feedback_store)
+            info.live = await asyncio.to_thread(live_figures, info.model_id, info.version, self.feedback_store, samples)
         return ModelInfoResponse(models=infos)
 
     def _slots(self) -> list[ModelSlot]:

@@ -26,11 +26,10 @@ def replica_samples() -> list[Sample]:
             if family.name.startswith(f"{NAMESPACE}_") for sample in family.samples]
 
 
-def live_figures(model_id: str, model_version: str, feedback: FeedbackStore,
-                 samples: Iterable[Sample] | None = None) -> LiveFigures:
-    """One served version's figures: answers, OOD checks and drift on this replica; verdicts from every replica."""
-    own = [s for s in (replica_samples() if samples is None else samples)
-           if s.labels.get("model_id") == model_id and s.labels.get("model_version") == model_version]
+def live_figures(model_id: str, model_version: str, feedback: FeedbackStore, samples: Iterable[Sample]) -> LiveFigures:
+    """One served version's figures from this replica's `samples` (`replica_samples`: answers, OOD checks, drift) and
+    the verdicts of every replica (the feedback store)."""
+    own = [s for s in samples if s.labels.get("model_id") == model_id and s.labels.get("model_version") == model_version]
 
     def values(name: str) -> list[Sample]:
         return [s for s in own if s.name == f"{NAMESPACE}_{name}"]

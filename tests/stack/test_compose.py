@@ -49,7 +49,7 @@ def test_the_stack_validates_with_every_service_of_the_design(env_file: Path) ->
     config = yaml.safe_load(rendered.stdout)
     services = config["services"]
     assert set(services) == {"neuronova", "neuronova-pacs", "postgres", "orthanc", "nginx", "prometheus", "grafana"}
-    assert set(config["volumes"]) == {"shared", "postgres", "orthanc", "prometheus", "grafana"}
+    assert set(config["volumes"]) == {"shared-volume", "postgres", "orthanc", "prometheus", "grafana"}
     neuronova = services["neuronova"]
     assert "ports" not in neuronova  # reached through Nginx only; it can then be scaled
     assert "/readyz" in " ".join(neuronova["healthcheck"]["test"])
