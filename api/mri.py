@@ -288,14 +288,14 @@ def cached_segmentation(response: MRISegmentationResponse, volume: DecodedVolume
         request_id=response.request_id, model_id=response.model_id, model_version=response.model_version,
         input_sha256=input_sha256,
         arrays={"tensor": np.clip(prepared.tensor, -largest, largest).astype(np.float16), "affine": prepared.affine,
-                "mask": delivered_labels(mask), "input_affine": volume.affine},
+                "mask": delivered_volume(mask), "input_affine": volume.affine},
         facts={"mask_labels": mask.labels},
     )
 
 
-def delivered_labels(mask: MaskOutput) -> np.ndarray:
-    """The label volume exactly as the response delivers it (uint8, input grid)."""
-    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(mask.data_base64))).dataobj)
+def delivered_volume(volume: MaskOutput | VolumeMap) -> np.ndarray:
+    """A volume exactly as the response delivers it (the mask's uint8 labels, a map's values; input grid)."""
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(volume.data_base64))).dataobj)
 
 
 def build_result(

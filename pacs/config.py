@@ -113,6 +113,13 @@ class PacsConfig(BaseModel):
     poll_seconds: float = Field(default=0.5, gt=0, description="how often an idle worker looks for queued jobs")
     retrieval: RetrievalLimits = Field(default_factory=RetrievalLimits)
 
+    def rules_for(self, model_id: str) -> ModelRules:
+        """The first rules naming `model_id` (KeyError when none does)."""
+        for rules in self.models:
+            if rules.model_id == model_id:
+                return rules
+        raise KeyError(model_id)
+
     @property
     def store_to(self) -> DicomWebEndpoint:
         return self.destination or self.source

@@ -35,14 +35,10 @@ from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
 from pacs.jobs import NO_RULE, Job, JobStore
 from pacs.selection import SeriesFacts, select_series
-from postprocessing.dicom_results import (
-    ct_results,
-    dataset_bytes,
-    mr_negative_report,
-    mr_results,
-    segment_volumes_ml,
-)
-from xai.render import overlay, to_source_geometry
+from postprocessing.dicom_results import dataset_bytes, mr_negative_report, segment_volumes_ml
+from postprocessing.parametric_maps import missing_geometry
+from postprocessing.result_sets import ct_results, mr_results
+from xai.render import to_source_geometry
 
 log = logging.getLogger("neuronova.pacs")
 STABLE_STUDY = "StableStudy"
@@ -190,8 +186,10 @@ class PacsFlow:
         # an attempt queued again after the runner shed it must not find that record (it would stop at its first step).
         task_id = f"pacs-{job.job_id}-{uuid.uuid4().hex[:12]}"
         self.tasks.create(task_id, job.job_id, slot.model_id)
+        objects = self.config.rules_for(slot.model_id).result_objects
         request = mri.SegmentationRequest(task_id=task_id, request_id=job.job_id, images=(), sequence_type=None,
-                                          xai=False, post_processing=mri.PostProcessingOptions())
+                                          xai=False, post_processing=mri.PostProcessingOptions(),
+                                          uncertainty="uncertainty_map" in objects)
         try:
             segmented = await mri.segment_series(slot, self.tasks, request, series, self.limits)
         except Exception as exc:
@@ -201,19 +199,22 @@ class PacsFlow:
         self.tasks.complete(task_id, {"pacs_job": job.job_id})
         response, volume = segmented.response, segmented.volume
         card = (await slot.loaded()).card
-        if not response.result.tumor_detected:
+        result, tag = response.result, response.model_version
+        uncertainty = None if result.uncertainty is None else mri.delivered_volume(result.uncertainty.map) / 100.0
+        datasets: list[Dataset] = []
+        if not result.tumor_detected:
             read = [source for source in volume.sources if source.headers]
             doubts = [warning for warning in response.warnings if warning != mri.NO_SEG_WARNING]  # the report says it
-            report = await asyncio.to_thread(mr_negative_report, read, doubts, card, response.model_version,
-                                             uid_key=job.job_id)
+            datasets.append(await asyncio.to_thread(mr_negative_report, read, doubts, card, tag, uid_key=job.job_id))
             self.jobs.log(job.job_id, "no tumour detected: negative report written")
-            return [report]
-        labels = mri.delivered_labels(response.result.mask)
-        built = await asyncio.to_thread(
-            lambda: mr_results(labels, volume.source_of(volume.reference_sequence),
-                               segment_volumes_ml(response.result.label_statistics), card, response.model_version,
-                               uid_key=job.job_id))
-        return list(built.objects)
+            objects = tuple(kind for kind in objects if kind == "uncertainty_map")  # no segment to store or measure
+        if objects:
+            built = await asyncio.to_thread(
+                lambda: mr_results(mri.delivered_volume(result.mask), volume.source_of(volume.reference_sequence),
+                                   segment_volumes_ml(result.label_statistics), card, tag, uncertainty=uncertainty,
+                                   objects=objects, uid_key=job.job_id))
+            datasets += built.objects
+        return datasets
 
     async def _classify(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
         datasets = next(iter(series.values()))
@@ -223,11 +224,17 @@ class PacsFlow:
                                    max_pixels=self.limits.max_image_pixels)
         card = out.model.card
         result = class_probabilities(out.probabilities, card.contract_labels())
-        heatmap = next(iter(out.heatmaps.values()))
-        overlay_rgb = overlay(out.prepared.display, to_source_geometry(heatmap, out.prepared.display.shape))
+        method, heatmap = next(iter(out.heatmaps.items()))
+        display = out.prepared.display
         probabilities = {label: float(p) for label, p in zip(card.contract_labels(), out.probabilities)}
-        built = await asyncio.to_thread(lambda: ct_results(source, overlay_rgb, probabilities, result.predicted_class,
-                                                           card, out.model.tag, uid_key=job.job_id))
+        objects = self.config.rules_for(slot.model_id).result_objects
+        missing = missing_geometry(source)
+        if "heatmap_map" in objects and missing:
+            objects = tuple(kind for kind in objects if kind != "heatmap_map")
+            self.jobs.log(job.job_id, f"no heatmap map: the source slice has no {', '.join(missing)}")
+        built = await asyncio.to_thread(lambda: ct_results(
+            source, display, to_source_geometry(heatmap, display.shape), method, probabilities,
+            result.predicted_class, card, out.model.tag, objects=objects, uid_key=job.job_id))
         return list(built.objects)
 
     async def export(self, job: Job, folder: Path) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydicom.dataset import Dataset
 
 from postprocessing.dicom_results import OUR_MANUFACTURER
+from postprocessing.result_sets import ResultObject, checked_objects
 
 Orientation = Literal["axial", "sagittal", "coronal"]
 ModelId = Literal["mri_segmentation", "ct_classification"]
@@ -152,12 +153,26 @@ class SeriesRule(BaseModel):
 
 
 class ModelRules(BaseModel):
-    """The series one model needs: role -> rule (MRI: one role per required sequence; CT: one role)."""
+    """The series one model needs: role -> rule (MRI: one role per required sequence; CT: one role), and which result
+    objects its run stores into the study (`postprocessing.result_sets`; unset: the model's default)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_id: ModelId
     series: dict[str, SeriesRule] = Field(min_length=1)
+    results: list[ResultObject] | None = Field(default=None, description=(
+        "mri_segmentation: segmentation, measurement_report, uncertainty_map (default: the first two); "
+        "ct_classification: overlay_capture, heatmap_map, probability_report (default: all three)"))
+
+    @model_validator(mode="after")
+    def _results_of_the_model(self) -> ModelRules:
+        checked_objects(self.model_id, self.results)
+        return self
+
+    @property
+    def result_objects(self) -> tuple[ResultObject, ...]:
+        """The objects to store, in store order."""
+        return checked_objects(self.model_id, self.results)
 
 
 @dataclass(frozen=True)

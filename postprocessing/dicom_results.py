@@ -1,6 +1,6 @@
 """Result objects for a PACS, built with highdicom: the MR DICOM SEG and its TID 1500 measurement report (or, where
 the model found no tumour, a TID 1500 report saying so), the CT Grad-CAM overlay as an RGB Secondary Capture and its
-class-probability report.
+class-probability report. The maps are in `parametric_maps`, the sets a PACS rule asks for in `result_sets`.
 
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
@@ -109,26 +109,6 @@ class ModelIdentity:
                 name=self.model_tag[:_LO], manufacturer_name=OUR_MANUFACTURER, model_name=self.model_id,
             ),
         ))
-
-
-@dataclass(frozen=True)
-class ResultSet:
-    """What one model run stores into the study, in store order, and what of it a viewer ignoring SR shows."""
-
-    objects: tuple[hd.SOPClass, ...]
-
-    @property
-    def shown_without_sr(self) -> list[hd.SOPClass]:
-        return shown_without_sr(self.objects)
-
-
-def shown_without_sr(objects: Sequence[Dataset]) -> list[Dataset]:
-    """What a viewer that ignores SR still shows of a result set: every object but the reports.
-
-    CT: the Secondary Capture of the Grad-CAM overlay. MR: the DICOM SEG itself, which viewers such as OHIF draw
-    over the source series; the volumes live in the SR only, as a viewer computes them from the SEG anyway.
-    """
-    return [ds for ds in objects if ds.Modality != "SR"]
 
 
 def study_reference(source: Dataset) -> Dataset:
@@ -264,8 +244,9 @@ def mr_negative_report(sources: Sequence[SeriesSource], warnings: Sequence[str],
 
 
 def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: ClassificationCard, model_tag: str, *,
-                       finding: str | None = None, uid_key: str | None = None) -> hd.sc.SCImage:
-    """The Grad-CAM overlay as a Secondary Capture in the source's study, in a new series.
+                       method: str = "Grad-CAM", finding: str | None = None, uid_key: str | None = None
+                       ) -> hd.sc.SCImage:
+    """The heatmap overlay (`method`'s, e.g. Grad-CAM) as a Secondary Capture in the source's study, in a new series.
 
     `overlay_rgb` is uint8 rows x columns x 3 as the CT route draws it (`api.shaping.heatmap_explanation`):
     `xai.render.overlay(prepared.display, to_source_geometry(heatmap, prepared.display.shape))`. The source's pixel
@@ -285,12 +266,23 @@ def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: Classific
         pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
         patient_orientation=patient_orientation(source.get("ImageOrientationPatient") if same_grid else None),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **identity.equipment(f"Grad-CAM {finding or 'overlay'}"),
+        **identity.equipment(f"{method} {finding or 'overlay'}"),
     )
     # General Series Laterality (type 2C): the source's, else present and empty (unknown). highdicom takes only L/R,
     # and dciodvfy counts an absent one as an error where it cannot tell whether the body part is paired.
     capture.Laterality = source.get("Laterality", "")
+    capture.SourceImageSequence = [source_image_reference(source)]
+    capture.DerivationDescription = f"{method} heatmap over the source image"
     return capture
+
+
+def source_image_reference(source: Dataset) -> Dataset:
+    """A Source Image Sequence item naming `source` as the image this object was computed from."""
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(
+        codes.DCM.SourceImageForImageProcessingOperation)]
+    return item
 
 
 def patient_orientation(cosines: Sequence[float] | None) -> tuple[str, str]:
@@ -345,23 +337,6 @@ def ct_probability_report(source: Dataset, probabilities: dict[str, float], pred
 def class_concept(name: str) -> hd.sr.CodedConcept:
     """A contract class (e.g. "No Tumor") as a code of `CLASS_SCHEME`."""
     return hd.sr.CodedConcept(re.sub(r"[^A-Z0-9]+", "_", name.upper())[:16], CLASS_SCHEME, name)
-
-
-def mr_results(labels: np.ndarray, source: SeriesSource, volumes_ml: dict[str, float], card: SegmentationCard,
-               model_tag: str, *, uid_key: str | None = None) -> ResultSet:
-    """The MR result set: the SEG, then its measurement report (see `mr_segmentation`, `mr_measurement_report`)."""
-    segmentation = mr_segmentation(labels, source, card, model_tag, uid_key=uid_key)
-    report = mr_measurement_report(segmentation, list(source.headers), volumes_ml, card, model_tag, uid_key=uid_key)
-    return ResultSet((segmentation, report))
-
-
-def ct_results(source: Dataset, overlay_rgb: np.ndarray, probabilities: dict[str, float], predicted: str,
-               card: ClassificationCard, model_tag: str, *, uid_key: str | None = None) -> ResultSet:
-    """The CT result set: the overlay capture (its description naming the predicted class and probability), then
-    the probability report."""
-    finding = f"{predicted} {probabilities[predicted]:.0%}" if predicted in probabilities else None
-    return ResultSet((ct_overlay_capture(source, overlay_rgb, card, model_tag, finding=finding, uid_key=uid_key),
-                      ct_probability_report(source, probabilities, predicted, card, model_tag, uid_key=uid_key)))
 
 
 def segment_volumes_ml(statistics: Sequence[LabelStatistics]) -> dict[str, float]:

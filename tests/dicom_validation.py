@@ -1,7 +1,7 @@
 """DICOM conformance of the objects we write, checked by dicom3tools' `dciodvfy` (David Clunie's IOD verifier).
 
-A dataset passes when `dciodvfy` reports no line starting with "Error" (or "Abort": it could not read the file);
-warnings are allowed and shown only when the check fails. Where `dciodvfy` is not installed the check skips with the
+A dataset passes when `dciodvfy` exits 0 and reports no line starting with "Error" (or "Abort": it could not read
+the file); warnings are allowed and shown only when the check fails. Where `dciodvfy` is not installed the check skips with the
 reason, except under CI (`CI` set), where it fails: CI installs dicom3tools (`.ci/run`).
 """
 
@@ -20,10 +20,10 @@ DCIODVFY = "dciodvfy"
 FAILING_PREFIXES = ("Error", "Abort")
 
 
-def dciodvfy_findings(path: Path, binary: str) -> list[str]:
-    """`dciodvfy`'s report lines (errors, warnings) on a DICOM file."""
+def dciodvfy_findings(path: Path, binary: str) -> tuple[int, list[str]]:
+    """`dciodvfy`'s exit code and report lines (errors, warnings) on a DICOM file."""
     done = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60, check=False)
-    return [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    return done.returncode, [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
 
 def require_dciodvfy() -> str:
@@ -42,6 +42,7 @@ def assert_dciodvfy_clean(dataset_or_path: Dataset | str | Path) -> None:
         path = Path(dataset_or_path) if isinstance(dataset_or_path, (str, Path)) else Path(folder) / "object.dcm"
         if isinstance(dataset_or_path, Dataset):
             dataset_or_path.save_as(path, enforce_file_format=True)
-        findings = dciodvfy_findings(path, binary)
+        exit_code, findings = dciodvfy_findings(path, binary)
     errors = [line for line in findings if line.startswith(FAILING_PREFIXES)]
-    assert not errors, f"dciodvfy found {len(errors)} error(s):\n" + "\n".join(findings)
+    assert not errors and exit_code == 0, (f"dciodvfy exited {exit_code} with {len(errors)} error line(s):\n"
+                                           + "\n".join(findings))

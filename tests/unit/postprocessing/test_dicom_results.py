@@ -22,14 +22,12 @@ from pacs.selection import SeriesFacts, is_our_output
 from postprocessing.dicom_results import (
     NOT_FOR_DIAGNOSIS,
     OUR_MANUFACTURER,
-    ResultSet,
     class_concept,
+    ct_overlay_capture,
     ct_probability_report,
-    ct_results,
     dataset_bytes,
     mr_measurement_report,
     mr_negative_report,
-    mr_results,
     patient_orientation,
     read_probabilities,
     read_tumour_finding,
@@ -37,6 +35,7 @@ from postprocessing.dicom_results import (
     segment_volumes_ml,
 )
 from postprocessing.measurements import label_statistics
+from postprocessing.result_sets import ResultSet, ct_results, mr_results
 from preprocessing.volumes import decode_upload
 from tests import dicom_validation
 from tests.dicom_validation import assert_dciodvfy_clean, require_dciodvfy
@@ -89,17 +88,27 @@ def ct_source(tmp_path_factory) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def ct_overlay(ct_source) -> np.ndarray:
-    """A Grad-CAM overlay as the CT route draws it: a model-resolution map brought to the source's geometry."""
+def ct_heatmap(ct_source) -> tuple[np.ndarray, np.ndarray]:
+    """The slice as the CT route shows it and a Grad-CAM map brought from model resolution to the source's grid."""
     display = ct_source.pixel_array.astype(np.float32) / ct_source.pixel_array.max()
     heatmap = np.zeros((7, 7), np.float32)
     heatmap[2:4, 3:5] = 1.0
-    return overlay(display, to_source_geometry(heatmap, display.shape))
+    return display, to_source_geometry(heatmap, display.shape)
 
 
 @pytest.fixture(scope="module")
-def ct_set(ct_source, ct_overlay) -> ResultSet:
-    return ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", CT_CARD, CT_TAG)
+def ct_overlay(ct_heatmap) -> np.ndarray:
+    """The Grad-CAM overlay as the CT route draws it."""
+    return overlay(*ct_heatmap)
+
+
+def ct_set_of(ct_source, ct_heatmap, card: ClassificationCard = CT_CARD, **options) -> ResultSet:
+    return ct_results(ct_source, *ct_heatmap, "grad_cam", PROBABILITIES, "Glioma", card, CT_TAG, **options)
+
+
+@pytest.fixture(scope="module")
+def ct_set(ct_source, ct_heatmap) -> ResultSet:
+    return ct_set_of(ct_source, ct_heatmap)
 
 
 def assert_names_the_model(dataset: Dataset, model_id: str, tag: str) -> None:
@@ -198,16 +207,17 @@ def test_the_ct_overlay_is_an_rgb_capture_in_the_source_study(ct_source, ct_over
     assert_names_the_model(capture, "ct_classification", CT_TAG)
     assert capture.StudyInstanceUID == ct_source.StudyInstanceUID
     assert capture.SeriesInstanceUID != ct_source.SeriesInstanceUID
+    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == ct_source.SOPInstanceUID
     assert capture.PatientID == ct_source.PatientID and capture.PatientName == ""
     np.testing.assert_array_equal(capture.pixel_array, ct_overlay)
     assert [float(v) for v in capture.PixelSpacing] == [float(v) for v in ct_source.PixelSpacing]
     assert list(capture.PatientOrientation) == ["L", "P"]
     assert capture.SeriesDescription == f"{NOT_FOR_DIAGNOSIS} - NeuroNova Grad-CAM Glioma 61%"  # seen without SR
-    assert ct_set.shown_without_sr == [ct_set.objects[0]]
+    assert ct_set.shown_without_sr == list(ct_set.objects[:2])  # the capture and the heatmap's Parametric Map
 
 
 def test_the_ct_report_gives_probabilities_that_sum_to_one(ct_source, ct_set) -> None:
-    sr = round_trip(ct_set.objects[1])
+    sr = round_trip(ct_set.objects[2])
 
     assert_names_the_model(sr, "ct_classification", CT_TAG)
     assert sr.StudyInstanceUID == ct_source.StudyInstanceUID
@@ -227,7 +237,7 @@ def test_the_ct_report_refuses_inconsistent_probabilities(ct_source, probabiliti
         ct_probability_report(ct_source, probabilities, predicted, CT_CARD, CT_TAG)
 
 
-@pytest.mark.parametrize("kind, index", [("mr", 0), ("mr", 1), ("ct", 0), ("ct", 1)])
+@pytest.mark.parametrize("kind, index", [("mr", 0), ("mr", 1), ("ct", 0), ("ct", 1), ("ct", 2)])
 def test_every_result_object_passes_dciodvfy(request, kind: str, index: int) -> None:
     assert_dciodvfy_clean(round_trip(request.getfixturevalue(f"{kind}_set").objects[index]))
 
@@ -241,6 +251,12 @@ def test_dciodvfy_check_fails_on_an_object_with_errors(tmp_path) -> None:
     assert_dciodvfy_clean(get_testdata_file("CT_small.dcm"))  # warnings only
 
 
+def test_dciodvfy_check_fails_on_a_failing_exit_code_without_error_lines(monkeypatch) -> None:
+    monkeypatch.setattr(dicom_validation, "dciodvfy_findings", lambda path, binary: (1, ["Warning - odd"]))
+    with pytest.raises(AssertionError, match="exited 1"):
+        assert_dciodvfy_clean(get_testdata_file("CT_small.dcm"))
+
+
 def test_without_dciodvfy_the_check_skips_but_fails_under_ci(monkeypatch) -> None:
     monkeypatch.setattr(dicom_validation.shutil, "which", lambda name: None)
     monkeypatch.delenv("CI", raising=False)
@@ -251,10 +267,11 @@ def test_without_dciodvfy_the_check_skips_but_fails_under_ci(monkeypatch) -> Non
         require_dciodvfy()
 
 
-def test_a_model_not_marked_demo_writes_no_warning_prefix(ct_source, ct_overlay) -> None:
+def test_a_model_not_marked_demo_writes_no_warning_prefix(ct_source, ct_heatmap) -> None:
     clinical = CT_CARD.model_copy(update={"intended_use": "triage support, validated at site X"})
-    capture, report = ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", clinical, CT_TAG).objects
+    capture, heatmap_map, report = ct_set_of(ct_source, ct_heatmap, clinical).objects
     assert capture.SeriesDescription == "NeuroNova Grad-CAM Glioma 61%"
+    assert heatmap_map.SeriesDescription == "NeuroNova Grad-CAM of Glioma"
     assert report.SeriesDescription == "NeuroNova class probabilities"
 
 
@@ -264,17 +281,17 @@ def test_small_helpers() -> None:
 
 
 def test_a_uid_key_makes_a_redone_job_write_the_same_instances(mr_case, healthy_sources, ct_source,
-                                                               ct_overlay) -> None:
+                                                               ct_heatmap) -> None:
     source, labels, volumes_ml = mr_case
 
     def uids(key: str | None) -> list[tuple[str, str]]:
         mr = mr_results(labels, source, volumes_ml, MR_CARD, MR_TAG, uid_key=key).objects
         negative = mr_negative_report(healthy_sources, [], MR_CARD, MR_TAG, uid_key=key)
-        ct = ct_results(ct_source, ct_overlay, PROBABILITIES, "Glioma", CT_CARD, CT_TAG, uid_key=key).objects
+        ct = ct_set_of(ct_source, ct_heatmap, uid_key=key).objects
         return [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in (*mr, negative, *ct)]
 
     once, again = uids("study-1/series-a/neuronova-mri:v1"), uids("study-1/series-a/neuronova-mri:v1")
-    assert once == again and len({uid for pair in once for uid in pair}) == 10
+    assert once == again and len({uid for pair in once for uid in pair}) == 12
     assert not set(once) & set(uids("study-1/series-a/neuronova-mri:v2"))
     assert not set(uids(None)) & set(uids(None))
 
@@ -288,7 +305,7 @@ def test_realistic_probabilities_and_overlays(ct_source, ct_overlay) -> None:
     assert read == pytest.approx(probabilities, abs=1e-9) and sum(read.values()) == pytest.approx(1.0, abs=1e-6)
 
     smaller = np.ascontiguousarray(ct_overlay[::2, ::2])
-    capture = round_trip(ct_results(ct_source, smaller, probabilities, predicted, CT_CARD, CT_TAG).objects[0])
+    capture = round_trip(ct_overlay_capture(ct_source, smaller, CT_CARD, CT_TAG))
     assert capture.pixel_array.shape == smaller.shape and "PixelSpacing" not in capture  # not the source's grid
     with pytest.raises(ValueError, match="uint8 rows x columns x 3"):
-        ct_results(ct_source, ct_overlay / 255.0, probabilities, predicted, CT_CARD, CT_TAG)
+        ct_overlay_capture(ct_source, ct_overlay / 255.0, CT_CARD, CT_TAG)

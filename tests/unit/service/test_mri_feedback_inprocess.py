@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from core.feedback import FeedbackStore
-from api.mri import delivered_labels
+from api.mri import delivered_volume
 from core.cards.segmentation import SegmentationCard
 from core.settings import get_settings
 from core.schemas import MaskOutput
@@ -57,7 +57,7 @@ def mask_b64(labels: np.ndarray, affine: np.ndarray) -> str:
 def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_client, segmented, store):
     case, upload, body = segmented
     mask = MaskOutput.model_validate(body["result"]["mask"])
-    predicted, affine = delivered_labels(mask), np.asarray(mask.affine)
+    predicted, affine = delivered_volume(mask), np.asarray(mask.affine)
     np.testing.assert_allclose(affine, case.volume.affine, atol=1e-6)  # the input's grid
     corrected = predicted.copy()
     corrected[:, :, int(np.argwhere(predicted > 0)[:, 2].mean()):] = 0  # the reviewer erases the upper half
@@ -91,7 +91,7 @@ def test_a_corrected_mask_is_stored_with_the_input_for_fine_tuning(inprocess_cli
 
 def test_malformed_masks_and_corrections_of_the_wrong_kind_are_refused(inprocess_client, segmented, store):
     mask = MaskOutput.model_validate(segmented[2]["result"]["mask"])
-    labels, affine = delivered_labels(mask), np.asarray(mask.affine)
+    labels, affine = delivered_volume(mask), np.asarray(mask.affine)
     image = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64), dtype=np.uint8)).save(image, format="PNG")
     ct = inprocess_client.post("/predict/ct_classification", files={"image": ("ct.png", image.getvalue())},
