@@ -34,6 +34,9 @@ def notify_tokens(settings: Settings) -> dict[str, str]:
 
 
 def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskStates) -> PacsFlow:
+    # The jobs' lines (study queued, known already or left alone, results stored) are what an operator follows in the
+    # server log; they carry UIDs, model versions and counts, never patient data.
+    log.setLevel(logging.INFO)
     config = load_config(settings.pacs.config)  # type: ignore[arg-type]
     return PacsFlow(config, JobStore(job_store_path(settings.data_dir)), slots, tasks, settings.limits,
                     Path(settings.data_dir) / "pacs" / "results")

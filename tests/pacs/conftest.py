@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -63,6 +64,8 @@ class Study:
     files: list[bytes]
     series: dict[str, str] = field(default_factory=dict)
     """role -> SeriesInstanceUID, where the test knows it"""
+    tumour_ml: float | None = None
+    """The synthetic truth's whole tumour volume, for an MR study"""
 
 
 def mr_study(seed: int = 3, *, tumour: bool = True) -> Study:
@@ -76,7 +79,8 @@ def mr_study(seed: int = 3, *, tumour: bool = True) -> Study:
                                study_uid=study, frame_of_reference_uid=frame)
         series[sequence] = str(dcmread(io.BytesIO(written[0]), stop_before_pixels=True).SeriesInstanceUID)
         files += [_with_patient(data) for data in written]
-    return Study(study, files, series)
+    voxel_ml = abs(float(np.linalg.det(case.volume.affine[:3, :3]))) / 1000.0
+    return Study(study, files, series, tumour_ml=float(np.count_nonzero(case.labels)) * voxel_ml)
 
 
 def ct_study() -> Study:
@@ -185,6 +189,12 @@ class PacsService:
                  if "neuronova.access" not in line]
         return "\n".join([f"jobs of the study: {jobs}", f"notifications pending: {notices}", f"cursors: {cursors}",
                           "server log (access lines left out):", *lines[-60:]])
+
+    def resolved_again(self, study_uid: str) -> bool:
+        """Whether a server log says a notification of the study found its jobs already known (the stable-study
+        event our own results cause comes to this)."""
+        pattern = re.compile(rf"pacs: study {re.escape(study_uid)} -> \S+ job \S+ \(already known\)")
+        return any(pattern.search(log.read_text(errors="replace")) for log in self.logs)
 
     def jobs(self, study_uid: str) -> list[dict]:
         with self.client() as client:
