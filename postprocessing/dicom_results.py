@@ -12,7 +12,7 @@ route returns: PatientID and the study's UIDs and dates, never names or birth da
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,12 +155,14 @@ def dataset_bytes(dataset: Dataset) -> bytes:
 
 
 def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str, *,
-                    uid_key: str | None = None) -> hd.seg.Segmentation:
+                    uid_key: str | None = None, reference: Callable[[Dataset], Dataset] = study_reference
+                    ) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of the tumour labels present, on and referencing the source series.
 
     `labels` is on the series' own grid: x = column, y = row, z = the series' slices in `source.headers` order.
-    Patient and study attributes come from the de-identified headers, so no names or birth dates are written.
-    Segment labels are the card's label names. `uid_key`: see `result_uid`.
+    Patient and study attributes come from `reference` of each header: `study_reference` (the study's identity, for
+    the PACS), or the API's profile (`postprocessing.deidentification`). Segment labels are the card's label names.
+    `uid_key`: see `result_uid`.
     """
     identity = ModelIdentity.of(card, model_tag)
     present = [label for label in card.tumor_labels() if np.any(labels == label.value)]
@@ -178,7 +180,7 @@ def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: Segmentation
         for number, label in enumerate(present, start=1)
     ]
     return hd.seg.Segmentation(
-        source_images=[study_reference(header) for header in source.headers], pixel_array=frames,
+        source_images=[reference(header) for header in source.headers], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=result_uid(uid_key, "seg", "series"), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=result_uid(uid_key, "seg", "instance"), instance_number=1,
