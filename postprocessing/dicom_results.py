@@ -5,8 +5,8 @@ class-probability report.
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
 demo, has a SeriesDescription starting "NOT FOR DIAGNOSIS". Each object opens a new series in the source's study.
-Patient and study attributes come from the source's de-identified header (`study_reference`), like the SEG the MRI
-route returns: PatientID and the study's UIDs and dates, never names or birth dates.
+Patient and study attributes come from the source's de-identified header (`study_reference`): PatientID and the
+study's UIDs and dates, never names or birth dates. (The SEG the MRI route returns: `postprocessing.deidentification`.)
 """
 
 from __future__ import annotations
