@@ -336,6 +336,7 @@ class NeuroNova:
         request = mri.SegmentationRequest(
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image, owner=current_owner(),
             sequence_type=sequence_type, xai=xai, post_processing=post_processing, uncertainty=uncertainty,
+            patient_id=patient_id,
         )
         if self.queue is not None:  # distributed: whichever replica's worker is free runs it
             await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)

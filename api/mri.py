@@ -102,6 +102,8 @@ class SegmentationRequest:
     attempt: int | None = None
     owner: str = ""
     """The submitter's token subject ("" without auth): its result is cached for that owner alone."""
+    patient_id: str = ""
+    """The request's pseudonymous patient id: the returned DICOM SEG's PatientID ("" from a PACS job)."""
 
     @property
     def ref(self) -> str:
@@ -112,7 +114,7 @@ class SegmentationRequest:
         """The parameters a queued task keeps for whichever replica runs it (the uploads travel separately)."""
         return {"request_id": self.request_id, "sequence_type": self.sequence_type, "xai": self.xai,
                 "post_processing": self.post_processing.model_dump(mode="json"), "uncertainty": self.uncertainty,
-                "owner": self.owner}
+                "owner": self.owner, "patient_id": self.patient_id}
 
     @classmethod
     def from_queued(cls, ref: str, params: dict[str, Any], images: Sequence[Path]) -> SegmentationRequest:
@@ -121,7 +123,8 @@ class SegmentationRequest:
         return cls(task_id=task_id, request_id=params["request_id"], images=images,
                    sequence_type=params["sequence_type"], xai=params["xai"],
                    post_processing=PostProcessingOptions(**params["post_processing"]),
-                   uncertainty=params["uncertainty"], attempt=attempt, owner=params.get("owner", ""))
+                   uncertainty=params["uncertainty"], attempt=attempt, owner=params.get("owner", ""),
+                   patient_id=params.get("patient_id", ""))
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ async def segment_uploads(
     report("postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, inferred.output, card, request.post_processing, model.tag, report,
+        request.patient_id,
     ), limits.task_step_budget_seconds)
     warnings = [zero_filled_warning(s) for s in prepared.missing_sequences]
     if result.ood_check is None:
@@ -300,9 +304,10 @@ def delivered_volume(volume: MaskOutput | VolumeMap) -> np.ndarray:
 
 def build_result(
     volume: DecodedVolume, prepared: PreparedVolume, output: ModelOutput, card: SegmentationCard,
-    options: PostProcessingOptions, model_tag: str, report: Report,
+    options: PostProcessingOptions, model_tag: str, report: Report, patient_id: str = "",
 ) -> tuple[SegmentationResult, SegmentationExplanation | None]:
-    """Mask in the input's geometry, cleaned and measured, with its files (and the Grad-CAM slice on request)."""
+    """Mask in the input's geometry, cleaned and measured, with its files (and the Grad-CAM slice on request); the
+    DICOM SEG de-identified, its PatientID `patient_id` (the request's pseudonym)."""
     in_input = resample_to_grid(output.probabilities.astype(np.float32), prepared.affine, volume.affine, volume.shape,
                                 "bilinear")
     labels = clean_mask(labels_from_probabilities(in_input, card.channel_values()), options)
@@ -316,7 +321,8 @@ def build_result(
     axial = largest_tumour_slice(reference, labels, volume.affine)
     seg = None
     if volume.format == "dicom" and located is not None:
-        seg = base64.b64encode(dicom_seg(labels, volume.source_of(volume.reference_sequence), card, model_tag)).decode()
+        seg = base64.b64encode(dicom_seg(labels, volume.source_of(volume.reference_sequence), card, model_tag,
+                                         patient_id=patient_id)).decode()
     result = SegmentationResult(
         tumor_detected=located is not None, confidence="reduced" if reasons else "normal", confidence_reasons=reasons,
         ood_check=ood_check, tumor_volume_ml=tumor_volume(statistics, card), label_statistics=statistics,

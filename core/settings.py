@@ -106,6 +106,16 @@ class PacsSettings(BaseModel):
         "/changes polling); set, the API workers run the PACS job queue and serve /pacs/*"))
 
 
+class DeidentificationSettings(BaseModel):
+    """The DICOM PS3.15 Basic Application Level Confidentiality Profile (with the Retain UIDs Option, always) applied
+    to the DICOM the API returns: the MRI route's SEG, whose PatientID is then the request's `patient_id`
+    (`postprocessing/deidentification.py`). Results written into a PACS keep the study's identity."""
+
+    retain_dates: bool = Field(default=False, description=(
+        "the Retain Longitudinal Temporal Information with Full Dates Option: keep the source's study dates and times "
+        "in the SEG; off, its StudyDate and StudyTime are empty"))
+
+
 class ModelSlot(BaseModel):
     """Which model-store tag a runner loads at start-up, and the ONNX Runtime threads of its CPU engine."""
 
@@ -142,6 +152,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     distributed: DistributedSettings = DistributedSettings()
     pacs: PacsSettings = PacsSettings()
+    deidentification: DeidentificationSettings = DeidentificationSettings()
     batch_max_latency_ms: int = Field(default=10_000, description="adaptive batching queue limit (BentoML sheds past it)")
     ct_adaptive_batching: bool = Field(default=True, description="false serves each CT request alone (for comparison)")
     occlusion_steps: int = Field(default=7, ge=2, le=16, description="occlusion grid per side: steps² extra forward "

@@ -5,14 +5,14 @@ class-probability report. The maps are in `parametric_maps`, the sets a PACS rul
 Every object names the model and its exact version (Manufacturer `OUR_MANUFACTURER`, ManufacturerModelName = model
 id, SoftwareVersions = model tag, and a Contributing Equipment item saying the same) and, while the model card says
 demo, has a SeriesDescription starting "NOT FOR DIAGNOSIS". Each object opens a new series in the source's study.
-Patient and study attributes come from the source's de-identified header (`study_reference`), like the SEG the MRI
-route returns: PatientID and the study's UIDs and dates, never names or birth dates.
+Patient and study attributes come from the source's de-identified header (`study_reference`): PatientID and the
+study's UIDs and dates, never names or birth dates. (The SEG the MRI route returns: `postprocessing.deidentification`.)
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,12 +135,14 @@ def dataset_bytes(dataset: Dataset) -> bytes:
 
 
 def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str, *,
-                    uid_key: str | None = None) -> hd.seg.Segmentation:
+                    uid_key: str | None = None, reference: Callable[[Dataset], Dataset] = study_reference
+                    ) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of the tumour labels present, on and referencing the source series.
 
     `labels` is on the series' own grid: x = column, y = row, z = the series' slices in `source.headers` order.
-    Patient and study attributes come from the de-identified headers, so no names or birth dates are written.
-    Segment labels are the card's label names. `uid_key`: see `result_uid`.
+    Patient and study attributes come from `reference` of each header: `study_reference` (the study's identity, for
+    the PACS), or the API's profile (`postprocessing.deidentification`). Segment labels are the card's label names.
+    `uid_key`: see `result_uid`.
     """
     identity = ModelIdentity.of(card, model_tag)
     present = [label for label in card.tumor_labels() if np.any(labels == label.value)]
@@ -158,7 +160,7 @@ def mr_segmentation(labels: np.ndarray, source: SeriesSource, card: Segmentation
         for number, label in enumerate(present, start=1)
     ]
     return hd.seg.Segmentation(
-        source_images=[study_reference(header) for header in source.headers], pixel_array=frames,
+        source_images=[reference(header) for header in source.headers], pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=result_uid(uid_key, "seg", "series"), series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=result_uid(uid_key, "seg", "instance"), instance_number=1,

@@ -10,7 +10,9 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation
 
 from core.cards.segmentation import ENHANCING, NECROTIC_CORE, OEDEMA, SegmentationCard
+from core.settings import get_settings
 from core.volumes import SeriesSource
+from postprocessing.deidentification import Deidentification
 from postprocessing.dicom_results import dataset_bytes, mr_segmentation
 from xai.render import png_data_url
 
@@ -87,6 +89,9 @@ def unit_grey(plane: np.ndarray) -> np.ndarray:
     return np.clip((plane - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
 
 
-def dicom_seg(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str) -> bytes:
-    """The binary DICOM SEG of the tumour labels present (`dicom_results.mr_segmentation`) as a Part 10 file."""
-    return dataset_bytes(mr_segmentation(labels, source, card, model_tag))
+def dicom_seg(labels: np.ndarray, source: SeriesSource, card: SegmentationCard, model_tag: str, *,
+              patient_id: str | None = None) -> bytes:
+    """The binary DICOM SEG of the tumour labels present (`dicom_results.mr_segmentation`) as a Part 10 file,
+    de-identified as configured (`postprocessing.deidentification`), its PatientID the request's `patient_id`."""
+    profile = Deidentification.of(get_settings().deidentification, patient_id)
+    return dataset_bytes(mr_segmentation(labels, source, card, model_tag, reference=profile.reference))

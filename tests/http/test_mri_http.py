@@ -1,5 +1,5 @@
 """MRI segmentation over HTTP against the real served process (runner in its own process): a BraTS-size case with
-BentoML's client, a DICOM series zip with a SEG, cross-process cancel (runner frozen while it holds the task),
+BentoML's client, a DICOM series zip with a de-identified SEG, cross-process cancel (runner frozen while it holds the task),
 hostile archives."""
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from tests.unit.mri.mri_inputs import (
     case_dicom_files,
     four_d_nifti,
     patch_central_directory,
+    phi_values,
+    with_phi,
     zip_bytes,
 )
 from training_export.synthetic_mri import synthetic_case
@@ -82,16 +84,23 @@ def test_brats_size_case_with_bentomls_client(server_url, auth_headers, http, tm
 
 def test_dicom_series_zip_with_seg_and_cancel_across_processes(http, server_url) -> None:
     case = synthetic_case(12, (128, 128, 80), (1.8, 1.8, 2.0))
-    files = case_dicom_files(case)
+    files = {sequence: with_phi(series) for sequence, series in case_dicom_files(case).items()}
     archive = zip_bytes({f"{s}/{i:03d}.dcm": data for s, series in files.items() for i, data in enumerate(series)})
     task_id = http.post(f"{ROUTE}/submit", files={"image": ("study.zip", archive)},
                         data={"patient_id": "P000043"}).json()["task_id"]
     polled = wait_for(http, task_id, {"completed", "failed"})
     assert polled["status"] == "completed", polled
     body = http.get(f"{ROUTE}/get", params={"task_id": task_id}).json()
-    seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
+    seg_bytes = base64.b64decode(body["result"]["dicom_seg_base64"])
+    seg = pydicom.dcmread(io.BytesIO(seg_bytes))
     assert seg.Modality == "SEG" and seg.SeriesDescription == "NOT FOR DIAGNOSIS - NeuroNova tumour segmentation"
     assert seg.Manufacturer == "NeuroNova Inference" and seg.SoftwareVersions == body["model_version"]
+    # De-identified (docs/security.md): none of the headers' identifying values, the request's pseudonym as PatientID,
+    # still on the source series.
+    assert [value for value in phi_values() if value.encode() in seg_bytes] == []
+    assert seg.PatientID == "P000043" and seg.PatientIdentityRemoved == "YES"
+    reference = next(s for s in body["volume"]["sequences"] if s["sequence"] == body["volume"]["reference_sequence"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == reference["series_uid"]
 
     # Cancel across processes while the runner holds the task: the runner process is frozen as soon as the API has
     # handed the volume over (step "inference"); frozen, it cannot finish, so the cancel (API worker) lands while the

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
 from core.cards.base import DEMO_INTENDED_USE, Provenance
@@ -54,6 +57,59 @@ def case_dicom_files(case, sequences=MRI_SEQUENCES, patient_id: str = "P0001") -
                                patient_id=patient_id, study_uid=study, frame_of_reference_uid=frame)
         for sequence in sequences
     }
+
+
+PHI = {
+    "PatientName": "Quixote^Alonso^Q", "PatientID": "MRN-99887766", "IssuerOfPatientID": "Issuer-La-Mancha",
+    "OtherPatientIDs": "OTHER-445566", "PatientBirthDate": "19610203", "PatientBirthTime": "071500",
+    "PatientAge": "063Y", "PatientWeight": "83.17", "PatientSize": "1.913", "EthnicGroup": "Atlantean",
+    "PatientAddress": "12 Rue de la Paix", "PatientTelephoneNumbers": "+33-555-0199", "Occupation": "lighthouse-kpr",
+    "PatientMotherBirthName": "Mancha^Dulcinea", "MilitaryRank": "Colonel-Q", "PatientComments": "prefers mornings",
+    "AdditionalPatientHistory": "seizures since Easter, sister Ms Panza", "Allergies": "peanut-allergy-xyz",
+    "MedicalAlerts": "pacemaker-alert-xyz", "AdmittingDiagnosesDescription": "suspected glioma after a fall",
+    "StudyDescription": "Quixote brain follow-up", "StudyID": "STUDY-3141", "AccessionNumber": "ACC-778899",
+    "StudyDate": "20240315", "StudyTime": "101112", "SeriesDate": "20240316", "AcquisitionDate": "20240317",
+    "ContentDate": "20240318", "AcquisitionDateTime": "20240317093000", "InstanceCreationDate": "20240319",
+    "ReferringPhysicianName": "House^Gregory", "RequestingPhysician": "Requesting^Rita",
+    "NameOfPhysiciansReadingStudy": "Reader^Rex", "PhysiciansOfRecord": "Record^Rob",
+    "PerformingPhysicianName": "Performer^Paul", "OperatorsName": "Operator^Olga",
+    "InstitutionName": "St Elsewhere Infirmary", "InstitutionAddress": "1 Hospital Road, Springfield",
+    "InstitutionalDepartmentName": "Neuroradiology Dept Q", "StationName": "MRI-ROOM-3",
+    "DeviceSerialNumber": "SN-4242-XY", "ProtocolName": "Quixote protocol", "ImageComments": "scanned for Dr Who",
+    "ClinicalTrialSponsorName": "Rocinante Pharma", "ClinicalTrialProtocolID": "PROTO-WINDMILL-7",
+    "ClinicalTrialProtocolName": "Windmill study", "ClinicalTrialSiteID": "SITE-TOBOSO",
+    "ClinicalTrialSiteName": "El Toboso clinic", "ClinicalTrialSubjectID": "TRIAL-SUBJ-0101",
+}
+"""Identifying values a real MR header may carry (patient, study, equipment, staff), each unique enough to be searched
+for in a file's bytes."""
+PHI_IN_SEQUENCES = {"other patient id": "SEQ-MRN-7788", "requested procedure id": "RP-5566"}
+PHI_PRIVATE = ("ACME PHI 1.0", "PRIVATE-SECRET-31337")
+"""A private creator and the value of its private element."""
+
+
+def with_phi(files: list[bytes]) -> list[bytes]:
+    """The DICOM files with every PHI value, identifiers in sequences and a private element added to each header."""
+    written = []
+    for data in files:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        for keyword, value in PHI.items():
+            setattr(dataset, keyword, value)
+        other = Dataset()
+        other.PatientID, other.TypeOfPatientID = PHI_IN_SEQUENCES["other patient id"], "TEXT"
+        dataset.OtherPatientIDsSequence = [other]
+        request = Dataset()
+        request.RequestedProcedureID = PHI_IN_SEQUENCES["requested procedure id"]
+        dataset.RequestAttributesSequence = [request]
+        dataset.private_block(0x0009, PHI_PRIVATE[0], create=True).add_new(0x10, "LO", PHI_PRIVATE[1])
+        buffer = DicomBytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        written.append(buffer.getvalue())
+    return written
+
+
+def phi_values() -> list[str]:
+    """Every value `with_phi` adds, as searched for in what leaves."""
+    return [*PHI.values(), *PHI_IN_SEQUENCES.values(), *PHI_PRIVATE]
 
 
 def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:

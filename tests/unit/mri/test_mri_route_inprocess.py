@@ -117,7 +117,7 @@ def test_dicom_series_zip_gives_the_same_mask_and_a_seg(client, case, nifti_run)
     np.testing.assert_allclose(dicom_mask.affine, case.volume.affine, atol=1e-4)
     assert np.mean(np.asarray(dicom_mask.dataobj) == nifti_labels) > 0.9999
     seg = pydicom.dcmread(io.BytesIO(base64.b64decode(body["result"]["dicom_seg_base64"])))
-    assert seg.Modality == "SEG" and seg.PatientName == "" and seg.PatientID == "P0001"
+    assert seg.Modality == "SEG" and seg.PatientName == "" and seg.PatientID == "P123456"  # the request's, not the file's
     reference = body["volume"]["reference_sequence"]
     uid = next(s["series_uid"] for s in body["volume"]["sequences"] if s["sequence"] == reference)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid

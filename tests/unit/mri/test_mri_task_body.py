@@ -169,3 +169,14 @@ def test_gradcam_on_the_preview_slice(tmp_path) -> None:
     explanation = response.xai["grad_cam"]
     assert explanation.layer_name == "up_layers.1" and explanation.slice_index == response.result.mask_preview.slice_index
     assert explanation.overlay_base64.startswith("data:image/png;base64,") and slot.calls == ["segment", "explain"]
+
+
+def test_a_queued_task_keeps_the_pseudonym_its_seg_carries() -> None:
+    """Distributed mode: the replica that runs a queued task writes the submitter's `patient_id` into the SEG; a task
+    queued before the field existed runs with none."""
+    request = SegmentationRequest(task_id="queued", request_id="req", images=(), sequence_type=None, xai=False,
+                                  post_processing=PostProcessingOptions(), patient_id="P000123")
+    params = request.queued_params()
+    assert SegmentationRequest.from_queued("queued", params, ()).patient_id == "P000123"
+    del params["patient_id"]
+    assert SegmentationRequest.from_queued("queued", params, ()).patient_id == ""
