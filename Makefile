@@ -10,7 +10,7 @@ export BENTOML_DO_NOT_TRACK := True
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
 COVERAGE_FLOOR ?= 95
 
-.PHONY: install demo serve test bench models export-demo bento bento-gpu clean
+.PHONY: install viewer-loaders demo serve test bench models export-demo bento bento-gpu clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,17 @@ $(BIN)/.installed: pyproject.toml requirements.txt
 	touch $@
 
 install: $(BIN)/.installed
+
+# The OHIF viewer's own DICOM loaders (Node packages pinned by tests/viewer/package-lock.json) that
+# tests/viewer_loaders.py runs on our result objects; install scripts are not run (none is needed).
+VIEWER_MODULES := tests/viewer/node_modules/.installed
+NPM := $(shell command -v npm 2>/dev/null)
+
+$(VIEWER_MODULES): tests/viewer/package.json tests/viewer/package-lock.json
+	npm ci --prefix tests/viewer --ignore-scripts --no-audit --no-fund
+	touch $@
+
+viewer-loaders: $(if $(NPM),$(VIEWER_MODULES))  ## install the viewer loaders where npm is (else their tests skip; CI: fail)
 
 demo: install  ## import the shipped demo models (demo_models/) into the local model store when absent
 	$(BIN)/python -m training_export ensure-demo
@@ -32,7 +43,7 @@ export-demo: install  ## rewrite demo_models/ from the store's latest versions (
 serve: demo  ## set up, import the shipped demo models if absent, serve on 127.0.0.1:3000
 	$(SERVE_ENV) $(BIN)/bentoml serve service:NeuroNova --host $(HOST) --port $(PORT)
 
-test: install  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
+test: install viewer-loaders  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
 	BENTOML_HOME=$(CURDIR)/.bentoml-test $(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 bench: demo  ## benchmarks (see docs/performance.md)

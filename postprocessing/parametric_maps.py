@@ -4,9 +4,11 @@ switches off (OHIF 3.9+ shows Parametric Maps over their source), not a burnt-in
 - `ct_heatmap_map`: the CT explanation heatmap (Grad-CAM or occlusion, 0..1) on the source instance's grid.
 - `mr_uncertainty_map`: the MRI voxel uncertainty (normalised predictive entropy, 0..1) on the source series' grid.
 
-Each map stores unsigned 16-bit values, `STORED_PER_UNIT` per unit of the map's quantity, and a Real World Value
-Mapping (slope 1 / `STORED_PER_UNIT`, unit "1", no dimension) that turns them back into the 0..1 quantity: integer
-pixels display in viewers that ignore the mapping, too. The model is named the way every result object names it
+Each map stores its 0..1 values as 32-bit floats with an identity Real World Value Mapping (unit "1", no
+dimension): what OHIF's Parametric Map loader (cornerstone's `adaptersPMAP`, 32-bit data only) reads, and it ignores
+the mapping. A multi-frame map's frames are in the order OHIF lays them on the source volume (cornerstone sorts the
+volume's images by ascending position along row x column cosines, and the loader takes the frames in file order),
+each frame still naming its source instance and position. The model is named the way every result object names it
 (`ModelIdentity.equipment`: Manufacturer, ManufacturerModelName = model id, SoftwareVersions = model tag, a
 Contributing Equipment item with the model's name), and its tag ends the map's ContentDescription.
 """
@@ -26,8 +28,6 @@ from core.volumes import SeriesSource
 from postprocessing.dicom_results import ModelIdentity, result_uid, study_reference
 
 CT_HEATMAP_SERIES_NUMBER, MR_UNCERTAINTY_SERIES_NUMBER = 9905, 9906
-STORED_PER_UNIT = 1000
-"""Stored value of 1.0: the map keeps three decimals (its source is float32 in [0, 1])."""
 _LO = 64
 """Longest DICOM LO (Long String) value."""
 _GEOMETRY = ("FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
@@ -70,32 +70,45 @@ def mr_uncertainty_map(uncertainty: np.ndarray, source: SeriesSource, card: Segm
                            uid_parts=("mr-uncertainty",), uid_key=uid_key)
 
 
-def stored_values(values: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> the map's uint16 stored values (clipped to [0, 1] first)."""
-    return np.round(np.clip(values, 0.0, 1.0) * STORED_PER_UNIT).astype(np.uint16)
-
-
 def _parametric_map(sources: list[Dataset], frames: np.ndarray, identity: ModelIdentity, *, label: str, what: str,
                     series_number: int, uid_parts: tuple[str, ...], uid_key: str | None) -> hd.pm.ParametricMap:
     """`frames` (frames x rows x columns, [0, 1]) on `sources` (one per frame, or one for a single frame), labelled
     `label` (e.g. "Grad-CAM"), described as `what` (e.g. "Grad-CAM of Glioma") with the model's tag."""
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=label[:16], lut_explanation=f"{what}, 0 to 1"[:_LO], unit=codes.UCUM.NoUnits,
-        value_range=(0, STORED_PER_UNIT), slope=1.0 / STORED_PER_UNIT, intercept=0.0,
+        value_range=(0.0, 1.0), slope=1.0, intercept=0.0,
     )
     parametric_map = hd.pm.ParametricMap(
-        source_images=sources, pixel_array=np.ascontiguousarray(stored_values(frames)),
+        source_images=sources, pixel_array=np.ascontiguousarray(np.clip(frames, 0.0, 1.0), dtype=np.float32),
         series_instance_uid=result_uid(uid_key, *uid_parts, "series"), series_number=series_number,
         sop_instance_uid=result_uid(uid_key, *uid_parts, "instance"), instance_number=1,
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=STORED_PER_UNIT / 2,
-                                                         window_width=STORED_PER_UNIT)],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label=re.sub(r"[^A-Z0-9_]", "_", label.upper())[:16],
         content_description=f"{what} by {identity.model_tag}"[:_LO],
         **identity.equipment(what),
     )
     # General Series Laterality (type 2C), as on the overlay capture (`dicom_results.ct_overlay_capture`).
     parametric_map.Laterality = sources[0].get("Laterality", "")
+    return in_viewer_order(parametric_map)
+
+
+def in_viewer_order(parametric_map: hd.pm.ParametricMap) -> hd.pm.ParametricMap:
+    """The map with its frames (pixels and per-frame groups together) by ascending position along the normal of its
+    plane orientation (row x column cosines): the order OHIF lays a map's frames on the source volume in
+    (`sortImageIdsAndGetSpacing` of cornerstone; highdicom writes them the other way round)."""
+    frames = parametric_map.PerFrameFunctionalGroupsSequence
+    if len(frames) < 2:
+        return parametric_map
+    cosines = np.asarray(parametric_map.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                         .ImageOrientationPatient, dtype=float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    distances = [float(np.dot(normal, np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)))
+                 for frame in frames]
+    order = np.argsort(distances, kind="stable")
+    pixels = np.frombuffer(parametric_map.FloatPixelData, dtype="<f4").reshape(len(frames), -1)
+    parametric_map.FloatPixelData = np.ascontiguousarray(pixels[order]).tobytes()
+    parametric_map.PerFrameFunctionalGroupsSequence = [frames[index] for index in order]
     return parametric_map
 
 

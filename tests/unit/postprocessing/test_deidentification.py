@@ -14,9 +14,10 @@ import pytest
 from core.settings import DeidentificationSettings, Settings
 from core.volumes import SeriesSource
 from postprocessing.deidentification import Deidentification
-from postprocessing.dicom_results import mr_results, mr_segmentation, segment_volumes_ml
+from postprocessing.dicom_results import mr_segmentation, segment_volumes_ml
 from postprocessing.measurements import label_statistics
 from postprocessing.outputs import dicom_seg
+from postprocessing.result_sets import mr_results
 from preprocessing.volumes import decode_upload
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.unit.mri.mri_inputs import LIMITS, PHI, card, case_dicom_files, phi_values, small_case, with_phi

@@ -12,12 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from pacs.selection import ModelRules
-from postprocessing.parametric_maps import (
-    STORED_PER_UNIT,
-    ct_heatmap_map,
-    missing_geometry,
-    mr_uncertainty_map,
-)
+from postprocessing.parametric_maps import ct_heatmap_map, missing_geometry, mr_uncertainty_map
 from postprocessing.result_sets import checked_objects, ct_results, mr_results
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.unit.postprocessing.test_dicom_results import (  # noqa: F401 - fixtures
@@ -72,7 +67,7 @@ def test_the_ct_heatmap_map_lies_on_its_source_with_the_heatmap_values(ct_source
                                                                            ct_source.ImagePositionPatient])
     measures = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert [float(v) for v in measures.PixelSpacing] == pytest.approx([float(v) for v in ct_source.PixelSpacing])
-    np.testing.assert_allclose(real_world_values(pm), heatmap, atol=0.5 / STORED_PER_UNIT)
+    np.testing.assert_allclose(real_world_values(pm), heatmap, atol=1e-6)
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.LUTLabel == "Grad-CAM" and mapping.LUTExplanation == "Grad-CAM of Glioma, 0 to 1"
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
@@ -89,13 +84,16 @@ def test_the_mr_uncertainty_map_has_a_frame_on_each_source_slice(mr_case, uncert
     assert pm.SOPClassUID == PARAMETRIC_MAP_STORAGE and pm.NumberOfFrames == len(source.headers)
     assert_names_the_model(pm, "mri_segmentation", MR_TAG)
     slice_of = {str(header.SOPInstanceUID): index for index, header in enumerate(source.headers)}
-    slices = [slice_of[uid] for uid in frame_sources(pm)]  # highdicom orders the frames along the slice normal
+    slices = [slice_of[uid] for uid in frame_sources(pm)]
     assert sorted(slices) == list(range(len(source.headers)))
+    normal = np.cross(*np.reshape(np.asarray(source.headers[0].ImageOrientationPatient, float), (2, 3)))
+    distances = [float(np.dot(normal, np.asarray(source.headers[i].ImagePositionPatient, float))) for i in slices]
+    assert distances == sorted(distances)  # the order OHIF lays the frames on the volume in
     values = real_world_values(pm)
     for frame, (index, groups) in enumerate(zip(slices, pm.PerFrameFunctionalGroupsSequence)):
         position = [float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]
         assert position == pytest.approx([float(v) for v in source.headers[index].ImagePositionPatient])
-        np.testing.assert_allclose(values[frame], uncertainty[:, :, index].T, atol=0.5 / STORED_PER_UNIT)
+        np.testing.assert_allclose(values[frame], uncertainty[:, :, index].T, atol=1e-6)
     assert pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel == "Uncertainty"
     assert_dciodvfy_clean(pm)
 
