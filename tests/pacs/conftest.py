@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate
 
 from bench.harness import BENTOML_SERVE, Server, serving
 from core.cards.segmentation import MRI_SEQUENCES
+from postprocessing.result_sets import OBJECTS_OF_MODEL
 from tests.http.conftest import JWT_SECRET, make_token
 from tests.orthanc import Orthanc, running_orthanc
 from training_export.synthetic_mri import dicom_series, synthetic_case
@@ -119,6 +120,8 @@ class PacsService:
 
     orthanc: Orthanc
     state: Path
+    every_object: bool = True
+    """Ask each rule for every object its model can store (else: the shipped rules' `results`)."""
     starts: int = 0
     server: Server | None = None
     _running: contextlib.AbstractContextManager | None = None
@@ -137,6 +140,8 @@ class PacsService:
         config["source"] = {"url": self.orthanc.dicomweb_url, "timeout_seconds": 5}
         config["export_retry"] = {"initial_seconds": 1, "max_seconds": 4}
         config["poll_seconds"] = 0.2
+        for rules in config["models"] if self.every_object else ():  # the MR uncertainty map included
+            rules["results"] = list(OBJECTS_OF_MODEL[rules["model_id"]])
         if changes:
             config["changes"] = {"url": self.orthanc.url, "interval_seconds": 0.5}
         path = self.state / f"pacs-{self.starts}.yaml"

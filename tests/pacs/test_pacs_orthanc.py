@@ -12,6 +12,7 @@ import io
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import highdicom as hd
 import httpx
@@ -24,6 +25,7 @@ from pydicom.sr.codedict import codes
 from postprocessing.dicom_results import read_tumour_finding
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.orthanc import Orthanc
+from tests.viewer_loaders import load_in_viewer, loaded
 from tests.pacs.conftest import (
     NOTIFY_TOKEN,
     OUR_MANUFACTURER,
@@ -47,8 +49,8 @@ SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "SEG", "1.2.840.10008.5.1.4.1.1.88.34": "SR",
     "1.2.840.10008.5.1.4.1.1.7": "capture", "1.2.840.10008.5.1.4.1.1.30": "map",
 }
-EXPECTED = {"mr": {"SEG", "SR"}, "ct": {"capture", "map", "SR"}}
-"""What the shipped rules store for each kind of study (deploy/pacs/pacs.yaml)."""
+EXPECTED = {"mr": {"SEG", "SR", "map"}, "ct": {"capture", "map", "SR"}, "negative": {"SR", "map"}}
+"""What the test's rules (every object of each model) store for each kind of study."""
 _studies: dict[str, Study] = {}
 _found: dict[str, list[Dataset]] = {}
 _jobs_before: dict[str, list[dict]] = {}
@@ -122,10 +124,23 @@ def voxel_ml(seg: Dataset) -> float:
     return float(measures.PixelSpacing[0]) * float(measures.PixelSpacing[1]) * float(measures.SliceThickness) / 1000
 
 
+def assert_uncertainty_map(uncertainty: Dataset, study: Study) -> None:
+    """One frame per instance of the T1 (reference) series, each derived from its own instance, values in [0, 1]."""
+    t1 = [ds for ds in map(lambda data: dcmread(io.BytesIO(data)), study.files)
+          if str(ds.SeriesInstanceUID) == study.series["T1"]]
+    sources = [frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+               for frame in uncertainty.PerFrameFunctionalGroupsSequence]
+    assert sorted(sources) == sorted(str(ds.SOPInstanceUID) for ds in t1)
+    values = uncertainty.pixel_array
+    assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() > 0.0
+
+
 def assert_mr_results(objects: dict[str, Dataset], study: Study, model_version: str) -> None:
     """The SEG on the T1 series with the card's labels and the model as algorithm; the SR's volume per segment,
-    referencing it, equal to its voxels x voxel volume; the whole tumour near the synthetic truth."""
+    referencing it, equal to its voxels x voxel volume; the whole tumour near the synthetic truth; the uncertainty
+    map on the T1 series."""
     seg, report = objects["SEG"], objects["SR"]
+    assert_uncertainty_map(objects["map"], study)
     assert {str(s.SeriesInstanceUID) for s in seg.ReferencedSeriesSequence} == {study.series["T1"]}
     assert seg.SegmentationType == "BINARY"
     labels = segment_labels(seg)
@@ -217,6 +232,38 @@ def test_3_every_result_object_is_valid_dicom_naming_the_model_version(service: 
             assert dataset.SeriesDescription.startswith("NOT FOR DIAGNOSIS"), what
 
 
+def test_3_the_viewer_s_own_loaders_read_what_orthanc_returns(tmp_path: Path) -> None:
+    """OHIF's loaders (tests/viewer_loaders.py) on the objects fetched back from Orthanc, beside their sources: the
+    SEG's segments land on the T1 slices, the SR's measurements reference the SEG's segments, the maps' frames land
+    on their source images, the CT report references its slice."""
+    for name, study in (("mr", _studies["mr"]), ("ct", _studies["ct"])):
+        paths = []
+        for index, data in enumerate(study.files):
+            paths.append(tmp_path / f"{name}-source-{index:03d}.dcm")
+            paths[-1].write_bytes(data)
+        objects = {SOP_CLASSES[str(ds.SOPClassUID)]: ds for ds in _found[name]}
+        for kind, dataset in objects.items():
+            paths.append(tmp_path / f"{name}-{kind}.dcm")
+            dataset.save_as(paths[-1], enforce_file_format=True)
+        viewer = load_in_viewer(paths)
+        shown_map = loaded(viewer, str(objects["map"].SOPInstanceUID))
+        assert len(shown_map["volume"]) == len(shown_map["frames"]) == int(objects["map"].NumberOfFrames)
+        if name == "mr":
+            seg = loaded(viewer, str(objects["SEG"].SOPInstanceUID))
+            assert {s["label"] for s in seg["segments"]} == set(segment_labels(objects["SEG"]).values())
+            assert sum(s["voxels"] for s in seg["segments"]) == sum(segment_voxels(objects["SEG"]).values())
+            report = loaded(viewer, str(objects["SR"].SOPInstanceUID))
+            references = [ref for group in report["groups"] for ref in group["references"]
+                          if ref["name"] == "Referenced Segment"]
+            assert {ref["sopInstanceUID"] for ref in references} == {str(objects["SEG"].SOPInstanceUID)}
+            assert len(report["ohif"]["measurements"]) == len(seg["segments"])
+        else:
+            report = loaded(viewer, str(objects["SR"].SOPInstanceUID))
+            source = dcmread(io.BytesIO(study.files[0]))
+            assert {ref["sopInstanceUID"] for group in report["groups"] for ref in group["references"]} == {
+                str(source.SOPInstanceUID)}
+
+
 def test_4_repeated_notifications_are_accepted(service: PacsService) -> None:
     """Notify the MR and CT studies twice more; test_4_..._30_s_later (after test 6) checks what came of it."""
     headers = {"Authorization": f"Bearer {NOTIFY_TOKEN}"}
@@ -255,12 +302,12 @@ def test_6_a_pacs_outage_before_export_delays_the_results_and_loses_nothing(
              evidence=lambda: service.evidence(study.uid))
     time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
     orthanc.start()
-    found = wait_for(lambda: results(orthanc, study.uid, 2), 60, "the results after the restart",
+    found = wait_for(lambda: results(orthanc, study.uid, len(EXPECTED["mr"])), 60, "the results after the restart",
                      evidence=lambda: service.evidence(study.uid))
     assert set(by_kind(found)) == EXPECTED["mr"]  # type: ignore[arg-type]
     (job,) = service.jobs(study.uid)
     assert job["state"] == "done" and job["runs"] == 1 and job["export_failures"] >= 1
-    settled(orthanc, service, study, 2)  # the restarted Orthanc's stable-study event for the results
+    settled(orthanc, service, study, len(EXPECTED["mr"]))  # the restarted Orthanc's stable-study event for the results
 
 
 def test_4_thirty_seconds_after_the_results_and_the_notifications_still_one_result_set(
@@ -282,7 +329,7 @@ def test_7_a_service_crash_mid_job_runs_the_job_again_once(orthanc: Orthanc, ser
     assert our_series(orthanc, study.uid) == []
     service.start(changes=True)  # from now on the /changes poller notifies (test 8), not Lua
     notify_lua(orthanc, None)
-    found = wait_for(lambda: results(orthanc, study.uid, 2), RESULTS_TIMEOUT_S, "the results after the restart",
+    found = wait_for(lambda: results(orthanc, study.uid, len(EXPECTED["mr"])), RESULTS_TIMEOUT_S, "the results after the restart",
                      evidence=lambda: service.evidence(study.uid))
     objects = by_kind(found)  # type: ignore[arg-type]
     assert set(objects) == EXPECTED["mr"]
@@ -302,7 +349,9 @@ def test_9_an_mr_study_without_a_tumour_gets_a_report_saying_so(orthanc: Orthanc
     """Seed 6's healthy brain: the shipped demo model finds nothing in it (its highest tumour-class probability is
     0.39)."""
     study = mr_study(seed=6, tumour=False)
-    report = store_and_wait(orthanc, service, study, {"SR"})["SR"]
+    objects = store_and_wait(orthanc, service, study, EXPECTED["negative"])
+    report = objects["SR"]
+    assert_uncertainty_map(objects["map"], study)  # a negative's doubt is visible too
     assert report.SeriesDescription == "NOT FOR DIAGNOSIS - NeuroNova no tumour detected"
     finding = read_tumour_finding(report)
     assert finding.neoplasm == codes.SCT.Absent
@@ -313,7 +362,7 @@ def test_9_an_mr_study_without_a_tumour_gets_a_report_saying_so(orthanc: Orthanc
     (job,) = service.jobs(study.uid)
     assert job["state"] == "done" and report.SoftwareVersions == job["model_version"]
     assert any(entry["message"] == "no tumour detected: negative report written" for entry in job["log"])
-    settled(orthanc, service, study, 1)
+    settled(orthanc, service, study, len(EXPECTED["negative"]))
 
 
 def test_no_patient_name_or_id_in_logs_or_job_state(service: PacsService) -> None:
