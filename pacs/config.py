@@ -1,7 +1,8 @@
 """The PACS connection's one YAML file: where studies come from and results go (DICOMweb), which series each model
 takes (`pacs.selection` rules), our AE title, how often to poll Orthanc's `/changes`, how export retries.
 
-Secrets are never in the file: an endpoint names the environment variables holding its credentials.
+Secrets are never in the file: an endpoint names the environment variables holding its credentials, and sends them
+only over https (or to loopback) unless the endpoint says `allow_plain_http: true` (a private network).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,6 +46,18 @@ class EndpointAuth(BaseModel):
         return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
 
 
+def refuse_plain_credentials(url: str, auth: EndpointAuth | None, allow_plain_http: bool) -> None:
+    """ValueError when credentials would cross the network unencrypted: auth over `http://` to a host other than
+    loopback, unless `allow_plain_http` says the network is private (e.g. the Compose stack's)."""
+    parsed = urlsplit(url)
+    if auth is None or parsed.scheme != "http" or allow_plain_http:
+        return
+    if parsed.hostname in ("localhost", "::1") or (parsed.hostname or "").startswith("127."):
+        return
+    raise ValueError(f"{auth.kind} credentials over plain http to {parsed.hostname}: use https, or set "
+                     "allow_plain_http: true for a private network")
+
+
 def _env(name: str | None) -> str:
     value = os.environ.get(name or "")
     if not value:
@@ -59,6 +73,13 @@ class DicomWebEndpoint(BaseModel):
     url: str
     auth: EndpointAuth | None = None
     timeout_seconds: float = 30.0
+    allow_plain_http: bool = Field(default=False, description=(
+        "send `auth` over http:// to a host other than loopback (a private network only, e.g. the Compose stack)"))
+
+    @model_validator(mode="after")
+    def _credentials_over_tls(self) -> DicomWebEndpoint:
+        refuse_plain_credentials(self.url, self.auth, self.allow_plain_http)
+        return self
 
     def headers(self) -> dict[str, str]:
         return self.auth.headers() if self.auth is not None else {}
@@ -72,6 +93,12 @@ class ChangesPolling(BaseModel):
     url: str = Field(description="Orthanc's REST root, e.g. http://orthanc:8042")
     auth: EndpointAuth | None = None
     interval_seconds: float = Field(default=5.0, gt=0)
+    allow_plain_http: bool = Field(default=False, description="as for `DicomWebEndpoint`")
+
+    @model_validator(mode="after")
+    def _credentials_over_tls(self) -> ChangesPolling:
+        refuse_plain_credentials(self.url, self.auth, self.allow_plain_http)
+        return self
 
 
 class ExportRetry(BaseModel):
