@@ -33,7 +33,7 @@ from api.feedback import FeedbackReceipt, FeedbackRequest, record_feedback, revi
 from core.feedback import FeedbackStore
 from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
-from api.metric_labels import service_routes
+from api.metric_labels import EndpointLabels, service_routes
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.phi import PatientId
@@ -205,8 +205,9 @@ class NeuroNova:
         """One attempt of a queued MRI task, by the same pipeline as an embedded task, its writes fenced by `ref`."""
         mri = await asyncio.to_thread(importlib.import_module, "api.mri")
         request = mri.SegmentationRequest.from_queued(ref, params, self.queue.upload_paths(split_ref(ref)[0], params))
-        await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id, self.queue.guarded(
-            lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests), ref))
+        attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
+        await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id,
+                          self.queue.guarded(attempt.response, ref), after_commit=attempt.remember)
 
     @bentoml.api(route="/predict/ct_classification")
     @handles_errors
@@ -303,7 +304,7 @@ class NeuroNova:
         """Admin: switch a model to another store version, or an uploaded export (with sha256), or roll back."""
         slot = {s.model_id: s for s in self._slots()}.get(model_id)
         if slot is None:
-            raise InvalidRequest(f"unknown model_id {model_id!r}", {"known": [s.model_id for s in self._slots()]})
+            raise InvalidRequest("unknown model_id", {"known": [s.model_id for s in self._slots()]})
         described = await slot.describe()
         if "generation" not in described:
             raise InvalidRequest(f"{model_id} does not support hot switching")
@@ -311,7 +312,7 @@ class NeuroNova:
         if model_file is not None:
             if sha256 is None:
                 raise InvalidRequest("a model_file needs its sha256")
-            version = await asyncio.to_thread(import_export_file, model_file, sha256, settings.limits)
+            version = await asyncio.to_thread(import_export_file, model_file, sha256, settings.limits, slot)
         return await switch_model(slot, resolve_target(slot, old_tag, version, rollback), old_tag)
 
     @bentoml.task(route=MRI_ROUTE)
@@ -342,8 +343,9 @@ class NeuroNova:
             await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
             await self.queue.submit(request.task_id, list(image), request.queued_params())
             return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
-        return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id, lambda: in_turn(
-            self.mri_slots, lambda: mri.segment_mri(self.mri, self.tasks, request, settings.limits, self.requests)), ctx)
+        attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
+        return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
+                                 lambda: in_turn(self.mri_slots, attempt.response), ctx, after_commit=attempt.remember)
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)
@@ -430,7 +432,8 @@ def _server_rss_mb() -> float:
 # schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id,
 # and MRI studies that name their sequences and lack one the served model requires; then the MRI task routes' own
 # handling (which drops the token before BentoML stores the request).
-NeuroNova.add_asgi_middleware(AccessLogMiddleware)
+routes = service_routes(ops.routes, NeuroNova.apis.values())
+NeuroNova.add_asgi_middleware(AccessLogMiddleware, route_label=EndpointLabels(routes))
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
                               path_tokens=importlib.import_module("pacs.runtime").notify_tokens(settings)
@@ -442,4 +445,4 @@ MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
                               field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)
-metric_labels.install(service_routes(ops.routes, NeuroNova.apis.values()))
+metric_labels.install(routes)

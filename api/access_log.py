@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -66,11 +67,14 @@ def outcome(status: int) -> str:
 
 
 class AccessLogMiddleware:
-    """Outermost middleware: times each request and logs its access line when the response is complete."""
+    """Outermost middleware: times each request and logs its access line when the response is complete. The line's
+    route is `route_label(path)`: the route as written (`/task/{task_id}`, never a task id or whatever a caller put in
+    a path), `other` for a path the service does not serve (`api.metric_labels.EndpointLabels`)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, route_label: Callable[[str], str]) -> None:
         self.app = app
         self.log = access_logger()
+        self.route_label = route_label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
@@ -95,8 +99,8 @@ class AccessLogMiddleware:
         finally:
             self.log.info("request", extra={"access": self._fields(scope, status, headers, head, started)})
 
-    @staticmethod
-    def _fields(scope: Scope, status: int, headers: dict[bytes, bytes], head: bytes, started: float) -> dict[str, Any]:
+    def _fields(self, scope: Scope, status: int, headers: dict[bytes, bytes], head: bytes, started: float
+                ) -> dict[str, Any]:
         found: dict[str, str] = {}
         for key, value in RESPONSE_FIELD.findall(head):
             found.setdefault(key.decode(), value.decode())
@@ -106,7 +110,7 @@ class AccessLogMiddleware:
             "request_id": request_id or f"req_{uuid.uuid4().hex}",
             "bentoml_request_id": headers.get(b"x-bentoml-request-id", b"").decode("latin-1") or None,
             "method": scope["method"],
-            "route": scope["path"],
+            "route": self.route_label(scope["path"]),
             "model": found.get("model_id") or route_model(scope["path"]),
             "version": found.get("model_version"),
             "status": status,

@@ -69,9 +69,16 @@ def _message_of(body: bytes, status: int) -> tuple[str, dict[str, Any]]:
     if isinstance(payload, list) and payload and isinstance(payload[0], dict):
         payload = payload[0]
     if isinstance(payload, dict):
-        details = {"errors": payload["detail"]} if isinstance(payload.get("detail"), list) else {}
-        return str(payload.get("error") or payload.get("detail") or f"HTTP {status}"), details
+        if isinstance(payload.get("detail"), list):  # FastAPI's validation errors: they quote the refused input
+            errors = [_without_values(item) for item in payload["detail"]]
+            return f"{len(errors)} invalid field(s)", {"errors": errors}
+        return str(payload.get("error") or payload.get("detail") or f"HTTP {status}"), {}
     return f"HTTP {status}", {}
+
+
+def _without_values(error: Any) -> Any:
+    """A framework's validation error item (FastAPI's 422 `detail`) without the refused input it quotes."""
+    return {key: error[key] for key in ("loc", "msg", "type") if key in error} if isinstance(error, dict) else error
 
 
 def _is_schema_body(body: bytes) -> bool:

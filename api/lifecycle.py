@@ -27,18 +27,25 @@ class UpdateModelResponse(BaseModel):
     message: str
 
 
-def import_export_file(path: Path, sha256: str, limits: LimitSettings) -> str:
-    """Import an exported model (`bentoml models export`) after checking its sha256 and what it unpacks to; return
-    its tag. With replicas, the export is also published on the shared volume for the others (`core.model_exports`).
-    Blocking (hashing and unpacking up to gigabytes): call it in a thread."""
+def import_export_file(path: Path, sha256: str, limits: LimitSettings, slot: ModelSlot) -> str:
+    """Import an exported model (`bentoml models export`) for `slot` after checking its sha256 and what it unpacks
+    to; return its tag. Staged, checked, then published: an export whose card is not a valid card of the slot's
+    model is deleted from the store again, and only a checked one is published on the shared volume for the other
+    replicas (`core.model_exports`). Blocking (hashing and unpacking up to gigabytes): call it in a thread."""
     digest = model_exports.file_sha256(path)
     if digest != sha256.lower():
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
     model_exports.check_unpacked_size(path, limits.model_unpacked_max_bytes, limits.archive_max_compression_ratio)
     try:
-        tag = str(bentoml.models.import_model(str(path.resolve())).tag)
+        imported = bentoml.models.import_model(str(path.resolve()))
     except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error
         raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
+    tag = str(imported.tag)
+    try:
+        store.read_card(imported, slot.card_type)
+    except Exception as exc:  # noqa: BLE001 - a card of another task or a broken card leaves nothing behind
+        bentoml.models.delete(tag)
+        raise InvalidRequest(f"the uploaded model is not a {slot.model_id} model: {type(exc).__name__}") from exc
     model_exports.publish(path, digest, tag)
     return tag
 

@@ -150,16 +150,32 @@ class Segmented:
 
 async def segment_mri(
     slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest, limits: LimitSettings,
-    cache: RequestCache | None = None,
 ) -> MRISegmentationResponse:
-    """Run one segmentation of uploaded files end to end and shape the response; what `/feedback` needs of it goes
-    into `cache`."""
-    uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
-    segmented = await segment_uploads(slot, tasks, request, uploads, limits)
-    if cache is not None:
-        await asyncio.to_thread(lambda: cache.put(cached_segmentation(segmented.response, segmented.volume,
-                                                                      segmented.prepared), request.owner))
-    return segmented.response
+    """Run one segmentation of uploaded files end to end and shape the response."""
+    return await SegmentationAttempt(slot, tasks, request, limits).response()
+
+
+class SegmentationAttempt:
+    """One attempt of an MRI task: `response` runs it; `remember` caches what `/feedback` needs of it, to be called
+    only once the attempt's result was committed (`api.tasks.run_tracked`), so a superseded attempt never replaces
+    the entry of the one whose mask the clinician sees."""
+
+    def __init__(self, slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest,
+                 limits: LimitSettings, cache: RequestCache | None = None) -> None:
+        self.slot, self.tasks, self.request, self.limits, self.cache = slot, tasks, request, limits, cache
+        self.segmented: Segmented | None = None
+
+    async def response(self) -> MRISegmentationResponse:
+        request = self.request
+        uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
+        self.segmented = await segment_uploads(self.slot, self.tasks, request, uploads, self.limits)
+        return self.segmented.response
+
+    async def remember(self) -> None:
+        segmented, cache = self.segmented, self.cache
+        if segmented is not None and cache is not None:
+            await asyncio.to_thread(lambda: cache.put(cached_segmentation(segmented.response, segmented.volume,
+                                                                          segmented.prepared), self.request.owner))
 
 
 async def segment_series(

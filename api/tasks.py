@@ -65,10 +65,11 @@ def current_task_id(ctx: Any) -> str:
 
 async def run_tracked(
     tasks: TaskStates, task_id: str, request_id: str, model_id: str, work: Callable[[], Awaitable[BaseModel]],
-    ctx: Any = None,
+    ctx: Any = None, after_commit: Callable[[], Awaitable[None]] | None = None,
 ) -> BaseModel | JSONResponse:
     """Run a task body with its state kept in `tasks`: completed with the response, failed with the SPEC error body,
     or cancelled. Every exception becomes the SPEC error response, so BentoML stores it as a failed task.
+    `after_commit` runs once the result is committed, never for an attempt whose (fenced) completion was refused.
 
     With a `bentoml.Context` BentoML answers with `ctx.response.status_code`, so an error's status is set there too.
     """
@@ -84,7 +85,9 @@ async def run_tracked(
         return _error(error, ctx)
     if tasks.cancel_requested(task_id):
         return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
-    tasks.complete(task_id, response.model_dump(mode="json"))
+    committed = tasks.complete(task_id, response.model_dump(mode="json"))
+    if committed is not False and after_commit is not None:  # the embedded store has no attempts to fence
+        await after_commit()
     return response
 
 
@@ -98,19 +101,19 @@ def task_status(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
     """The design's polling body; tasks not (yet) in our store are read from BentoML's store, else 404 (also for
     another subject's task)."""
     if not visible_to(tasks, task_id, subject):
-        return unknown_task(task_id)
+        return unknown_task()
     record = tasks.get(task_id)
     if record is not None:
         return JSONResponse(record.to_json())
     fallback = _bentoml_task(task_id)
     if fallback is None:
-        return unknown_task(task_id)
+        return unknown_task()
     return JSONResponse(fallback)
 
 
-def unknown_task(task_id: str) -> JSONResponse:
+def unknown_task() -> JSONResponse:
     """The one answer for a task id that does not exist, has expired, or is another subject's."""
-    return error_response(NotFound("unknown or expired task id", {"task_id": task_id}))
+    return error_response(NotFound("unknown or expired task id"))  # never echoes the id: it came from the caller
 
 
 def cancel_task(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
@@ -118,13 +121,13 @@ def cancel_task(tasks: TaskStates, task_id: str, subject: str) -> JSONResponse:
     task BentoML has queued but not started is entered in our store cancelled, so that its body stops at its first
     step."""
     if not visible_to(tasks, task_id, subject):
-        return unknown_task(task_id)
+        return unknown_task()
     record = tasks.cancel(task_id)
     if record is None and (_bentoml_task(task_id) or {}).get("status") in ACTIVE:
         tasks.create(task_id, None, None)
         record = tasks.cancel(task_id)
     if record is None:
-        return unknown_task(task_id)
+        return unknown_task()
     return JSONResponse(record.to_json())
 
 
@@ -221,7 +224,7 @@ class TaskRoutesMiddleware:
             await response(scope, receive, send)
             return
         if path in self.by_id_paths and not await asyncio.to_thread(visible_to, self.tasks, task_id, subject):
-            await unknown_task(task_id)(scope, receive, send)  # BentoML's own status / get / retry: owner first
+            await unknown_task()(scope, receive, send)  # BentoML's own status / get / retry: owner first
             return
         if path in self.base_paths and method == "POST":
             path = f"{path}/submit"
@@ -302,7 +305,7 @@ def bentoml_status(tasks: TaskStates, task_id: str, subject: str) -> JSONRespons
     """BentoML's `<route>/status` body from our store (distributed mode: the shared store)."""
     record = tasks.get(task_id) if visible_to(tasks, task_id, subject) else None
     if record is None:
-        return unknown_task(task_id)
+        return unknown_task()
     body = record.to_json()
     return JSONResponse({"task_id": task_id, "status": _AS_BENTOML[record.status], "created_at": body["created_at"],
                          "executed_at": body["completed_at"] or body["failed_at"] or body["cancelled_at"]})
@@ -313,7 +316,7 @@ def bentoml_result(tasks: TaskStates, task_id: str, subject: str) -> JSONRespons
     400 while it runs."""
     record = tasks.get(task_id) if visible_to(tasks, task_id, subject) else None
     if record is None:
-        return unknown_task(task_id)
+        return unknown_task()
     if record.status == "completed":
         return JSONResponse(record.result)
     if record.status == "failed" and record.error:

@@ -45,15 +45,19 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
 
+    def resident(self) -> int:
+        """The tree's resident set now, in bytes."""
+        total = 0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
-            total = 0
-            for process in [self.root, *self.root.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self.resident())
 
 
 def submit(client: httpx.Client, upload: bytes) -> httpx.Response:
@@ -72,7 +76,7 @@ def main() -> None:
                "NEURONOVA_DATA_DIR": str(Path(state) / "data"), "BENTOML_RESULT_STORE": str(Path(state) / "tasks.db")}
         with serving(BENTOML_SERVE, env, Path(state) / "server.log") as server, \
                 httpx.Client(base_url=server.url, timeout=600) as client, PeakMemory(server.pid) as memory:
-            idle = memory.peak
+            idle = memory.resident()
             started = time.monotonic()
             with ThreadPoolExecutor(args.studies) as pool:
                 answers = list(pool.map(lambda _: submit(client, upload), range(args.studies)))

@@ -130,5 +130,5 @@ def notified(flow: PacsFlow, notice: Notice) -> Notified:
 def job_of(flow: PacsFlow, job_id: str) -> Job:
     job = flow.jobs.get(job_id)
     if job is None:
-        raise NotFound("unknown PACS job id", {"job_id": job_id})
+        raise NotFound("unknown PACS job id")  # the id is not echoed: it came from the caller
     return job

@@ -40,6 +40,8 @@ class Writers:
         self.url = url
         self.stop = threading.Event()
         self.count = 0
+        self.acknowledged: list[int] = []
+        """The ids of the feedback records the server answered as stored."""
         self.threads = [threading.Thread(target=self._loop, args=(n,), daemon=True) for n in range(2)]
 
     def _loop(self, number: int) -> None:
@@ -50,8 +52,10 @@ class Writers:
                 with contextlib.suppress(httpx.HTTPError):  # the killed process drops its connections
                     if http.post("/predict/ct_classification", files={"image": ("ct.dcm", CT_SMALL)},
                                  data={"patient_id": "P000001", "request_id": request_id}).status_code == 200:
-                        http.post("/feedback", json={"request_id": request_id, "verdict": "accept",
-                                                     "reviewer_id": "dr_kill"})
+                        stored = http.post("/feedback", json={"request_id": request_id, "verdict": "accept",
+                                                              "reviewer_id": "dr_kill"})
+                        if stored.status_code in (200, 201):
+                            self.acknowledged.append(stored.json()["feedback_id"])
 
     def __enter__(self) -> Writers:
         for thread in self.threads:
@@ -77,13 +81,14 @@ def wait_answers(url: str) -> None:
         time.sleep(1)
 
 
-def feedback_count(data_dir: str) -> int:
+def feedback_ids(data_dir: str) -> set[int]:
     with contextlib.closing(sqlite3.connect(Path(data_dir) / "feedback" / "feedback.sqlite3")) as db:
-        return db.execute("SELECT count(*) FROM feedback").fetchone()[0]
+        return {row[0] for row in db.execute("SELECT id FROM feedback")}
 
 
-def kill_under_writes(server: Server, pick: Callable[[Server], psutil.Process]) -> None:
-    """SIGKILL one process of `server` while clients write; wait until the server answers again."""
+def kill_under_writes(server: Server, pick: Callable[[Server], psutil.Process]) -> list[int]:
+    """SIGKILL one process of `server` while clients write; wait until the server answers again. The ids of the
+    feedback records acknowledged meanwhile."""
     with Writers(server.url) as writers:
         while writers.count < 6:
             time.sleep(0.1)
@@ -91,6 +96,7 @@ def kill_under_writes(server: Server, pick: Callable[[Server], psutil.Process]) 
         victim.kill()
         time.sleep(1)
     wait_answers(server.url)
+    return writers.acknowledged
 
 
 def crash(server: Server) -> None:
@@ -117,16 +123,15 @@ def test_a_new_server_starts_after_any_process_was_killed(servers) -> None:
                             data={"patient_id": "P000911"}).json()["task_id"]
         assert wait_for(http, done_id, {"completed", "failed"})["status"] == "completed"
 
-    kill_under_writes(first, lambda server: server.by_role("neuronova:")[0])  # an API worker
-    kill_under_writes(first, lambda server: server.by_role("CTClassifier:")[0])  # a runner
-    recorded = feedback_count(env["NEURONOVA_DATA_DIR"])
-    assert recorded > 0
+    acknowledged = kill_under_writes(first, lambda server: server.by_role("neuronova:")[0])  # an API worker
+    acknowledged += kill_under_writes(first, lambda server: server.by_role("CTClassifier:")[0])  # a runner
+    assert acknowledged and set(acknowledged) <= feedback_ids(env["NEURONOVA_DATA_DIR"])
     crash(first)
     second = Server(env, state / "second.log")
     started.append(second)
     wait_answers(second.url)
-    kill_under_writes(second, lambda server: server.by_role("neuronova:")[0])
-    assert feedback_count(env["NEURONOVA_DATA_DIR"]) > recorded
+    acknowledged += kill_under_writes(second, lambda server: server.by_role("neuronova:")[0])
+    assert set(acknowledged) <= feedback_ids(env["NEURONOVA_DATA_DIR"])  # every record acknowledged, by id
 
     orphans = [p for p in second.tree if p.pid != second.process.pid]
     second.process.send_signal(signal.SIGKILL)  # the arbiter alone: its workers are orphaned
@@ -138,4 +143,5 @@ def test_a_new_server_starts_after_any_process_was_killed(servers) -> None:
     with httpx.Client(base_url=third.url, timeout=120) as http:
         kept = http.get(f"/task/{done_id}").json()
     assert kept["status"] == "completed" and kept["result"]["result"]["mask"]["shape"], kept["status"]
+    assert set(acknowledged) <= feedback_ids(env["NEURONOVA_DATA_DIR"])
     assert not alive([p for server in (first, second) for p in server.tree])

@@ -16,7 +16,8 @@ from pydicom.data import get_testdata_file
 
 from bench.harness import ROOT, free_port, stop_group, start_process
 from tests.http.conftest import make_token
-from tests.unit.mri.mri_inputs import four_d_nifti
+from tests.http.test_mri_http import wait_for
+from tests.unit.mri.mri_inputs import case_dicom_files, four_d_nifti, phi_values, small_case, with_phi, zip_bytes
 from training_export.synthetic_mri import synthetic_case
 
 START_BOUND_S = 180.0
@@ -70,6 +71,51 @@ def test_refused_requests_leave_no_patient_value_in_the_log(http: httpx.Client, 
     log = (server_state / "server.log").read_text(errors="replace")
     assert "Exception on" in log or "validation error" in log  # BentoML did log the refusals
     assert PHI_NAME not in log and "Johanna" not in log
+
+
+def distinctive(values: list[str]) -> list[str]:
+    """The values a log could only hold by leaking them (names, ids, free text), not digits a timestamp may hold."""
+    return [value for value in values if len(value) >= 6 and any(c.isalpha() for c in value)]
+
+
+def test_patient_data_in_every_route_never_reaches_the_log(http: httpx.Client, server_url: str, server_state: Path,
+                                                           admin_headers: dict[str, str]) -> None:
+    """Valid requests whose DICOM carries a full patient module (names, MRNs, history, private tags) and refused
+    requests with a person's name in every field, on every route: nothing of them in any process's output (the
+    arbiter, the API workers and the runners all write the server log) nor in any answer."""
+    ct = with_phi([Path(get_testdata_file("CT_small.dcm")).read_bytes()])[0]
+    study = zip_bytes({f"{sequence}/{i:03d}.dcm": data for sequence, series in case_dicom_files(small_case()).items()
+                       for i, data in enumerate(with_phi(series))})
+    phi_form = {"patient_id": PHI_NAME, "request_id": PHI_NAME}
+    task = http.post("/predict/mri_segmentation/submit", files={"image": ("study.zip", study)},
+                     data={"patient_id": "P000045"})
+    assert task.status_code in (200, 202), task.text
+    answers = [
+        http.post("/predict/ct_classification", files={"image": ("ct.dcm", ct)},
+                  data={"patient_id": "P000045", "xai": "true"}),
+        http.post("/predict/ct_classification", files={"image": (f"{PHI_NAME}.dcm", ct)}, data=phi_form),
+        http.post("/predict/mri_segmentation/submit", files={"image": (f"{PHI_NAME}.zip", study)}, data=phi_form),
+        http.post("/predict/biomarker_prediction", json={**phi_form, "biomarkers": {PHI_NAME: PHI_NAME}}),
+        http.post("/xai/explain", json={"request_id": PHI_NAME, "method": "grad_cam"}),
+        http.post("/feedback", json={"request_id": PHI_NAME, "verdict": "reject", "reviewer_id": PHI_NAME,
+                                     "comment": PHI_NAME}),
+        http.get(f"/task/{PHI_NAME}"), http.delete(f"/task/{PHI_NAME}"), http.get(f"/predict/task_status/{PHI_NAME}"),
+        http.get("/model_info", params={"model_id": PHI_NAME}),
+        httpx.post(f"{server_url}/update_model", headers=admin_headers, timeout=60,
+                   files={"export": (f"{PHI_NAME}.bentomodel", b"not an export")},
+                   data={"model_id": PHI_NAME, "version": PHI_NAME}),
+        httpx.post(f"{server_url}/pacs/notify", headers=admin_headers, timeout=60,
+                   json={"study_instance_uid": PHI_NAME}),
+    ]
+    assert answers[0].status_code == 200, answers[0].text
+    assert all(answer.status_code < 500 for answer in answers), [(a.request.url, a.status_code) for a in answers]
+    polled = wait_for(http, task.json()["task_id"], {"completed", "failed"})  # the whole pipeline ran (and logged)
+    assert polled["status"] == "completed", polled.get("error")
+    leaked = distinctive([*phi_values(), PHI_NAME, "Johanna"])
+    assert [(str(answer.request.url), value) for answer in answers for value in leaked if value in answer.text] == []
+    http.get("/health")  # the log lines of the requests above are written before this answer
+    log = (server_state / "server.log").read_text(errors="replace")
+    assert [value for value in leaked if value in log] == []
 
 
 def endpoint_labels(url: str) -> set[str]:

@@ -111,3 +111,15 @@ def test_handles_errors_returns_error_response():
     assert asyncio.run(route(1)) == {"x": 1}
     response = asyncio.run(route(-1))
     assert response.status_code == 400 and json.loads(response.body)["error"]["details"] == {"x": -1}
+
+
+def test_a_framework_validation_body_loses_the_values_it_quotes() -> None:
+    """FastAPI's 422 quotes each refused input (a person's name, say): the error schema keeps where and why only."""
+    from api.errors import _message_of
+
+    refused = {"type": "string_pattern_mismatch", "loc": ["body", "study_instance_uid"],
+               "msg": "String should match pattern '^[0-9.]+$'", "input": "Doe^Johanna", "ctx": {"pattern": "^[0-9.]+$"}}
+    message, details = _message_of(json.dumps({"detail": [refused]}).encode(), 422)
+    assert message == "1 invalid field(s)"
+    assert details == {"errors": [{"loc": ["body", "study_instance_uid"], "msg": refused["msg"],
+                                   "type": "string_pattern_mismatch"}]}

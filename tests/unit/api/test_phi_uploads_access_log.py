@@ -21,6 +21,7 @@ from api.access_log import (
     JsonLineFormatter,
     route_model,
 )
+from api.metric_labels import EndpointLabels
 from api.phi import DATE_FORMATS, PatientId, check_patient_id, looks_like_date
 from api.uploads import UploadGuardMiddleware, file_fields_by_path
 
@@ -181,14 +182,15 @@ async def model_response(request: Request) -> JSONResponse:
 def test_one_json_line_per_request_with_whitelisted_fields() -> None:
     app = Starlette(routes=[Route("/predict/ct_classification", model_response, methods=["POST"]),
                             Route("/predict/ct_classification/{fail}", model_response, methods=["POST"])])
-    client = TestClient(AccessLogMiddleware(app))
+    labels = EndpointLabels(["/predict/ct_classification", "/predict/ct_classification/{fail}"])
+    client = TestClient(AccessLogMiddleware(app, route_label=labels))
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLineFormatter())
     logging.getLogger(ACCESS_LOGGER).addHandler(handler)
     try:
         client.post("/predict/ct_classification", data={"patient_id": "P987654"}, headers={"Authorization": "Bearer tok.en.x"})
-        client.post("/predict/ct_classification/1", headers={"X-Request-ID": "django-42"})
+        client.post("/predict/ct_classification/Doe^Jane", headers={"X-Request-ID": "django-42"})
         client.get("/livez")
     finally:
         logging.getLogger(ACCESS_LOGGER).removeHandler(handler)
@@ -199,7 +201,8 @@ def test_one_json_line_per_request_with_whitelisted_fields() -> None:
     assert ok["latency_ms"] >= 0 and ok["error_code"] is None and ok["method"] == "POST"
     assert failed["request_id"] == "django-42" and failed["error_code"] == "INVALID_REQUEST"
     assert failed["outcome"] == "client_error" and failed["version"] is None
-    assert "P987654" not in text and "tok.en.x" not in text
+    assert failed["route"] == "/predict/ct_classification/{fail}"  # the route as written, not the caller's path
+    assert "P987654" not in text and "tok.en.x" not in text and "Jane" not in text
 
 
 def test_route_model_map() -> None:

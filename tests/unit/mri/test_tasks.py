@@ -103,6 +103,29 @@ def test_run_tracked_outcomes(store: TaskStore) -> None:
     assert store.get("t8").status == "cancelled" and store.get("t8").result is None
 
 
+def test_what_an_attempt_leaves_beside_its_result_waits_for_the_commit(store: TaskStore) -> None:
+    """`after_commit` (an MRI attempt caching what /feedback needs) runs once the result is committed, never for an
+    attempt whose fenced completion the store refused (a superseded attempt: `PostgresTaskStore.complete` False)."""
+    remembered: list[str] = []
+
+    class Superseded(TaskStore):
+        def complete(self, task_id, result):
+            return False
+
+    async def works() -> Body:
+        return Body(value=1)
+
+    def remember(name: str):
+        async def after_commit() -> None:
+            remembered.append(name)
+        return after_commit
+
+    asyncio.run(api_tasks.run_tracked(store, "t9", "r", "m", works, after_commit=remember("winner")))
+    superseded = Superseded(store.path)
+    asyncio.run(api_tasks.run_tracked(superseded, "t10", "r", "m", works, after_commit=remember("superseded")))
+    assert remembered == ["winner"]
+
+
 def test_status_and_cancel_responses(store: TaskStore, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(api_tasks, "bentoml_result_store_path", lambda: tmp_path / "absent.db")
     assert api_tasks.task_status(store, "nope", "").status_code == 404
