@@ -388,11 +388,12 @@ class NeuroNova:
 
     @ops.get("/health")
     async def health(self) -> JSONResponse:
-        """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load."""
+        """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load (or that was
+        switched to a version this replica could not load yet)."""
         statuses = {slot.model_id: await slot.status() for slot in self._slots()}
         gpus = (await self.ct.describe()).get("gpu_devices", [])
         body = HealthResponse(
-            status="healthy" if all(s.loaded for s in statuses.values()) else "degraded",
+            status="healthy" if all(s.loaded and not s.switch_pending for s in statuses.values()) else "degraded",
             version=settings.version,
             models=statuses,
             gpu_available=bool(gpus),

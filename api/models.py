@@ -195,9 +195,11 @@ class ModelSlot(Generic[CardT]):
         """The model's state for the public /health: a load failure is named by its kind only (its message, with
         paths and versions, is in the server log)."""
         described = await self.describe()
+        pending = described.get("switch_pending")
         return ModelStatus(
             loaded=bool(described.get("loaded")), version=described.get("tag"), last_updated=described.get("loaded_at"),
-            engine=described.get("engine"), error=public_load_error(described.get("error")),
+            engine=described.get("engine"), switch_pending=pending,
+            error=public_load_error(described.get("last_error") if pending else described.get("error")),
         )
 
     async def info(self) -> ModelInfo | None:

@@ -79,6 +79,9 @@ class ModelStatus(BaseModel):
     last_updated: str | None
     engine: str | None = None
     error: str | None = None
+    switch_pending: str | None = Field(default=None, description=(
+        "the version this replica was switched to but could not load yet (retried with backoff; `version` keeps "
+        "serving meanwhile, and the replica reports degraded)"))
 
 
 class HealthResponse(BaseModel):

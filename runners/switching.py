@@ -15,6 +15,9 @@ from core.errors import ModelNotLoaded
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 300.0
+"""A load that failed (the registry's version, or the first) is tried again after 2 s, doubled per failure, at most
+5 min: a replica short of memory for a moment catches up without an operator."""
 
 
 class ServedModel(Protocol):
@@ -34,7 +37,8 @@ class SwitchableModel(Generic[M]):
     `default_ref` resolves the configured tag (the service's `BentoModel`, so `bentoml build` pins it); it is called
     inside the load, so a missing model is a load error, not a crash. A new version is loaded beside the old one and swapped in by one assignment, so every batch runs on one model;
     `generation` counts the swaps so callers can tell which model produced an output. A version that fails to load
-    leaves the old one serving.
+    leaves the old one serving, is tried again with backoff (`RETRY_FIRST_S`), and is reported meanwhile
+    (`describe`: `switch_pending`, `last_error`; the replica's /health is degraded).
     """
 
     def __init__(self, model_id: str, default_tag: str, default_ref: Callable[[], bentoml.Model],
@@ -47,8 +51,11 @@ class SwitchableModel(Generic[M]):
         self._timed_items = 0
         self._served: tuple[M | None, int] = (None, 0)
         self.load_error: str | None = None
-        self._load(active_models.active_tag(model_id, default_tag))
+        self.pending: str | None = None
+        """The version the registry asks for that has not loaded yet (retried with backoff)."""
+        self._failures, self._retry_at = 0, 0.0
         self._seen_stamp = active_models.registry_stamp()
+        self._settle(active_models.active_tag(model_id, default_tag), self._load)
         threading.Thread(target=self._watch, name=f"{model_id}-watch", daemon=True).start()
 
     @property
@@ -69,38 +76,55 @@ class SwitchableModel(Generic[M]):
             raise ModelNotLoaded(f"{self.model_id} model failed to load: {self.load_error}")
         return current, generation
 
-    def _load(self, tag: str) -> None:
+    def _load(self, tag: str) -> bool:
         try:
             stored = self.default_ref() if tag == self.default_tag else model_exports.local_model(tag)
             loaded = self.loader(stored)
         except Exception as exc:  # noqa: BLE001 - a runner that cannot load stays up and reports why
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("%s model %s failed to load: %s", self.model_id, tag, self.load_error)
-            return
+            return False
         self._served, self.load_error = (loaded, self.generation + 1), None
         log.info("%s model %s loaded (generation %d)", self.model_id, loaded.tag, self.generation)
+        return True
+
+    def _settle(self, wanted: str, load: Callable[[str], bool]) -> None:
+        """`load(wanted)` and keep the outcome: done, or pending with the next try after the backoff."""
+        if load(wanted):
+            self.pending, self._failures, self.load_error = None, 0, None
+            return
+        self.pending, self._failures = wanted, self._failures + 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        log.warning("%s: %s will be tried again in %.0f s", self.model_id, wanted, delay)
 
     def _watch(self) -> None:
         while True:
             time.sleep(WATCH_INTERVAL_S)
             try:
                 stamp = active_models.registry_stamp()
-                if stamp != self._seen_stamp:
-                    self.follow_registry()
+                if stamp != self._seen_stamp or (self.pending is not None and time.monotonic() >= self._retry_at):
                     self._seen_stamp = stamp
+                    self.follow_registry()
             except Exception as exc:  # noqa: BLE001 - a shared database briefly away: keep serving, poll again
                 log.warning("%s: cannot read the model registry: %s", self.model_id, exc)
 
     def follow_registry(self) -> None:
-        """Load the registry's active tag when it differs from the served one."""
+        """Load the registry's active tag when it differs from the served one (a failure: see `_settle`)."""
         wanted = active_models.active_tag(self.model_id, self.default_tag)
+        if self.current is not None and wanted == self.current.tag:
+            self.pending, self._failures, self.load_error = None, 0, None
+            return
+        self._settle(wanted, self._load_stored)
+
+    def _load_stored(self, wanted: str) -> bool:
+        """Load `wanted` unless it resolves (e.g. `name:latest`) to the served version."""
         try:
             resolved = str(model_exports.local_model(wanted).tag)
         except ModelNotLoaded as exc:
             self.load_error = exc.message
-            return
-        if self.current is None or resolved != self.current.tag:
-            self._load(resolved)
+            return False
+        return (self.current is not None and resolved == self.current.tag) or self._load(resolved)
 
     def record_timing(self, started: float, items: int) -> None:
         """Add one model call (from a `time.perf_counter()` reading) to the live average."""
@@ -123,4 +147,5 @@ class SwitchableModel(Generic[M]):
             "gradcam_layer": explainer.layer_name if explainer is not None else None,
             "avg_inference_time_ms_per_image": round(self._timing_ms / self._timed_items, 3) if self._timed_items else None,
             "last_error": self.load_error,
+            "switch_pending": self.pending,
         }

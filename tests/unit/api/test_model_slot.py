@@ -141,3 +141,14 @@ def test_a_model_switched_at_every_attempt_fails_the_request_instead_of_naming_t
 ])
 def test_the_public_health_names_a_load_failure_without_its_message(error, public):
     assert models.public_load_error(error) == public
+
+
+def test_a_replica_that_could_not_take_a_switch_reports_it_degraded():
+    async def describe():
+        return {"loaded": True, "tag": "neuronova-ct:v1", "loaded_at": "now", "engine": "onnx",
+                "last_error": "MemoryError: /models/neuronova-ct/v2 needs 3 GiB", "switch_pending": "neuronova-ct:v2"}
+
+    runner = SimpleNamespace(to_async=SimpleNamespace(describe=describe))
+    status = asyncio.run(ModelSlot("ct_classification", runner, ClassificationCard).status())
+    assert status.loaded and status.version == "neuronova-ct:v1" and status.switch_pending == "neuronova-ct:v2"
+    assert status.error == "MemoryError (details in the server log)"

@@ -8,6 +8,7 @@ from core import active_models, store
 from core.cards import DEMO_INTENDED_USE, ClassificationCard, Provenance
 from core.errors import ModelNotLoaded
 from core.settings import get_settings
+from runners import switching
 from runners.switching import SwitchableModel
 
 NAME = "unit-switch-model"
@@ -64,3 +65,29 @@ def test_nothing_loaded_raises(versions):
     with pytest.raises(ModelNotLoaded, match="broken"):
         served.get()
     assert served.describe() == {"loaded": False, "error": "RuntimeError: broken", "tag": versions[0]}
+
+
+def test_a_failed_switch_is_reported_and_tried_again_with_backoff(versions, monkeypatch):
+    """A replica that cannot load the version it was switched to (out of memory, say) keeps serving the old one,
+    says so (`switch_pending`, the error), and takes the new one at a later try, each after a longer wait."""
+    v1, v2 = versions
+    refusals = ["MemoryError: no room", "MemoryError: still no room"]
+
+    def flaky(model):
+        if str(model.tag) == v2 and refusals:
+            raise MemoryError(refusals.pop(0))
+        return loaded(model)
+
+    clock = [1000.0]
+    monkeypatch.setattr(switching.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(switching, "WATCH_INTERVAL_S", 3600.0)  # the test alone follows the registry
+    served = make(v1, loader=flaky)
+    active_models.record_switch("unit", v2, v1)
+    delays = []
+    for _ in range(2):
+        served.follow_registry()
+        assert served.current.tag == v1 and served.pending == v2 and "no room" in served.load_error
+        delays.append(served._retry_at - clock[0])
+    assert delays == [switching.RETRY_FIRST_S, 2 * switching.RETRY_FIRST_S]
+    served.follow_registry()
+    assert served.current.tag == v2 and served.pending is None and served.load_error is None
