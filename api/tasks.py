@@ -73,19 +73,19 @@ async def run_tracked(
 
     With a `bentoml.Context` BentoML answers with `ctx.response.status_code`, so an error's status is set there too.
     """
-    tasks.create(task_id, request_id, model_id)
+    await asyncio.to_thread(tasks.create, task_id, request_id, model_id)  # store calls off the event loop
     try:
         response = await work()
     except Exception as exc:  # noqa: BLE001 - this is the mapping point for task bodies
-        if isinstance(exc, TaskCancelled) or tasks.cancel_requested(task_id):
+        if isinstance(exc, TaskCancelled) or await asyncio.to_thread(tasks.cancel_requested, task_id):
             return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
         error = as_neuronova_error(exc)
         log.warning("task %s failed: %s %s", task_id, error.code, error.message)
-        tasks.fail(task_id, error)
+        await asyncio.to_thread(tasks.fail, task_id, error)
         return _error(error, ctx)
-    if tasks.cancel_requested(task_id):
+    if await asyncio.to_thread(tasks.cancel_requested, task_id):
         return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
-    committed = tasks.complete(task_id, response.model_dump(mode="json"))
+    committed = await asyncio.to_thread(tasks.complete, task_id, response.model_dump(mode="json"))
     if committed is not False and after_commit is not None:  # the embedded store has no attempts to fence
         await after_commit()
     return response
