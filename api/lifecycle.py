@@ -6,7 +6,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import bentoml
 from pydantic import BaseModel
 
 from api.models import ModelSlot
@@ -36,7 +35,7 @@ def import_export_file(path: Path, sha256: str, limits: LimitSettings) -> str:
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
     model_exports.check_unpacked_size(path, limits.model_unpacked_max_bytes, limits.archive_max_compression_ratio)
     try:
-        tag = str(bentoml.models.import_model(str(path.resolve())).tag)
+        tag = store.import_model(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error
         raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
     model_exports.publish(path, digest, tag)
