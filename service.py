@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import bentoml
 import psutil
@@ -65,7 +65,7 @@ from api.tasks import (
     run_tracked,
     task_status,
 )
-from api.uploads import UploadGuardMiddleware, file_fields_by_path
+from api.uploads import UploadGuardMiddleware, file_fields_by_path, task_inputs_by_path
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import SegmentationCard
 from core.cards.tabular import TabularCard
@@ -317,7 +317,7 @@ class NeuroNova:
     @bentoml.task(route=MRI_ROUTE)
     async def predict_mri_segmentation(
         self,
-        image: list[Path],
+        image: Annotated[list[Path], Field(min_length=1)],
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         sequence_type: list[str] | str | None = None,
@@ -427,8 +427,9 @@ def _server_rss_mb() -> float:
 
 # Outermost first (BentoML stacks them in the order added): the JSON access log line; every error in the SPEC
 # schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id,
-# and MRI studies that name their sequences and lack one the served model requires; then the MRI task routes' own
-# handling (which drops the token before BentoML stores the request).
+# MRI submissions valid for the route's input model (BentoML validates a task only after answering it) and studies that
+# name their sequences and lack one the served model requires; then the MRI task routes' own handling (which drops
+# the token before BentoML stores the request).
 NeuroNova.add_asgi_middleware(AccessLogMiddleware)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
@@ -439,6 +440,7 @@ NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limi
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_current_service().mri)}
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
-                              field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
+                              field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS},
+                              validated=task_inputs_by_path(NeuroNova.apis))
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)
 metric_labels.install(service_routes(ops.routes, NeuroNova.apis.values()))

@@ -6,9 +6,11 @@ import io
 import json
 import logging
 from datetime import date
+from pathlib import Path
+from typing import Annotated
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -22,7 +24,7 @@ from api.access_log import (
     route_model,
 )
 from api.phi import DATE_FORMATS, PatientId, check_patient_id, looks_like_date
-from api.uploads import UploadGuardMiddleware, file_fields_by_path
+from api.uploads import MAX_FORM_BYTES, UploadGuardMiddleware, file_fields_by_path, task_inputs_by_path
 
 PATIENT_ID = TypeAdapter(PatientId)
 
@@ -205,3 +207,49 @@ def test_one_json_line_per_request_with_whitelisted_fields() -> None:
 def test_route_model_map() -> None:
     assert route_model("/predict/mri_segmentation/submit") == "mri_segmentation"
     assert route_model("/xai/explain") == "ct_classification" and route_model("/health") is None
+
+
+class TaskInput(BaseModel):
+    image: Annotated[list[Path], Field(min_length=1)]
+    patient_id: str
+    xai: bool = False
+    note: str | None = None
+
+
+def validating(routed: list[int]) -> TestClient:
+    async def route(request: Request) -> JSONResponse:
+        routed.append(len(await request.body()))
+        return JSONResponse({"task_id": "t"})
+
+    app = Starlette(routes=[Route("/mri/submit", route, methods=["POST"])])
+    return TestClient(UploadGuardMiddleware(app, {"/mri/submit": frozenset({"image"})},
+                                            validated={"/mri/submit": TaskInput}))
+
+
+def test_a_task_form_is_validated_as_bentoml_will_before_the_route_stores_it() -> None:
+    """BentoML answers a task submission before validating it: the guard refuses what its input model will refuse
+    (no file, a JSON list for a bool, ...) with the pydantic errors, without values, and the route never runs."""
+    routed: list[int] = []
+    client = validating(routed)
+    no_file = client.post("/mri/submit", files={"x": ("a", b"1")}, data={"patient_id": "P1"})
+    assert no_file.status_code == 400 and no_file.json()["error"]["details"]["errors"][0]["loc"] == ["image"]
+    listed = client.post("/mri/submit", files={"image": ("a.nii", b"1")}, data={"patient_id": "P1", "xai": "[1]"})
+    assert listed.status_code == 400 and listed.json()["error"]["details"]["errors"][0]["loc"] == ["xai"]
+    assert "[1]" not in listed.text and routed == []
+    two = [("image", ("a.nii", b"\0" * 300_000)), ("image", ("b.nii", b"1")), ("patient_id", (None, b"P1")),
+           ("xai", (None, b"[1]")), ("xai", (None, b"true"))]  # the last value is BentoML's
+    assert client.post("/mri/submit", files=two).status_code == 200 and len(routed) == 1
+    assert client.post("/mri/submit", files=two[:3] + [two[4], two[3]]).status_code == 400
+    oversized = [("image", ("a.nii", b"1")), ("patient_id", (None, b"P1")), ("note", (None, b"x" * (MAX_FORM_BYTES + 1))),
+                 ("xai", (None, b"[1]"))]
+    assert client.post("/mri/submit", files=oversized).status_code == 200  # left to BentoML's own validation
+    assert len(routed) == 2
+
+
+def test_task_inputs_come_from_bentoml_task_methods() -> None:
+    class Method:
+        def __init__(self, route: str, is_task: bool) -> None:
+            self.route, self.input_spec, self.is_task = route, TaskInput, is_task
+
+    apis = {"a": Method("/ct", False), "b": Method("/mri", True)}
+    assert task_inputs_by_path(apis) == {"/mri": TaskInput, "/mri/submit": TaskInput}

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 
@@ -54,6 +55,28 @@ def test_identifying_patient_ids_are_refused_on_every_route(client, patient_id: 
         assert_invalid(response)
         assert patient_id not in response.text
     assert "task_id" not in responses[1].json()
+
+
+@pytest.mark.parametrize(("route", "form", "files", "field"), [
+    (MRI_SUBMIT, {"patient_id": "P000001"}, [], "image"),
+    ("/predict/mri_segmentation", {"patient_id": "P000001"}, [], "image"),
+    (MRI_SUBMIT, {"patient_id": "P000001", "xai": "[true]"}, [("image", ("t1.nii", b"x"))], "xai"),
+    (MRI_SUBMIT, {"patient_id": "P000001", "post_processing": '{"min_area_pixels": "many"}'},
+     [("image", ("t1.nii", b"x"))], "post_processing"),
+])
+def test_an_mri_submission_its_input_model_refuses_gets_no_task(client, route, form, files, field) -> None:
+    """BentoML answers a task submission before it validates it (a task id, then a failed task); found by
+    schemathesis in negative mode: such a submission is a 400 naming the field, and no task is created."""
+    from api.tasks import bentoml_result_store_path
+
+    def stored() -> int:  # BentoML's task store keeps every submission it accepted
+        with sqlite3.connect(bentoml_result_store_path()) as connection:
+            return connection.execute("SELECT count(*) FROM result").fetchone()[0]
+
+    before = stored()
+    body = assert_invalid(client.post(route, files=files or {"x": ("x", b"")}, data=form))
+    assert body["error"]["details"]["errors"][0]["loc"][0] == field and "task_id" not in body
+    assert stored() == before
 
 
 @contextlib.contextmanager
