@@ -6,9 +6,10 @@
   date in BentoML's task store and fail only later;
 - a route's field checks (`FieldCheck`, e.g. an MRI study lacking a sequence the served model requires: `api.mri_submit`)
   run once the whole body has arrived, before the route sees its end, so a task route stores nothing it would refuse;
-- on a task route, the whole form is validated against the method's input model as BentoML will validate it
-  (`task_inputs_by_path`): BentoML answers a task submission (200 and a task id) *before* it validates the input, so
-  an MRI study without an image, or with `xai=[1]`, was accepted and failed as a task; it is a 400 now.
+- on a task route, the whole body is validated against the method's input model as BentoML will validate it
+  (`task_inputs_by_path`; a multipart or urlencoded form, else JSON): BentoML answers a task submission (200 and a
+  task id) *before* it validates the input, so an MRI study without an image, with `xai=[1]`, or an empty or
+  non-JSON body, was accepted and failed as a task; it is a 400 now.
 
 Refusals are 400 INVALID_REQUEST."""
 
@@ -76,6 +77,32 @@ def validate_form(model: type[BaseModel], form: Mapping[str, bytes], files: Mapp
     for name, count in files.items():
         annotation = model.model_fields[name].annotation if name in model.model_fields else None
         data[name] = [UPLOADED] * count if _is_list(annotation) else UPLOADED
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return InvalidRequest(f"{exc.error_count()} invalid field(s)", validation_details(exc))
+    return None
+
+
+def validate_body(model: type[BaseModel], body: bytes, content_type: bytes,
+                  fields: frozenset[str]) -> InvalidRequest | None:
+    """The refusal of a whole non-multipart body by `model` as BentoML will read it: a urlencoded form like a
+    multipart one, anything else as JSON (an object; a file field's strings are files' contents there), or None."""
+    if content_type.lower().startswith(b"application/x-www-form-urlencoded"):
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        return validate_form(model, {name: value.encode("latin-1") for name, value in form.items()}, {})
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return InvalidRequest("the body is neither a multipart form nor JSON")
+    if not isinstance(data, dict):
+        return InvalidRequest("the body must be a JSON object or a multipart form")
+    for name in fields & data.keys():
+        value = data[name]
+        if isinstance(value, str):
+            data[name] = UPLOADED
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            data[name] = [UPLOADED] * len(value)
     try:
         model.model_validate(data)
     except ValidationError as exc:
@@ -253,6 +280,9 @@ class UploadGuardMiddleware:
                 break
         body = b"".join(chunks)
         error = _whole_body_error(body, content_type, fields)
+        model = self.validated.get(scope["path"])
+        if error is None and model is not None:
+            error = validate_body(model, body, content_type, fields)
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
@@ -272,6 +302,9 @@ class UploadGuardMiddleware:
         _, params = parse_options_header(content_type)
         boundary = params.get(b"boundary")
         if not boundary:
+            if scope["path"] in self.validated:  # BentoML would store it and fail it as a task
+                await error_response(InvalidRequest("a multipart body needs its boundary"))(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         inspector = _PartInspector(boundary, fields, self.field_checks.get(scope["path"], {}),

@@ -253,3 +253,24 @@ def test_task_inputs_come_from_bentoml_task_methods() -> None:
 
     apis = {"a": Method("/ct", False), "b": Method("/mri", True)}
     assert task_inputs_by_path(apis) == {"/mri": TaskInput, "/mri/submit": TaskInput}
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", b""),  # no boundary
+    ("application/x-www-form-urlencoded", b"patient_id=P1"),  # no file can come this way
+    ("text/plain", b""),
+    ("application/json", b'["P1"]'),
+    ("application/json", b'{"image": ["a"], "patient_id": "P1", "xai": "maybe"}'),
+])
+def test_a_task_body_that_is_no_valid_form_or_json_is_refused(content_type, body) -> None:
+    routed: list[int] = []
+    response = validating(routed).post("/mri/submit", content=body, headers={"content-type": content_type})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_REQUEST" and routed == []
+
+
+def test_a_valid_json_task_body_reaches_the_route() -> None:
+    """In JSON a file field's string is the file's content (BentoML writes it to a file): valid, not fetched."""
+    routed: list[int] = []
+    client = validating(routed)
+    assert client.post("/mri/submit", json={"image": ["abc"], "patient_id": "P1", "xai": True}).status_code == 200
+    assert len(routed) == 1
