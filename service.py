@@ -36,6 +36,7 @@ from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.metric_labels import service_routes
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
+from api.openapi import OpenAPIMiddleware
 from api.phi import PatientId
 from api.request_cache import RequestCache, cache_directory
 from api.shutdown import (
@@ -383,7 +384,8 @@ class NeuroNova:
 
         return JSONResponse(job_of(self._pacs(), job_id).model_dump(mode="json"))
 
-    @ops.get("/health")
+    @ops.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "A model failed to load (degraded)"}})
     async def health(self) -> JSONResponse:
         """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load."""
         statuses = {slot.model_id: await slot.status() for slot in self._slots()}
@@ -425,12 +427,14 @@ def _server_rss_mb() -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-# Outermost first (BentoML stacks them in the order added): the JSON access log line; every error in the SPEC
+# Outermost first (BentoML stacks them in the order added): the JSON access log line; /docs.json completed with
+# what the routes really answer (api/openapi.py); every error in the SPEC
 # schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id,
 # MRI submissions valid for the route's input model (BentoML validates a task only after answering it) and studies that
 # name their sequences and lack one the served model requires; then the MRI task routes' own handling (which drops
 # the token before BentoML stores the request).
 NeuroNova.add_asgi_middleware(AccessLogMiddleware)
+NeuroNova.add_asgi_middleware(OpenAPIMiddleware, apis=NeuroNova.apis)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
                               path_tokens=importlib.import_module("pacs.runtime").notify_tokens(settings)
