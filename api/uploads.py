@@ -11,7 +11,8 @@
   task id) *before* it validates the input, so an MRI study without an image, with `xai=[1]`, or an empty or
   non-JSON body, was accepted and failed as a task; it is a 400 now.
 
-Refusals are 400 INVALID_REQUEST."""
+A multipart body that cannot be parsed is refused too (BentoML answered it with a 500). Refusals are 400
+INVALID_REQUEST."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ MAX_ID_BYTES = 1024
 MAX_CHECKED_BYTES = 4096
 MAX_FORM_BYTES = 64 * 1024
 """The form fields (files aside) a task route's input validation reads; a larger form is left to BentoML's."""
+MALFORMED = InvalidRequest("the multipart body cannot be parsed", {"reason": "malformed_multipart"})
+"""A multipart body python-multipart cannot parse (a part without headers, ...): Starlette raises HTTPException 400
+inside BentoML's route, which BentoML answers with a 500; refused here before."""
 UPLOADED = Path("/dev/null")
 """What stands for an uploaded file when a form is validated before BentoML stores it."""
 FieldCheck = Callable[[Any], Awaitable[InvalidRequest | None]]
@@ -44,14 +48,14 @@ FieldCheck = Callable[[Any], Awaitable[InvalidRequest | None]]
 
 
 def file_fields_by_path(apis: Mapping[str, Any]) -> dict[str, frozenset[str]]:
-    """Request path → names of its file fields, from BentoML's API methods (a task's fields apply to `/submit`)."""
+    """Request path of every BentoML API method → names of its file fields (empty for a JSON route, whose multipart
+    bodies are inspected too: BentoML parses them as forms), from BentoML's API methods (a task's fields apply to
+    `/submit`)."""
     paths: dict[str, frozenset[str]] = {}
     for method in apis.values():
-        fields = frozenset(method.input_spec.multipart_fields)
-        if fields:
-            paths[method.route] = fields
-            if getattr(method, "is_task", False):
-                paths[f"{method.route}/submit"] = fields
+        paths[method.route] = fields = frozenset(method.input_spec.multipart_fields)
+        if getattr(method, "is_task", False):
+            paths[f"{method.route}/submit"] = fields
     return paths
 
 
@@ -169,8 +173,9 @@ class _PartInspector:
             return
         try:
             self.parser.write(chunk)
-        except Exception:  # noqa: BLE001 - a malformed body is Starlette's to refuse; stop inspecting it
+        except Exception:  # noqa: BLE001 - any parse error: Starlette's would be a 400 that BentoML turns into a 500
             self.broken = True
+            self.error = MALFORMED
 
     def _part_begin(self) -> None:
         self._disposition = b""
@@ -247,7 +252,8 @@ def _whole_body_error(body: bytes, content_type: bytes, fields: frozenset[str]) 
 class UploadGuardMiddleware:
     """400 INVALID_REQUEST on an upload route when a file field arrives as a string (a URL BentoML would download),
     the form's patient id does not look anonymised, the path's input model in `validated` refuses the form, or one
-    of the path's `field_checks` refuses (the last two multipart only)."""
+    of the path's `field_checks` refuses (the last two multipart only); on any route of `file_fields`, for a
+    multipart body that cannot be parsed or whose patient id does not look anonymised."""
 
     def __init__(self, app: ASGIApp, file_fields: dict[str, frozenset[str]],
                  field_checks: Mapping[str, Mapping[str, FieldCheck]] | None = None,
@@ -259,14 +265,16 @@ class UploadGuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields = self.file_fields.get(scope["path"]) if scope["type"] == "http" else None
-        if not fields or scope["method"] not in ("POST", "PUT"):
+        if fields is None or scope["method"] not in ("POST", "PUT"):
             await self.app(scope, receive, send)
             return
         content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if content_type.lower().startswith(b"multipart/"):
+        if content_type.lower().startswith(b"multipart/"):  # any API route: BentoML parses a multipart body of each
             await self._multipart(scope, receive, send, content_type, fields)
-        else:
+        elif fields:  # an upload route
             await self._whole_body(scope, receive, send, content_type, fields)
+        else:
+            await self.app(scope, receive, send)
 
     async def _whole_body(self, scope: Scope, receive: Receive, send: Send, content_type: bytes,
                           fields: frozenset[str]) -> None:

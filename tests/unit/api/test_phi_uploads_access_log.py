@@ -170,7 +170,7 @@ def test_file_fields_come_from_bentoml_api_methods() -> None:
             self.route, self.input_spec, self.is_task = route, Spec(fields), is_task
 
     apis = {"a": Method("/ct", ["image"]), "b": Method("/mri", ["image"], is_task=True), "c": Method("/json", [])}
-    assert file_fields_by_path(apis) == {"/ct": {"image"}, "/mri": {"image"}, "/mri/submit": {"image"}}
+    assert file_fields_by_path(apis) == {"/ct": {"image"}, "/mri": {"image"}, "/mri/submit": {"image"}, "/json": set()}
 
 
 async def model_response(request: Request) -> JSONResponse:
@@ -274,3 +274,22 @@ def test_a_valid_json_task_body_reaches_the_route() -> None:
     client = validating(routed)
     assert client.post("/mri/submit", json={"image": ["abc"], "patient_id": "P1", "xai": True}).status_code == 200
     assert len(routed) == 1
+
+
+def test_a_multipart_body_that_cannot_be_parsed_is_refused_before_the_route() -> None:
+    """A part without headers (what schemathesis sent in negative mode): Starlette's 400 for it is raised inside
+    BentoML's route, which answered 500; the guard refuses it first, on every API route."""
+    routed: list[int] = []
+
+    async def route(request: Request) -> JSONResponse:
+        routed.append(len(await request.body()))
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/upload", route, methods=["POST"]), Route("/json", route, methods=["POST"])])
+    client = TestClient(UploadGuardMiddleware(app, {"/upload": frozenset({"image"}), "/json": frozenset()}))
+    body = b"--e6b8\r\n[[[4.7e+16, true]], {}, []]--e6b8--\r\n"
+    for path in ("/upload", "/json"):  # a JSON route parses a multipart body too
+        response = client.post(path, content=body, headers={"content-type": "multipart/form-data; boundary=e6b8"})
+        assert response.status_code == 400 and response.json()["error"]["details"] == {"reason": "malformed_multipart"}
+    assert routed == []
+    assert client.post("/json", json={"a": 1}).status_code == 200 and len(routed) == 1  # JSON passes untouched
