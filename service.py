@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import bentoml
 import psutil
 from fastapi import FastAPI, Query
-from pydantic import Field
+from pydantic import Field, StrictBool
 from starlette.responses import JSONResponse
 
 from api import accept_balance, log_redaction, metric_labels
@@ -216,7 +216,7 @@ class NeuroNova:
         image: Path,
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
-        xai: bool = False,
+        xai: StrictBool = False,
         xai_methods: list[str] | str = Field(default_factory=lambda: [GRAD_CAM]),
         metadata: dict[str, Any] | None = None,
     ) -> CTClassificationResponse:
@@ -245,7 +245,7 @@ class NeuroNova:
         biomarkers: dict[str, Any],
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
-        xai: bool = False,
+        xai: StrictBool = False,
         xai_methods: list[Literal["shap"]] = Field(default_factory=lambda: [SHAP]),
         xai_options: BiomarkerXaiOptions = Field(default_factory=BiomarkerXaiOptions),
     ) -> BiomarkerResponse:
@@ -297,7 +297,7 @@ class NeuroNova:
         self,
         model_id: str,
         version: str | None = None,
-        rollback: bool = False,
+        rollback: StrictBool = False,
         model_file: Path = None,  # type: ignore[assignment] - `Path | None` and Optional[Path] break uploads (G19)
         sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
     ) -> UpdateModelResponse:
@@ -322,9 +322,9 @@ class NeuroNova:
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         sequence_type: list[str] | str | None = None,
-        xai: bool = False,
+        xai: StrictBool = False,
         post_processing: PostProcessingOptions = Field(default_factory=PostProcessingOptions),
-        uncertainty: bool = False,
+        uncertainty: StrictBool = False,
         ctx: bentoml.Context = None,
     ) -> MRISegmentationResponse:
         """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.

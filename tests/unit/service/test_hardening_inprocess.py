@@ -79,6 +79,23 @@ def test_an_mri_submission_its_input_model_refuses_gets_no_task(client, route, f
     assert stored() == before
 
 
+@pytest.mark.parametrize(("form", "field"), [
+    ({"xai": "0"}, "xai"), ({"uncertainty": "1"}, "uncertainty"),
+    ({"post_processing": '{"remove_small_objects": 0}'}, "post_processing"),
+    ({"post_processing": '{"min_area_pixels": "5"}'}, "post_processing"),
+    ({"post_processing": '{"min_area_pixels": 5.0}'}, "post_processing"),
+])
+def test_booleans_and_integers_are_taken_as_declared_only(client, form, field) -> None:
+    """Found by schemathesis in negative mode: pydantic's lax mode took 0 and 1 for booleans, "5" and 5.0 for
+    integers, which the document declares as booleans and integers: refused now (JSON `true`/`false` as ever)."""
+    body = assert_invalid(client.post(MRI_SUBMIT, files=[("image", ("t1.nii", b"x"))],
+                                      data={"patient_id": "P000001", **form}))
+    assert body["error"]["details"]["errors"][0]["loc"][0] == field
+    biomarker = client.post(BIOMARKER, json={"patient_id": "P000001", "biomarkers": {"age": 50}, "xai": 1,
+                                             "xai_options": {"shap": {"plots": "yes"}}})
+    assert {tuple(e["loc"][:1]) for e in assert_invalid(biomarker)["error"]["details"]["errors"]} >= {("xai",)}
+
+
 @pytest.mark.parametrize("route", [CT, MRI_SUBMIT, "/update_model", "/feedback", BIOMARKER, "/xai/explain"])
 def test_a_multipart_body_that_cannot_be_parsed_is_a_400_not_a_500(client, route) -> None:
     """Found by schemathesis in negative mode: a part without headers made Starlette raise its 400 inside BentoML's
