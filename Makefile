@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TOOLS := .venv-tools
 PORT ?= 3000
 HOST ?= 127.0.0.1
 export BENTOML_DO_NOT_TRACK := True
@@ -10,7 +11,7 @@ export BENTOML_DO_NOT_TRACK := True
 SERVE_ENV ?= NEURONOVA_AUTH__ENABLED=false
 COVERAGE_FLOOR ?= 95
 
-.PHONY: install viewer-loaders demo serve test bench models export-demo bento bento-gpu clean
+.PHONY: install tools viewer-loaders demo serve test bench models export-demo bento bento-gpu clean
 
 $(BIN)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +32,15 @@ $(VIEWER_MODULES): tests/viewer/package.json tests/viewer/package-lock.json
 
 viewer-loaders: $(if $(NPM),$(VIEWER_MODULES))  ## install the viewer loaders where npm is (else their tests skip; CI: fail)
 
+# The programs the tests call (checkov), in a virtual environment of their own: their pins conflict with the service's.
+$(TOOLS)/.installed: requirements-tools.txt
+	test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --upgrade pip
+	$(TOOLS)/bin/pip install -q -r requirements-tools.txt
+	touch $@
+
+tools: $(TOOLS)/.installed  ## the tests' command-line tools (checkov) in .venv-tools
+
 demo: install  ## import the shipped demo models (demo_models/) into the local model store when absent
 	$(BIN)/python -m training_export ensure-demo
 
@@ -43,7 +53,7 @@ export-demo: install  ## rewrite demo_models/ from the store's latest versions (
 serve: demo  ## set up, import the shipped demo models if absent, serve on 127.0.0.1:3000
 	$(SERVE_ENV) $(BIN)/bentoml serve service:NeuroNova --host $(HOST) --port $(PORT)
 
-test: install viewer-loaders  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
+test: install tools viewer-loaders  ## set up and run the whole suite with coverage (exit code 5, no tests collected, is a failure)
 	BENTOML_HOME=$(CURDIR)/.bentoml-test $(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 bench: demo  ## benchmarks (see docs/performance.md)
@@ -59,4 +69,4 @@ bento-gpu: demo  ## the GPU Bento (CUDA base image; then: bentoml containerize n
 	$(BIN)/python deploy/build_gpu_bento.py
 
 clean:
-	rm -rf $(VENV) .bentoml-test .pytest_cache .coverage .coverage.*
+	rm -rf $(VENV) $(TOOLS) .bentoml-test .pytest_cache .coverage .coverage.*

@@ -7,12 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import bentoml
 import psutil
 from fastapi import FastAPI, Query
-from pydantic import Field
+from pydantic import Field, StrictBool
 from starlette.responses import JSONResponse
 
 from api import accept_balance, log_redaction, metric_labels
@@ -36,6 +36,7 @@ from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.metric_labels import EndpointLabels, service_routes
 from api.models import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
+from api.openapi import OpenAPIMiddleware
 from api.phi import PatientId
 from api.request_cache import RequestCache, cache_directory
 from api.shutdown import (
@@ -65,7 +66,7 @@ from api.tasks import (
     run_tracked,
     task_status,
 )
-from api.uploads import UploadGuardMiddleware, file_fields_by_path
+from api.uploads import UploadGuardMiddleware, file_fields_by_path, task_inputs_by_path
 from core.cards.classification import ClassificationCard
 from core.cards.segmentation import SegmentationCard
 from core.cards.tabular import TabularCard
@@ -216,7 +217,7 @@ class NeuroNova:
         image: Path,
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
-        xai: bool = False,
+        xai: StrictBool = False,
         xai_methods: list[str] | str = Field(default_factory=lambda: [GRAD_CAM]),
         metadata: dict[str, Any] | None = None,
     ) -> CTClassificationResponse:
@@ -245,7 +246,7 @@ class NeuroNova:
         biomarkers: dict[str, Any],
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
-        xai: bool = False,
+        xai: StrictBool = False,
         xai_methods: list[Literal["shap"]] = Field(default_factory=lambda: [SHAP]),
         xai_options: BiomarkerXaiOptions = Field(default_factory=BiomarkerXaiOptions),
     ) -> BiomarkerResponse:
@@ -297,7 +298,7 @@ class NeuroNova:
         self,
         model_id: str,
         version: str | None = None,
-        rollback: bool = False,
+        rollback: StrictBool = False,
         model_file: Path = None,  # type: ignore[assignment] - `Path | None` and Optional[Path] break uploads (G19)
         sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
     ) -> UpdateModelResponse:
@@ -318,13 +319,13 @@ class NeuroNova:
     @bentoml.task(route=MRI_ROUTE)
     async def predict_mri_segmentation(
         self,
-        image: list[Path],
+        image: Annotated[list[Path], Field(min_length=1)],
         patient_id: PatientId,
         request_id: str | None = Field(default=None, max_length=128),
         sequence_type: list[str] | str | None = None,
-        xai: bool = False,
+        xai: StrictBool = False,
         post_processing: PostProcessingOptions = Field(default_factory=PostProcessingOptions),
-        uncertainty: bool = False,
+        uncertainty: StrictBool = False,
         ctx: bentoml.Context = None,
     ) -> MRISegmentationResponse:
         """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.
@@ -386,7 +387,8 @@ class NeuroNova:
 
         return JSONResponse(job_of(self._pacs(), job_id).model_dump(mode="json"))
 
-    @ops.get("/health")
+    @ops.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "A model failed to load (degraded)"}})
     async def health(self) -> JSONResponse:
         """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load (or that was
         switched to a version this replica could not load yet)."""
@@ -429,12 +431,15 @@ def _server_rss_mb() -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-# Outermost first (BentoML stacks them in the order added): the JSON access log line; every error in the SPEC
+# Outermost first (BentoML stacks them in the order added): the JSON access log line; /docs.json completed with
+# what the routes really answer (api/openapi.py); every error in the SPEC
 # schema; who is calling; how often; how much they send; uploads that must be uploads (not URLs) with an anonymised patient id,
-# and MRI studies that name their sequences and lack one the served model requires; then the MRI task routes' own
-# handling (which drops the token before BentoML stores the request).
+# MRI submissions valid for the route's input model (BentoML validates a task only after answering it) and studies that
+# name their sequences and lack one the served model requires; then the MRI task routes' own handling (which drops
+# the token before BentoML stores the request).
 routes = service_routes(ops.routes, NeuroNova.apis.values())
 NeuroNova.add_asgi_middleware(AccessLogMiddleware, route_label=EndpointLabels(routes))
+NeuroNova.add_asgi_middleware(OpenAPIMiddleware, apis=NeuroNova.apis)
 NeuroNova.add_asgi_middleware(ErrorSchemaMiddleware)
 NeuroNova.add_asgi_middleware(JWTAuthMiddleware, auth=settings.auth,
                               path_tokens=importlib.import_module("pacs.runtime").notify_tokens(settings)
@@ -444,6 +449,7 @@ NeuroNova.add_asgi_middleware(RateLimitMiddleware, rate_limit=settings.rate_limi
 NeuroNova.add_asgi_middleware(BodyLimitMiddleware, limits=settings.limits)
 MRI_FIELD_CHECKS = {SEQUENCE_FIELD: missing_sequences_check(lambda: bentoml.get_current_service().mri)}
 NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_path(NeuroNova.apis),
-                              field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS})
+                              field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS},
+                              validated=task_inputs_by_path(NeuroNova.apis))
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)
 metric_labels.install(routes)

@@ -6,7 +6,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import bentoml
 from pydantic import BaseModel
 
 from api.models import ModelSlot
@@ -37,14 +36,13 @@ def import_export_file(path: Path, sha256: str, limits: LimitSettings, slot: Mod
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})
     model_exports.check_unpacked_size(path, limits.model_unpacked_max_bytes, limits.archive_max_compression_ratio)
     try:
-        imported = bentoml.models.import_model(str(path.resolve()))
+        tag = store.import_model(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is the caller's input error
         raise InvalidRequest(f"not an exported BentoML model: {type(exc).__name__}") from exc
-    tag = str(imported.tag)
     try:
-        store.read_card(imported, slot.card_type)
+        store.read_card(store.get_model(tag), slot.card_type)
     except Exception as exc:  # noqa: BLE001 - a card of another task or a broken card leaves nothing behind
-        bentoml.models.delete(tag)
+        store.delete_model(tag)
         raise InvalidRequest(f"the uploaded model is not a {slot.model_id} model: {type(exc).__name__}") from exc
     model_exports.publish(path, digest, tag)
     return tag

@@ -5,41 +5,113 @@
 - the `patient_id` form field must look anonymised (`api.phi`): a task route would otherwise keep a name or birth
   date in BentoML's task store and fail only later;
 - a route's field checks (`FieldCheck`, e.g. an MRI study lacking a sequence the served model requires: `api.mri_submit`)
-  run once the whole body has arrived, before the route sees its end, so a task route stores nothing it would refuse.
+  run once the whole body has arrived, before the route sees its end, so a task route stores nothing it would refuse;
+- on a task route, the whole body is validated against the method's input model as BentoML will validate it
+  (`task_inputs_by_path`; a multipart or urlencoded form, else JSON): BentoML answers a task submission (200 and a
+  task id) *before* it validates the input, so an MRI study without an image, with `xai=[1]`, or an empty or
+  non-JSON body, was accepted and failed as a task; it is a 400 now.
 
-Refusals are 400 INVALID_REQUEST."""
+A multipart body that cannot be parsed is refused too (BentoML answered it with a 500). Refusals are 400
+INVALID_REQUEST."""
 
 from __future__ import annotations
 
 import json
+import types
+import typing
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from pydantic import BaseModel, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
+from api.errors import error_response, validation_details
 from api.phi import check_patient_id
 from core.errors import InvalidRequest
 
 PATIENT_FIELD = "patient_id"
 MAX_ID_BYTES = 1024
 MAX_CHECKED_BYTES = 4096
+MAX_FORM_BYTES = 64 * 1024
+"""The form fields (files aside) a task route's input validation reads; a larger form is left to BentoML's."""
+MALFORMED = InvalidRequest("the multipart body cannot be parsed", {"reason": "malformed_multipart"})
+"""A multipart body python-multipart cannot parse (a part without headers, ...): Starlette raises HTTPException 400
+inside BentoML's route, which BentoML answers with a 500; refused here before."""
+UPLOADED = Path("/dev/null")
+"""What stands for an uploaded file when a form is validated before BentoML stores it."""
 FieldCheck = Callable[[Any], Awaitable[InvalidRequest | None]]
 """A check of a form field's value (decoded as BentoML does: `_form_value`): the refusal, or None."""
 
 
 def file_fields_by_path(apis: Mapping[str, Any]) -> dict[str, frozenset[str]]:
-    """Request path → names of its file fields, from BentoML's API methods (a task's fields apply to `/submit`)."""
+    """Request path of every BentoML API method → names of its file fields (empty for a JSON route, whose multipart
+    bodies are inspected too: BentoML parses them as forms), from BentoML's API methods (a task's fields apply to
+    `/submit`)."""
     paths: dict[str, frozenset[str]] = {}
     for method in apis.values():
-        fields = frozenset(method.input_spec.multipart_fields)
-        if fields:
-            paths[method.route] = fields
-            if getattr(method, "is_task", False):
-                paths[f"{method.route}/submit"] = fields
+        paths[method.route] = fields = frozenset(method.input_spec.multipart_fields)
+        if getattr(method, "is_task", False):
+            paths[f"{method.route}/submit"] = fields
     return paths
+
+
+def task_inputs_by_path(apis: Mapping[str, Any]) -> dict[str, type[BaseModel]]:
+    """Task route (the base route and `/submit`) → its input model, from BentoML's API methods."""
+    return {path: method.input_spec for method in apis.values() if getattr(method, "is_task", False)
+            for path in (method.route, f"{method.route}/submit")}
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) is list
+
+
+def validate_form(model: type[BaseModel], form: Mapping[str, bytes], files: Mapping[str, int]) -> InvalidRequest | None:
+    """The refusal of a multipart form by `model` as BentoML reads the form (`MultipartSerde.parse_request`: a field's
+    last value, JSON-decoded where it parses; every part of a file field, as a list where the field is one), with
+    UPLOADED for each file; or None."""
+    data: dict[str, Any] = {name: _form_value(raw) for name, raw in form.items()}
+    for name, count in files.items():
+        annotation = model.model_fields[name].annotation if name in model.model_fields else None
+        data[name] = [UPLOADED] * count if _is_list(annotation) else UPLOADED
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return InvalidRequest(f"{exc.error_count()} invalid field(s)", validation_details(exc))
+    return None
+
+
+def validate_body(model: type[BaseModel], body: bytes, content_type: bytes,
+                  fields: frozenset[str]) -> InvalidRequest | None:
+    """The refusal of a whole non-multipart body by `model` as BentoML will read it: a urlencoded form like a
+    multipart one, anything else as JSON (an object; a file field's strings are files' contents there), or None."""
+    if content_type.lower().startswith(b"application/x-www-form-urlencoded"):
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        return validate_form(model, {name: value.encode("latin-1") for name, value in form.items()}, {})
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return InvalidRequest("the body is neither a multipart form nor JSON")
+    if not isinstance(data, dict):
+        return InvalidRequest("the body must be a JSON object or a multipart form")
+    for name in fields & data.keys():
+        value = data[name]
+        if isinstance(value, str):
+            data[name] = UPLOADED
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            data[name] = [UPLOADED] * len(value)
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return InvalidRequest(f"{exc.error_count()} invalid field(s)", validation_details(exc))
+    return None
 
 
 def _not_a_file(field: str) -> InvalidRequest:
@@ -69,12 +141,19 @@ class _PartInspector:
     """Pushes a multipart body through python-multipart and notes the first refusal: a file field sent as a text
     part (no `filename`: Starlette then hands BentoML a string, which BentoML downloads), or a patient id that does
     not look anonymised. Keeps the last value of each field in `checks` (BentoML reads the last one; a value over
-    MAX_CHECKED_BYTES is not checked) for `checks_error`."""
+    MAX_CHECKED_BYTES is not checked) for `checks_error`, and, with an input `model`, the last value of every other
+    field (up to MAX_FORM_BYTES in all) and the count of each file field's parts."""
 
-    def __init__(self, boundary: bytes, fields: frozenset[str], checks: Mapping[str, FieldCheck]) -> None:
+    def __init__(self, boundary: bytes, fields: frozenset[str], checks: Mapping[str, FieldCheck],
+                 model: type[BaseModel] | None = None) -> None:
         self.fields = fields
         self.checks = checks
+        self.model = model
         self.values: dict[str, bytearray] = {}
+        self.form: dict[str, bytearray] = {}
+        self.files: Counter[str] = Counter()
+        self.form_bytes = 0
+        self._form_part: bytearray | None = None
         self.error: InvalidRequest | None = None
         self.broken = False
         self._checked: bytearray | None = None
@@ -94,8 +173,9 @@ class _PartInspector:
             return
         try:
             self.parser.write(chunk)
-        except Exception:  # noqa: BLE001 - a malformed body is Starlette's to refuse; stop inspecting it
+        except Exception:  # noqa: BLE001 - any parse error: Starlette's would be a 400 that BentoML turns into a 500
             self.broken = True
+            self.error = MALFORMED
 
     def _part_begin(self) -> None:
         self._disposition = b""
@@ -120,12 +200,21 @@ class _PartInspector:
         self._checked = None
         if name in self.checks:
             self._checked = self.values[name] = bytearray()
+        self._form_part = None
+        if self.model is not None and name in self.fields:
+            self.files[name] += 1
+        elif self.model is not None:
+            self.form_bytes -= len(self.form.get(name, b""))
+            self._form_part = self.form[name] = bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._patient_id is not None:
             self._patient_id += data[start:min(end, start + MAX_ID_BYTES - len(self._patient_id))]
         if self._checked is not None:
             self._checked += data[start:min(end, start + MAX_CHECKED_BYTES + 1 - len(self._checked))]
+        if self._form_part is not None:
+            self._form_part += data[start:min(end, start + MAX_FORM_BYTES + 1 - self.form_bytes)]
+            self.form_bytes += min(end - start, MAX_FORM_BYTES + 1 - self.form_bytes)
 
     def _part_end(self) -> None:
         if self._patient_id is not None:
@@ -134,9 +223,13 @@ class _PartInspector:
         self._checked = None
 
     async def checks_error(self) -> InvalidRequest | None:
-        """The first refusal of the route's field checks, on the fields sent (the whole body has been fed)."""
+        """The first refusal of the input model or the route's field checks, on the fields sent (the whole body has
+        been fed)."""
         if self.broken:
             return None
+        if self.model is not None and self.form_bytes <= MAX_FORM_BYTES and (error := validate_form(
+                self.model, {name: bytes(raw) for name, raw in self.form.items()}, self.files)):
+            return error
         for name, check in self.checks.items():
             raw = self.values.get(name)
             if raw is not None and len(raw) <= MAX_CHECKED_BYTES and (error := await check(_form_value(bytes(raw)))):
@@ -158,24 +251,30 @@ def _whole_body_error(body: bytes, content_type: bytes, fields: frozenset[str]) 
 
 class UploadGuardMiddleware:
     """400 INVALID_REQUEST on an upload route when a file field arrives as a string (a URL BentoML would download),
-    the form's patient id does not look anonymised, or one of the path's `field_checks` (multipart only) refuses."""
+    the form's patient id does not look anonymised, the path's input model in `validated` refuses the form, or one
+    of the path's `field_checks` refuses (the last two multipart only); on any route of `file_fields`, for a
+    multipart body that cannot be parsed or whose patient id does not look anonymised."""
 
     def __init__(self, app: ASGIApp, file_fields: dict[str, frozenset[str]],
-                 field_checks: Mapping[str, Mapping[str, FieldCheck]] | None = None) -> None:
+                 field_checks: Mapping[str, Mapping[str, FieldCheck]] | None = None,
+                 validated: Mapping[str, type[BaseModel]] | None = None) -> None:
         self.app = app
         self.file_fields = file_fields
         self.field_checks = field_checks or {}
+        self.validated = validated or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fields = self.file_fields.get(scope["path"]) if scope["type"] == "http" else None
-        if not fields or scope["method"] not in ("POST", "PUT"):
+        if fields is None or scope["method"] not in ("POST", "PUT"):
             await self.app(scope, receive, send)
             return
         content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if content_type.lower().startswith(b"multipart/"):
+        if content_type.lower().startswith(b"multipart/"):  # any API route: BentoML parses a multipart body of each
             await self._multipart(scope, receive, send, content_type, fields)
-        else:
+        elif fields:  # an upload route
             await self._whole_body(scope, receive, send, content_type, fields)
+        else:
+            await self.app(scope, receive, send)
 
     async def _whole_body(self, scope: Scope, receive: Receive, send: Send, content_type: bytes,
                           fields: frozenset[str]) -> None:
@@ -189,6 +288,9 @@ class UploadGuardMiddleware:
                 break
         body = b"".join(chunks)
         error = _whole_body_error(body, content_type, fields)
+        model = self.validated.get(scope["path"])
+        if error is None and model is not None:
+            error = validate_body(model, body, content_type, fields)
         if error is not None:
             await error_response(error)(scope, receive, send)
             return
@@ -208,9 +310,13 @@ class UploadGuardMiddleware:
         _, params = parse_options_header(content_type)
         boundary = params.get(b"boundary")
         if not boundary:
+            if scope["path"] in self.validated:  # BentoML would store it and fail it as a task
+                await error_response(InvalidRequest("a multipart body needs its boundary"))(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
-        inspector = _PartInspector(boundary, fields, self.field_checks.get(scope["path"], {}))
+        inspector = _PartInspector(boundary, fields, self.field_checks.get(scope["path"], {}),
+                                   self.validated.get(scope["path"]))
         answered = False
 
         async def inspecting_receive() -> Message:

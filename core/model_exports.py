@@ -112,7 +112,7 @@ def local_model(tag: str) -> bentoml.Model:
     if file_sha256(path) != path.name.removesuffix(EXPORT_SUFFIX):
         raise ModelNotLoaded(f"shared export of {tag!r} does not match its sha256", {"tag": tag, "path": str(path)})
     try:
-        bentoml.models.import_model(str(path.resolve()))
+        store.import_model(path)
         log.info("imported %s from the shared volume (%s)", tag, path.name)
     except Exception as exc:  # noqa: BLE001 - another process of this replica may have imported it at the same moment
         log.info("import of %s from %s: %s (checking the store)", tag, path.name, exc)

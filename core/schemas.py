@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImportantRegion(BaseModel):
@@ -188,6 +188,8 @@ class BiomarkerResult(BaseModel):
 
 
 class ShapOptions(BaseModel):
+    model_config = ConfigDict(strict=True)  # `true`/`false` only, as declared (not 1 or "yes")
+
     plots: bool = Field(default=False, description="also render the bar and waterfall plots (slower)")
 
 

@@ -16,7 +16,7 @@ _MARGIN_VOXELS = 3
 class PostProcessingOptions(BaseModel):
     """The request's `post_processing` field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # booleans and integers as declared (not 0, "5" or 5.0)
 
     remove_small_objects: bool = True
     min_area_pixels: int = Field(

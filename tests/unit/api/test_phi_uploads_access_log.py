@@ -6,9 +6,11 @@ import io
 import json
 import logging
 from datetime import date
+from pathlib import Path
+from typing import Annotated
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,7 +25,7 @@ from api.access_log import (
 )
 from api.metric_labels import EndpointLabels
 from api.phi import DATE_FORMATS, PatientId, check_patient_id, looks_like_date
-from api.uploads import UploadGuardMiddleware, file_fields_by_path
+from api.uploads import MAX_FORM_BYTES, UploadGuardMiddleware, file_fields_by_path, task_inputs_by_path
 
 PATIENT_ID = TypeAdapter(PatientId)
 
@@ -169,7 +171,7 @@ def test_file_fields_come_from_bentoml_api_methods() -> None:
             self.route, self.input_spec, self.is_task = route, Spec(fields), is_task
 
     apis = {"a": Method("/ct", ["image"]), "b": Method("/mri", ["image"], is_task=True), "c": Method("/json", [])}
-    assert file_fields_by_path(apis) == {"/ct": {"image"}, "/mri": {"image"}, "/mri/submit": {"image"}}
+    assert file_fields_by_path(apis) == {"/ct": {"image"}, "/mri": {"image"}, "/mri/submit": {"image"}, "/json": set()}
 
 
 async def model_response(request: Request) -> JSONResponse:
@@ -208,3 +210,89 @@ def test_one_json_line_per_request_with_whitelisted_fields() -> None:
 def test_route_model_map() -> None:
     assert route_model("/predict/mri_segmentation/submit") == "mri_segmentation"
     assert route_model("/xai/explain") == "ct_classification" and route_model("/health") is None
+
+
+class TaskInput(BaseModel):
+    image: Annotated[list[Path], Field(min_length=1)]
+    patient_id: str
+    xai: bool = False
+    note: str | None = None
+
+
+def validating(routed: list[int]) -> TestClient:
+    async def route(request: Request) -> JSONResponse:
+        routed.append(len(await request.body()))
+        return JSONResponse({"task_id": "t"})
+
+    app = Starlette(routes=[Route("/mri/submit", route, methods=["POST"])])
+    return TestClient(UploadGuardMiddleware(app, {"/mri/submit": frozenset({"image"})},
+                                            validated={"/mri/submit": TaskInput}))
+
+
+def test_a_task_form_is_validated_as_bentoml_will_before_the_route_stores_it() -> None:
+    """BentoML answers a task submission before validating it: the guard refuses what its input model will refuse
+    (no file, a JSON list for a bool, ...) with the pydantic errors, without values, and the route never runs."""
+    routed: list[int] = []
+    client = validating(routed)
+    no_file = client.post("/mri/submit", files={"x": ("a", b"1")}, data={"patient_id": "P1"})
+    assert no_file.status_code == 400 and no_file.json()["error"]["details"]["errors"][0]["loc"] == ["image"]
+    listed = client.post("/mri/submit", files={"image": ("a.nii", b"1")}, data={"patient_id": "P1", "xai": "[1]"})
+    assert listed.status_code == 400 and listed.json()["error"]["details"]["errors"][0]["loc"] == ["xai"]
+    assert "[1]" not in listed.text and routed == []
+    two = [("image", ("a.nii", b"\0" * 300_000)), ("image", ("b.nii", b"1")), ("patient_id", (None, b"P1")),
+           ("xai", (None, b"[1]")), ("xai", (None, b"true"))]  # the last value is BentoML's
+    assert client.post("/mri/submit", files=two).status_code == 200 and len(routed) == 1
+    assert client.post("/mri/submit", files=two[:3] + [two[4], two[3]]).status_code == 400
+    oversized = [("image", ("a.nii", b"1")), ("patient_id", (None, b"P1")), ("note", (None, b"x" * (MAX_FORM_BYTES + 1))),
+                 ("xai", (None, b"[1]"))]
+    assert client.post("/mri/submit", files=oversized).status_code == 200  # left to BentoML's own validation
+    assert len(routed) == 2
+
+
+def test_task_inputs_come_from_bentoml_task_methods() -> None:
+    class Method:
+        def __init__(self, route: str, is_task: bool) -> None:
+            self.route, self.input_spec, self.is_task = route, TaskInput, is_task
+
+    apis = {"a": Method("/ct", False), "b": Method("/mri", True)}
+    assert task_inputs_by_path(apis) == {"/mri": TaskInput, "/mri/submit": TaskInput}
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", b""),  # no boundary
+    ("application/x-www-form-urlencoded", b"patient_id=P1"),  # no file can come this way
+    ("text/plain", b""),
+    ("application/json", b'["P1"]'),
+    ("application/json", b'{"image": ["a"], "patient_id": "P1", "xai": "maybe"}'),
+])
+def test_a_task_body_that_is_no_valid_form_or_json_is_refused(content_type, body) -> None:
+    routed: list[int] = []
+    response = validating(routed).post("/mri/submit", content=body, headers={"content-type": content_type})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_REQUEST" and routed == []
+
+
+def test_a_valid_json_task_body_reaches_the_route() -> None:
+    """In JSON a file field's string is the file's content (BentoML writes it to a file): valid, not fetched."""
+    routed: list[int] = []
+    client = validating(routed)
+    assert client.post("/mri/submit", json={"image": ["abc"], "patient_id": "P1", "xai": True}).status_code == 200
+    assert len(routed) == 1
+
+
+def test_a_multipart_body_that_cannot_be_parsed_is_refused_before_the_route() -> None:
+    """A part without headers (what schemathesis sent in negative mode): Starlette's 400 for it is raised inside
+    BentoML's route, which answered 500; the guard refuses it first, on every API route."""
+    routed: list[int] = []
+
+    async def route(request: Request) -> JSONResponse:
+        routed.append(len(await request.body()))
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/upload", route, methods=["POST"]), Route("/json", route, methods=["POST"])])
+    client = TestClient(UploadGuardMiddleware(app, {"/upload": frozenset({"image"}), "/json": frozenset()}))
+    body = b"--e6b8\r\n[[[4.7e+16, true]], {}, []]--e6b8--\r\n"
+    for path in ("/upload", "/json"):  # a JSON route parses a multipart body too
+        response = client.post(path, content=body, headers={"content-type": "multipart/form-data; boundary=e6b8"})
+        assert response.status_code == 400 and response.json()["error"]["details"] == {"reason": "malformed_multipart"}
+    assert routed == []
+    assert client.post("/json", json={"a": 1}).status_code == 200 and len(routed) == 1  # JSON passes untouched

@@ -1,6 +1,7 @@
 """The Kubernetes manifests (deploy/k8s, kustomize) validate offline against the schemas kubernetes-validate bundles,
 and say what the scale-out path needs: probes, the 30 s grace, a disruption budget, autoscaling, Secrets by
-reference only, the shared volume and the distributed settings."""
+reference only, the shared volume and the distributed settings; the root file system is read-only and every folder
+the service writes is a volume."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.unit.deploy.writable import MODEL_STORE, WRITTEN_ENV
 
 K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # an older cluster still supported upstream, and the newest schemas
@@ -100,3 +103,40 @@ def test_the_pod_runs_hardened_and_its_traffic_is_fenced():
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     assert [port["port"] for rule in policy["ingress"] for port in rule["ports"]] == [3000]
     assert {port["port"] for rule in policy["egress"] for port in rule["ports"]} == {53, 5432, 8042, 443}
+
+
+def under(path: str, mounts: list[str]) -> bool:
+    return any(path == mount or path.startswith(mount.rstrip("/") + "/") for mount in mounts)
+
+
+def test_the_root_is_read_only_and_every_written_folder_is_a_volume():
+    """Each folder the service writes (tests/unit/deploy/writable.py, as the pod's settings name it) lies on a
+    writable volume of the container; BentoML's task store is left under the data dir."""
+    by_kind = resources()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + pod["containers"]:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, container["name"]
+    [container] = pod["containers"]
+    env = {**by_kind["ConfigMap"]["data"], **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    writable = [path for path, mount in mounts.items() if not mount.get("readOnly")
+                and ("emptyDir" in volumes[mount["name"]] or "persistentVolumeClaim" in volumes[mount["name"]])]
+    written = {name: env.get(name, default) for name, default in WRITTEN_ENV.items()}
+    assert None not in written.values(), [name for name, path in written.items() if path is None]
+    for name, path in {**written, "the bento's model store": MODEL_STORE}.items():
+        assert under(path, writable), f"{name} ({path}) is not on a writable volume: {writable}"
+    assert "BENTOML_RESULT_STORE" not in env  # api/tasks.py puts it under NEURONOVA_DATA_DIR
+
+
+def test_the_init_container_fills_the_model_volume_from_the_image():
+    pod = resources()["Deployment"]["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    [container] = pod["containers"]
+    assert init["image"] == container["image"]
+    [models] = [m for m in container["volumeMounts"] if m["mountPath"] == MODEL_STORE]
+    [target] = [m["mountPath"] for m in init["volumeMounts"] if m["name"] == models["name"]]
+    assert init["command"] == ["cp", "-a", f"{MODEL_STORE}/.", f"{target}/"]
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[models["name"]]
+    security = init["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
