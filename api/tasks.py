@@ -230,33 +230,36 @@ class TaskRoutesMiddleware:
             path = f"{path}/submit"
             scope, send = {**scope, "path": path, "raw_path": path.encode()}, _accepted(send)
         if path in self.submit_paths:
-            if not self.distributed and (refusal := await asyncio.to_thread(self._queue_full)) is not None:
-                await refusal(scope, receive, send)
-                return
+            reservation = None
+            if not self.distributed:  # one machine: a place in the bounded queue first
+                reservation = await asyncio.to_thread(self.tasks.reserve, self.queue_max)
+                if reservation is None:
+                    await self._queue_full()(scope, receive, send)
+                    return
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]}
-            await self._submit(scope, receive, send, subject)
+            await self._submit(scope, receive, send, subject, reservation)
             return
         await self.app(scope, receive, send)
 
-    def _queue_full(self) -> JSONResponse | None:
-        """One machine: the 429 for a submission beyond `mri_queue_max` unfinished tasks, else None."""
-        unfinished = sum(self.tasks.backlog().counts.values())
-        if unfinished < self.queue_max:
-            return None
-        error = RateLimitExceeded(f"{unfinished} MRI tasks are unfinished; submit again later",
+    def _queue_full(self) -> JSONResponse:
+        """One machine: the 429 for a submission beyond `mri_queue_max` unfinished tasks."""
+        error = RateLimitExceeded(f"{self.queue_max} MRI tasks are unfinished; submit again later",
                                   {"reason": "task_queue_full", "retry_after_seconds": QUEUE_FULL_RETRY_AFTER_S})
         return error_response(error, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
-    async def _submit(self, scope: Scope, receive: Receive, send: Send, subject: str) -> None:
-        """Submit, recording the task's submitter (and, distributed, registering the task in the shared store)
-        before the answer leaves, so that the first poll finds both. BentoML runs the task body after answering,
-        within this call; distributed, a body refused by validation never queued the task, which is failed then."""
+    async def _submit(self, scope: Scope, receive: Receive, send: Send, subject: str, reservation: str | None) -> None:
+        """Submit, recording the task's submitter (and registering the task: distributed, in the shared store; one
+        machine, in the queue place `reservation` held) before the answer leaves, so that the first poll finds both
+        and the next submission counts it. BentoML runs the task body after answering, within this call; distributed,
+        a body refused by validation never queued the task, which is failed then."""
         accepted: list[str] = []
         held: Message | None = None
 
         def register(task_id: str) -> None:
             if subject:
                 self.tasks.set_owner(task_id, subject)
+            if reservation is not None:
+                self.tasks.settle_reservation(reservation, task_id)
             if self.distributed:
                 self.tasks.create(task_id, None, None)
 
@@ -273,7 +276,11 @@ class TaskRoutesMiddleware:
                 await send(start)
             await send(message)
 
-        await self.app(scope, receive, registering)
+        try:
+            await self.app(scope, receive, registering)
+        finally:
+            if reservation is not None and not accepted:  # refused, or failed before answering: the place is free
+                await asyncio.to_thread(self.tasks.settle_reservation, reservation, None)
         for task_id in accepted if self.distributed else []:
             record = await asyncio.to_thread(self.tasks.get, task_id)
             if record is not None and record.status == "pending" and await asyncio.to_thread(

@@ -3,8 +3,8 @@ taken (202) and refused (429 with Retry-After), whether every taken one complete
 resident set of the whole process tree, sampled every 0.2 s) against the Kubernetes memory limit (6 GiB,
 deploy/k8s/deployment.yaml).
 
-Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/mri_burst.py [--studies 20]`. Auth and rate limits off; all
-submissions sent at once, one thread each.
+Run: `BENTOML_HOME=.bentoml-test .venv/bin/python bench/mri_burst.py [--studies 20] [--queue-max 16]`. Auth and rate
+limits off; all submissions sent at once, one thread each.
 """
 
 from __future__ import annotations
@@ -68,12 +68,15 @@ def submit(client: httpx.Client, upload: bytes) -> httpx.Response:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--queue-max", type=int, default=None, help="NEURONOVA_LIMITS__MRI_QUEUE_MAX (default 16)")
     args = parser.parse_args()
     ensure_demo_models()
     with tempfile.TemporaryDirectory(prefix="neuronova-burst-") as state:
         upload = brats_nifti(Path(state)).read_bytes()
         env = {"NEURONOVA_AUTH__ENABLED": "false", "NEURONOVA_RATE_LIMIT__ENABLED": "false",
                "NEURONOVA_DATA_DIR": str(Path(state) / "data"), "BENTOML_RESULT_STORE": str(Path(state) / "tasks.db")}
+        if args.queue_max is not None:
+            env["NEURONOVA_LIMITS__MRI_QUEUE_MAX"] = str(args.queue_max)
         with serving(BENTOML_SERVE, env, Path(state) / "server.log") as server, \
                 httpx.Client(base_url=server.url, timeout=600) as client, PeakMemory(server.pid) as memory:
             idle = memory.resident()

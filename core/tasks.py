@@ -18,6 +18,7 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
 ACTIVE: tuple[TaskStatus, ...] = ("pending", "processing")
 RETENTION_SECONDS = 24 * 3600
+RESERVED_PREFIX = "reserved-"
+"""Id of a row held for a submission in flight (`TaskStore.reserve`)."""
 STEP_PROGRESS: dict[str, int] = {
     "queued": 0, "decoding": 5, "preprocessing": 15, "inference": 25, "explaining": 85, "postprocessing": 88,
     "writing_outputs": 94, "completed": 100,
@@ -191,15 +194,39 @@ class TaskStore:
             connection.close()
 
     def create(self, task_id: str, request_id: str | None, model_id: str) -> None:
-        """Register a task as pending (owned by this process); purges finished rows past retention."""
+        """Register a task as pending (owned by this process), or fill in the request and model of one registered at
+        submission (`reserve`); purges finished rows past retention."""
         now, task_id = time.time(), split_ref(task_id)[0]
         with self._connect() as connection:
             connection.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
                                (now - RETENTION_SECONDS,))
             connection.execute(
-                "INSERT OR IGNORE INTO tasks (task_id, request_id, model_id, status, owner_pid, created_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)", (task_id, request_id, model_id, os.getpid(), now),
+                "INSERT INTO tasks (task_id, request_id, model_id, status, owner_pid, created_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?) ON CONFLICT (task_id) DO UPDATE SET "
+                "request_id = COALESCE(tasks.request_id, excluded.request_id), "
+                "model_id = COALESCE(tasks.model_id, excluded.model_id)",
+                (task_id, request_id, model_id, os.getpid(), now),
             )
+
+    def reserve(self, limit: int) -> str | None:
+        """Hold a pending row for a submission about to be made, when fewer than `limit` tasks are unfinished: its id
+        (a placeholder, see `settle_reservation`), else None (the queue is full). Count and insert are one statement,
+        so submissions arriving together in every API worker never pass the bound together."""
+        placeholder = f"{RESERVED_PREFIX}{uuid.uuid4().hex}"
+        with self._connect() as connection:
+            inserted = connection.execute(
+                "INSERT INTO tasks (task_id, status, owner_pid, created_at) SELECT ?, 'pending', ?, ? "
+                "WHERE (SELECT COUNT(*) FROM tasks WHERE status IN ('pending', 'processing')) < ?",
+                (placeholder, os.getpid(), time.time(), limit)).rowcount
+        return placeholder if inserted else None
+
+    def settle_reservation(self, placeholder: str, task_id: str | None) -> None:
+        """The row `reserve` held becomes the submitted task's, or goes (`task_id` None: the submission failed)."""
+        with self._connect() as connection:
+            if task_id is None:
+                connection.execute("DELETE FROM tasks WHERE task_id = ?", (placeholder,))
+            else:
+                connection.execute("UPDATE tasks SET task_id = ? WHERE task_id = ?", (task_id, placeholder))
 
     def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None:
         """Enter `step` (progress defaults to the step's start); raises TaskCancelled if cancel was requested."""

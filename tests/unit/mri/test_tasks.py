@@ -250,36 +250,64 @@ def test_a_task_bentoml_queued_but_did_not_start_can_be_cancelled(store: TaskSto
     assert store.get("queued").status == "cancelled"
 
 
-def test_a_submission_beyond_the_queue_bound_is_refused_with_retry_after(tmp_path) -> None:
-    reached = []
+def queue_middleware(tmp_path, reached: list[str], answered: asyncio.Event | None = None):
+    """The task routes over a stand-in for BentoML that answers each submission with a new task id (after
+    `answered` is set, when given), with a queue bound of 2."""
 
     async def bentoml(scope, receive, send):
         reached.append(scope["path"])
+        if answered is not None:
+            await answered.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b'{"task_id": "t-new", "status": "in_progress"}'})
+        body = json.dumps({"task_id": f"t-{len(reached)}-{id(scope)}", "status": "in_progress"}).encode()
+        await send({"type": "http.response.body", "body": body})
 
     settings = Settings(data_dir=str(tmp_path), limits={"mri_queue_max": 2})
-    middleware = api_tasks.TaskRoutesMiddleware(bentoml, task_routes=("/predict/mri_segmentation",), settings=settings)
+    return api_tasks.TaskRoutesMiddleware(bentoml, task_routes=("/predict/mri_segmentation",), settings=settings)
 
-    def submit() -> list[dict]:
-        sent = []
 
-        async def send(message):
-            sent.append(message)
+async def submitted(middleware) -> list[dict]:
+    sent = []
 
-        scope = {"type": "http", "method": "POST", "path": "/predict/mri_segmentation", "headers": []}
-        asyncio.run(middleware(scope, None, send))
-        return sent
+    async def send(message):
+        sent.append(message)
 
+    scope = {"type": "http", "method": "POST", "path": "/predict/mri_segmentation", "headers": []}
+    await middleware(scope, None, send)
+    return sent
+
+
+def test_a_submission_beyond_the_queue_bound_is_refused_with_retry_after(tmp_path) -> None:
+    reached: list[str] = []
+    middleware = queue_middleware(tmp_path, reached)
     middleware.tasks.create("running", None, "mri_segmentation")
     middleware.tasks.report("running", "inference")
-    assert submit()[0]["status"] == 202 and len(reached) == 1  # one unfinished: room for another
-    middleware.tasks.create("waiting", None, "mri_segmentation")
-    refused = submit()
+    assert asyncio.run(submitted(middleware))[0]["status"] == 202 and len(reached) == 1  # one unfinished: room
+    refused = asyncio.run(submitted(middleware))  # the task just accepted counts at once, before its body starts
     assert refused[0]["status"] == 429 and (b"retry-after", b"30") in refused[0]["headers"]
     assert json.loads(refused[1]["body"])["error"]["details"]["reason"] == "task_queue_full" and len(reached) == 1
     middleware.tasks.complete("running", {})
-    assert submit()[0]["status"] == 202  # a finished task frees its place
+    assert asyncio.run(submitted(middleware))[0]["status"] == 202  # a finished task frees its place
+    assert middleware.tasks.backlog().counts["pending"] == 2
+
+
+def test_submissions_arriving_together_never_pass_the_queue_bound_together(tmp_path) -> None:
+    """Six at once, none answered yet (BentoML answers before a task's body registers it): two get a place."""
+    reached: list[str] = []
+
+    async def scenario() -> list[int]:
+        answered = asyncio.Event()
+        middleware = queue_middleware(tmp_path, reached, answered)
+        submissions = [asyncio.create_task(submitted(middleware)) for _ in range(6)]
+        refused: list[int] = []
+        while len(reached) + len(refused) < 6:  # each either reached BentoML or was refused
+            await asyncio.sleep(0.01)
+            refused = [task.result()[0]["status"] for task in submissions if task.done()]
+        answered.set()
+        return [task_result[0]["status"] for task_result in await asyncio.gather(*submissions)]
+
+    statuses = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert sorted(statuses) == [202, 202, 429, 429, 429, 429] and len(reached) == 2
 
 
 def test_tasks_beyond_the_worker_s_slots_wait_pending_in_turn(store: TaskStore) -> None:
@@ -301,9 +329,11 @@ def test_tasks_beyond_the_worker_s_slots_wait_pending_in_turn(store: TaskStore) 
 
         first = asyncio.create_task(api_tasks.run_tracked(store, "first", None, "m", lambda: api_tasks.in_turn(
             slots, lambda: work("first"))))
+        while getattr(store.get("first"), "status", None) != "processing":
+            await asyncio.sleep(0.001)  # the records are written in threads
         second = asyncio.create_task(api_tasks.run_tracked(store, "second", None, "m", lambda: api_tasks.in_turn(
             slots, lambda: work("second"))))
-        while store.get("second") is None or store.get("first").status != "processing":
+        while store.get("second") is None:
             await asyncio.sleep(0.001)
         order.append(f"second is {store.get('second').status}")
         release.set()
