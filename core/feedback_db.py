@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from core.shared_db import PG_CONNECT_TIMEOUT_S
+
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30
 WAL_SWITCH_ATTEMPTS = 100
@@ -109,7 +111,8 @@ def open_engine(database_url: str) -> Engine:
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy's default would be psycopg2
     sqlite = url.get_backend_name() == "sqlite"
-    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite else {})
+    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite
+                           else {"connect_timeout": PG_CONNECT_TIMEOUT_S})
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     create_schema(engine)

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from core.errors import NeuroNovaError, error_body
+from core.shared_db import PG_CONNECT_TIMEOUT_S
 from core.settings import Settings
 from core.tasks import (
     BACKLOG_SQL,
@@ -95,7 +96,7 @@ class PostgresTaskStore:
 
     @contextmanager
     def _connect(self) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(self.database_url, row_factory=dict_row, connect_timeout=10) as connection:
+        with psycopg.connect(self.database_url, row_factory=dict_row, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
             yield connection
 
     def task_dir(self, task_id: str) -> Path:
@@ -222,7 +223,7 @@ class PostgresTaskStore:
         return self.get(task_id)
 
     def backlog(self) -> Backlog:
-        with psycopg.connect(self.database_url, connect_timeout=10) as connection:
+        with psycopg.connect(self.database_url, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
             return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall())
 
     def set_owner(self, task_id: str, subject: str) -> None:

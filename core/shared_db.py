@@ -18,6 +18,11 @@ from core.settings import get_settings
 
 # pg_advisory_xact_lock key serialising this schema's creation (distinct from core.feedback_db's).
 SCHEMA_LOCK_KEY = 0x4E4E_5201
+PG_CONNECT_TIMEOUT_S = 3
+"""How long any connection attempt to PostgreSQL may take (libpq's connect_timeout, in every pool and connection of
+the service): an unreachable database is an answer within seconds, not a hang."""
+POOL_WAIT_S = 5.0
+"""How long a caller waits for a pooled connection before the error (SQLAlchemy's default is 30 s)."""
 POOL_SIZE = 2
 MAX_OVERFLOW = 2
 """Connections per process: a runner polls on one; an API worker counts rate limits on up to four at once (0.35 ms
@@ -62,7 +67,8 @@ def engine(database_url: str | None = None) -> Engine:
             parsed = make_url(url)
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            made = create_engine(parsed, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True)
+            made = create_engine(parsed, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True,
+                                 pool_timeout=POOL_WAIT_S, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
             create_schema(made)
             _ENGINES[url] = made
         return _ENGINES[url]
