@@ -8,11 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import psycopg
+import sqlalchemy.exc
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import InternalServerError, InvalidRequest, NeuroNovaError, error_body
+from core.errors import DependencyUnavailable, InternalServerError, InvalidRequest, NeuroNovaError, error_body
 
 log = logging.getLogger("neuronova.errors")
 P = ParamSpec("P")
@@ -28,8 +30,19 @@ UNTOUCHED_PATHS = frozenset({"/health", "/metrics", "/livez", "/healthz", "/read
 
 
 def error_response(error: NeuroNovaError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The SPEC.md error body with the error's HTTP status."""
+    """The SPEC.md error body with the error's HTTP status (and `Retry-After` for an unreachable dependency)."""
+    if isinstance(error, DependencyUnavailable):
+        headers = {"Retry-After": str(error.retry_after_seconds), **(headers or {})}
     return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
+
+
+def unreachable_dependency(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (refused, timed out, dropped, no pooled connection)."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
+    return isinstance(exc, psycopg.OperationalError)
 
 
 def validation_details(exc: ValidationError) -> dict[str, Any]:
@@ -43,6 +56,9 @@ def as_neuronova_error(exc: Exception) -> NeuroNovaError:
         return exc
     if isinstance(exc, ValidationError):
         return InvalidRequest(f"{exc.error_count()} invalid field(s)", validation_details(exc))
+    if unreachable_dependency(exc):
+        log.warning("the database is unreachable: %s", type(exc).__name__)
+        return DependencyUnavailable("the database is unreachable; try again shortly", {"reason": "database_unreachable"})
     log.exception("unexpected error", exc_info=exc)
     return InternalServerError("unexpected server error; the request id is in the server log")
 
@@ -128,4 +144,16 @@ class ErrorSchemaMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        await self.app(scope, receive, capture)
+        started = False
+
+        async def observed(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await capture(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        except Exception as exc:  # a middleware's store call, say: answered when nothing was sent yet
+            if started or not unreachable_dependency(exc):
+                raise
+            await error_response(as_neuronova_error(exc))(scope, receive, send)

@@ -74,6 +74,13 @@ class ModelNotLoaded(NeuroNovaError):
     code, status = "MODEL_NOT_LOADED", 503
 
 
+class DependencyUnavailable(NeuroNovaError):
+    """A dependency of the route (the replicas' database) cannot be reached now: 503 with `Retry-After`."""
+
+    code, status = "SERVICE_UNAVAILABLE", 503
+    retry_after_seconds: ClassVar[int] = 5
+
+
 class ModelInferenceError(NeuroNovaError):
     code, status = "MODEL_INFERENCE_ERROR", 500
 

@@ -123,3 +123,35 @@ def test_a_framework_validation_body_loses_the_values_it_quotes() -> None:
     assert message == "1 invalid field(s)"
     assert details == {"errors": [{"loc": ["body", "study_instance_uid"], "msg": refused["msg"],
                                    "type": "string_pattern_mismatch"}]}
+
+
+def test_an_unreachable_database_is_a_503_with_retry_after_from_a_route_or_a_middleware() -> None:
+    """A route's or a middleware's store call failing because PostgreSQL cannot be reached (refused, timed out, no
+    pooled connection) is answered 503 SERVICE_UNAVAILABLE with Retry-After, not a 500."""
+    import psycopg
+    import sqlalchemy.exc
+
+    from core.errors import DependencyUnavailable
+
+    failures = [psycopg.OperationalError("connection timeout expired"),
+                sqlalchemy.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("server closed")),
+                sqlalchemy.exc.TimeoutError("QueuePool limit reached")]
+    for failure in failures:
+        error = as_neuronova_error(failure)
+        assert isinstance(error, DependencyUnavailable) and error.details == {"reason": "database_unreachable"}
+
+    @handles_errors
+    async def route() -> dict:
+        raise failures[0]
+
+    answer = asyncio.run(route())
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+
+    async def middleware_store_call(scope, receive, send):
+        raise failures[1]
+
+    client = TestClient(ErrorSchemaMiddleware(middleware_store_call))
+    answered = client.get("/task/abc")
+    assert answered.headers["retry-after"] == "5"
+    assert_schema(answered, 503, "SERVICE_UNAVAILABLE")["details"] == {"reason": "database_unreachable"}
+    assert as_neuronova_error(psycopg.errors.UniqueViolation("duplicate")).status == 500  # not an outage
