@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from postprocessing.dicom_results import read_tumour_finding
+from postprocessing.dicom_results import read_probabilities, read_tumour_finding
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.orthanc import Orthanc
 from tests.viewer_loaders import load_in_viewer, loaded
@@ -167,13 +167,8 @@ def assert_mr_results(objects: dict[str, Dataset], study: Study, model_version: 
 def assert_ct_results(objects: dict[str, Dataset], source: Dataset, served: dict) -> None:
     """The SR's probabilities and predicted class those the CT route serves for the same slice; the SR, capture and
     map all reference the source instance; the map's values are a [0, 1] heatmap on the slice's grid."""
-    report = hd.sr.Comprehensive3DSR.from_dataset(objects["SR"])
-    probabilities, predicted = {}, None
-    for group in report.content.get_image_measurement_groups():
-        name = group.finding_type.meaning
-        probabilities[name] = float(group.get_measurements(name=codes.DCM.Probability)[0].value)
-        if group.get_qualitative_evaluations(name=codes.SCT.Classification):
-            predicted = name
+    probabilities, predicted = read_probabilities(objects["SR"])
+    for group in hd.sr.Comprehensive3DSR.from_dataset(objects["SR"]).content.get_image_measurement_groups():
         assert [image.referenced_sop_instance_uid for image in group.source_images] == [source.SOPInstanceUID]
     assert probabilities == pytest.approx(served["probabilities"], abs=1e-5)
     assert predicted == served["predicted_class"]

@@ -17,8 +17,6 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from core.cards.base import DEMO_INTENDED_USE, Provenance
-from core.cards.classification import CT_CLASSES, ClassificationCard
 from core.ood import OOD_WARNING
 from core.volumes import SeriesSource
 from postprocessing.dicom_results import (
@@ -34,15 +32,11 @@ from postprocessing.measurements import label_statistics
 from postprocessing.parametric_maps import ct_heatmap_map, mr_uncertainty_map
 from preprocessing.volumes import decode_upload
 from tests import viewer_loaders
-from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, small_case
+from tests.unit.mri.mri_inputs import LIMITS, case_dicom_files, small_case
+from tests.unit.postprocessing.test_dicom_results import CT_CARD, CT_TAG, MR_CARD, MR_TAG, PROBABILITIES
 from tests.viewer_loaders import ViewerLoadError, load_in_viewer, loaded, require_viewer
 from xai.render import overlay
 
-MR_TAG, CT_TAG = "neuronova-mri:mr5x7k2q", "neuronova-ct:ct3p9w1z"
-MR_CARD = card()
-CT_CARD = ClassificationCard(name="test classifier", intended_use=DEMO_INTENDED_USE, labels=list(CT_CLASSES),
-                             provenance=Provenance(source="tests", synthetic_data=True))
-PROBABILITIES = {"Glioma": 0.61, "Meningioma": 0.24, "Pituitary": 0.1, "No Tumor": 0.05}
 WARNINGS = [OOD_WARNING, "sequence T2 was not sent: the model ran with it zero-filled"]
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 """The CT source: one 128 x 128 slice with its plane geometry."""
