@@ -5,6 +5,7 @@ one is a broken set-up and fails."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -20,3 +21,14 @@ def unavailable(what: str, reason: str) -> NoReturn:
     if under_ci():
         pytest.fail(f"CI is set and {what} cannot run: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def assert_skips_then_fails_under_ci(monkeypatch: pytest.MonkeyPatch, require: Callable[[], object],
+                                     hint: str) -> None:
+    """`require` (its tool made missing by the caller) skips naming `hint` without CI and fails under CI."""
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=hint):
+        require()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require()

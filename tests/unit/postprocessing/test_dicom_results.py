@@ -39,6 +39,7 @@ from postprocessing.result_sets import ResultSet, ct_results, mr_results
 from preprocessing.volumes import decode_upload
 from tests import dicom_validation
 from tests.dicom_validation import assert_dciodvfy_clean, require_dciodvfy
+from tests.prerequisites import assert_skips_then_fails_under_ci
 from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, small_case
 from training_export.synthetic_ct import generate_ct_slice, write_ct_dicom
 from xai.render import overlay, to_source_geometry
@@ -259,12 +260,7 @@ def test_dciodvfy_check_fails_on_a_failing_exit_code_without_error_lines(monkeyp
 
 def test_without_dciodvfy_the_check_skips_but_fails_under_ci(monkeypatch) -> None:
     monkeypatch.setattr(dicom_validation.shutil, "which", lambda name: None)
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="apt-get install dicom3tools"):
-        require_dciodvfy()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI is set"):
-        require_dciodvfy()
+    assert_skips_then_fails_under_ci(monkeypatch, require_dciodvfy, "apt-get install dicom3tools")
 
 
 def test_a_model_not_marked_demo_writes_no_warning_prefix(ct_source, ct_heatmap) -> None:

@@ -32,6 +32,7 @@ from postprocessing.measurements import label_statistics
 from postprocessing.parametric_maps import ct_heatmap_map, mr_uncertainty_map
 from preprocessing.volumes import decode_upload
 from tests import viewer_loaders
+from tests.prerequisites import assert_skips_then_fails_under_ci
 from tests.unit.mri.mri_inputs import LIMITS, case_dicom_files, small_case
 from tests.unit.postprocessing.test_dicom_results import CT_CARD, CT_TAG, MR_CARD, MR_TAG, PROBABILITIES
 from tests.viewer_loaders import ViewerLoadError, load_in_viewer, loaded, require_viewer
@@ -268,9 +269,4 @@ def test_a_seg_without_its_referenced_series_fails_in_the_viewer(written, mr_cas
 
 def test_without_node_the_viewer_tests_skip_but_fail_under_ci(monkeypatch) -> None:
     monkeypatch.setattr(viewer_loaders.shutil, "which", lambda name: None)
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="apt-get install nodejs npm"):
-        require_viewer()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI is set"):
-        require_viewer()
+    assert_skips_then_fails_under_ci(monkeypatch, require_viewer, "apt-get install nodejs npm")
