@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse
 from api import accept_balance, log_redaction, metric_labels
 from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, current_owner, current_subject, serving_host
-from api.biomarker import predict_record
-from api.classification import (
+from pipelines.biomarker import predict_record
+from pipelines.classification import (
     ExplainOptions,
     cached_classification,
     classify_slice,
@@ -27,18 +27,18 @@ from api.classification import (
     explanations,
     requested_methods,
 )
-from api.coalescing import batched_methods
+from pipelines.coalescing import batched_methods
 from api.errors import ErrorSchemaMiddleware, handles_errors
-from api.feedback import FeedbackReceipt, FeedbackRequest, record_feedback, reviewer_of
-from core.feedback import FeedbackStore
-from api.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
+from pipelines.feedback import FeedbackReceipt, FeedbackRequest, record_feedback, reviewer_of
+from state.feedback import FeedbackStore
+from pipelines.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
 from api.metric_labels import EndpointLabels, service_routes
-from api.models import ModelSlot, segmentation_summary, tabular_summary
+from pipelines.runner_slots import ModelSlot, segmentation_summary, tabular_summary
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.openapi import OpenAPIMiddleware
 from api.phi import PatientId
-from api.request_cache import RequestCache, cache_directory
+from state.request_cache import RequestCache, cache_directory
 from api.shutdown import (
     at_deadline,
     at_signal,
@@ -48,7 +48,7 @@ from api.shutdown import (
     mark_arbiter,
     recover_after_crash,
 )
-from api.shaping import (
+from pipelines.shaping import (
     class_probabilities,
     describe_slice,
     elapsed_ms,
@@ -83,10 +83,11 @@ from core.schemas import (
     TaskStatusResponse,
 )
 from core.settings import get_settings
-from core.tasks import TaskStore, open_task_store, split_ref, task_store_path
+from state.tasks import TaskStore, split_ref, task_store_path
+from state.stores import open_task_store
 from monitoring.backlog import watch_backlog
 from monitoring.live import live_figures, replica_samples
-from pacs.jobs import Job, JobState, Notice, Notified
+from state.pacs_jobs import Job, JobState, Notice, Notified
 from postprocessing.masks import PostProcessingOptions
 from preprocessing.dicom import quiet_pydicom
 from runners.biomarker import ARRAY_METHODS as BIOMARKER_ARRAY_METHODS
@@ -135,7 +136,7 @@ class NeuroNova:
         self.tasks = open_task_store(settings)
         self.queue = None
         if settings.distributed.enabled:  # MRI tasks through the shared queue; a stopping worker hands its task back
-            from api.task_queue import MriQueue, replica_name
+            from state.job_queue import MriQueue, replica_name
 
             self.queue = MriQueue(self.tasks, settings.distributed.database_url, replica_name(
                 settings.distributed.replica_id), settings.shutdown_grace_seconds)
@@ -156,11 +157,11 @@ class NeuroNova:
 
     @bentoml.on_deployment
     def recover() -> None:
-        """Once per start, before the workers: what a killed server left behind (api/shutdown.py, pacs/jobs.py).
+        """Once per start, before the workers: what a killed server left behind (api/shutdown.py, state/pacs_jobs.py).
         Distributed, the tasks a killed replica held are taken over by the queue, not failed; the queue's tables are
         created once."""
         if settings.distributed.enabled:
-            from api.task_queue import prepare_database
+            from state.job_queue import prepare_database
 
             prepare_database(settings.distributed.database_url)
         recover_after_crash(None if settings.distributed.enabled else TaskStore(task_store_path(settings.data_dir)),
@@ -204,7 +205,7 @@ class NeuroNova:
 
     async def _run_queued(self, ref: str, params: dict[str, Any]) -> None:
         """One attempt of a queued MRI task, by the same pipeline as an embedded task, its writes fenced by `ref`."""
-        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
+        mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
         request = mri.SegmentationRequest.from_queued(ref, params, self.queue.upload_paths(split_ref(ref)[0], params))
         attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
         await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id,
@@ -333,7 +334,7 @@ class NeuroNova:
         The MRI pipeline (torch, MONAI, nibabel, highdicom) is imported by the first MRI task, not at start-up: an API
         worker that serves CT and biomarkers only stays small; in a thread, so that seconds of importing never stall the
         event loop (and the other requests and runner connections it serves)."""
-        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
+        mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
 
         request = mri.SegmentationRequest(
             task_id=current_task_id(ctx), request_id=new_request_id(request_id), images=image, owner=current_owner(),

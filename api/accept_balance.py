@@ -34,7 +34,7 @@ from typing import Any
 import uvicorn
 
 from api.shutdown import arbiter_pid
-from core.tasks import _pid_alive
+from state.tasks import _pid_alive
 
 log = logging.getLogger("neuronova.accept")
 DEFER_S = 0.05

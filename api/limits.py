@@ -12,7 +12,7 @@ from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from core import shared_db
+from state import shared_db
 from core.errors import ImageTooLarge, RateLimitExceeded
 from core.settings import LimitSettings, RateLimitSettings
 

@@ -1,5 +1,5 @@
 """What an MRI submission is refused for before its task is stored: a study that, by its `sequence_type`, lacks a
-sequence the served model requires. The task would fail with this very error (`api.mri`: the same parsing and check,
+sequence the served model requires. The task would fail with this very error (`pipelines.mri`: the same parsing and check,
 on the same card); where only decoding tells which sequences came, it still does."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from api.models import ModelSlot
+from pipelines.runner_slots import ModelSlot
 from api.uploads import FieldCheck
 from core.cards.segmentation import SegmentationCard
 from core.errors import InvalidRequest, NeuroNovaError

@@ -32,7 +32,7 @@ from types import FrameType
 import uvicorn
 
 from core.errors import error_body
-from core.tasks import TaskStore
+from state.tasks import TaskStore
 
 log = logging.getLogger("neuronova.shutdown")
 PARENT_POLL_S = 1.0

@@ -3,7 +3,7 @@ and keeping credentials and results of BentoML's own task store private.
 
 BentoML 1.4 runs a task as a background job of the worker that accepted `/submit` and stores it in SQLite
 (wiped at every start, kept with the whole request, cancel unsupported: docs/bentoml-pitfalls.md G4-G7). The task
-body therefore records status, progress and result in `core.tasks.TaskStore` under BentoML's task id, and cancellation
+body therefore records status, progress and result in `state.tasks.TaskStore` under BentoML's task id, and cancellation
 is cooperative through that store's flag.
 """
 
@@ -30,7 +30,8 @@ from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
 from core.settings import Settings
-from core.tasks import ACTIVE, TaskCancelled, TaskStates, open_task_store, visible_to
+from state.tasks import ACTIVE, TaskCancelled, TaskStates, visible_to
+from state.stores import open_task_store
 
 log = logging.getLogger("neuronova.tasks")
 RESULT_STORE_ENV = "BENTOML_RESULT_STORE"

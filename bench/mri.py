@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.mri import ModelOutput, build_result
+from pipelines.mri import ModelOutput, build_result
 from bench.harness import served
 from core import store
 from core.settings import get_settings

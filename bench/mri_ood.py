@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from api.mri import check_ood
+from pipelines.mri import check_ood
 from core import store
 from core.settings import get_settings
 from core.volume_ood import volume_descriptors, voxel_ml

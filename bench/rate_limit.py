@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.limits import LocalWindows, SharedWindows  # noqa: E402
-from core import shared_db  # noqa: E402
+from state import shared_db  # noqa: E402
 
 LIMIT = 10**9  # never refuse: measure the counting, not the refusals
 CONCURRENCY = 32

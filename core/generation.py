@@ -2,7 +2,7 @@
 
 Along a runner output's class axis, after the classes (and for CT the OOD score), one more entry carries the generation
 of the model that computed it (`runners.switching.SwitchableModel` counts them). The API compares it with the
-generation of the card it prepared the input with (`api.models.ModelSlot.on_served_model`), so a response never names
+generation of the card it prepared the input with (`pipelines.runner_slots.ModelSlot.on_served_model`), so a response never names
 a model version that did not compute it.
 """
 

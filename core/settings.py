@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     xai_cache_entries: int = 256
     xai_cache_ttl_seconds: int = 3600
     xai_cache_max_bytes: int = Field(default=4 * 2**30, description="disk bound of the request cache (an MRI entry "
-                                     "is tens of MB: api/request_cache.py)")
+                                     "is tens of MB: state/request_cache.py)")
     data_dir: str = "var"
     shutdown_grace_seconds: float = Field(default=15.0, ge=0, description=(
         "after SIGTERM each worker finishes in-flight work for this long, then fails the MRI tasks left and exits "

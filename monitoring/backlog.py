@@ -15,7 +15,7 @@ from typing import Any
 
 from bentoml._internal.configuration.containers import BentoMLContainer
 
-from core.tasks import TaskStates
+from state.tasks import TaskStates
 from monitoring.metrics import NAMESPACE
 
 REFRESH_SECONDS = 15.0

@@ -10,7 +10,7 @@ from bentoml._internal.configuration.containers import BentoMLContainer
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from core.feedback import FeedbackStore
+from state.feedback import FeedbackStore
 from core.schemas import LiveFigures
 from monitoring.metrics import NAMESPACE
 

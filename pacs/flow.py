@@ -1,7 +1,7 @@
 """The PACS round trip, run by the API workers: a stable study is notified (Lua `OnStableStudy`, or the `/changes`
 poller), its series are read by QIDO-RS and selected by each model's rules, a job is queued per matching model (once:
-`pacs.jobs`), and a worker runs it: WADO-RS retrieve, the service's own pipeline (MRI: `api.mri.segment_series`;
-CT: `api.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`; an MR run
+`state.pacs_jobs`), and a worker runs it: WADO-RS retrieve, the service's own pipeline (MRI: `pipelines.mri.segment_series`;
+CT: `pipelines.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`; an MR run
 that finds no tumour gets a negative report, never nothing) written to the job's folder, then STOW-RS into the same
 study, retried with backoff while the PACS is unreachable.
 
@@ -25,15 +25,15 @@ import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from api.classification import GRAD_CAM, classify_slice
-from api.models import MODEL_SWITCHED, ModelSlot
-from api.shaping import class_probabilities
+from pipelines.classification import GRAD_CAM, classify_slice
+from pipelines.runner_slots import MODEL_SWITCHED, ModelSlot
+from pipelines.shaping import class_probabilities
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError, error_body
 from core.settings import LimitSettings
-from core.tasks import TaskStates
+from state.tasks import TaskStates
 from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
-from pacs.jobs import NO_RULE, Job, JobStore
+from state.pacs_jobs import NO_RULE, Job, JobStore
 from pacs.selection import SeriesFacts, select_series
 from postprocessing.dicom_results import dataset_bytes, mr_negative_report, segment_volumes_ml
 from postprocessing.parametric_maps import missing_geometry
@@ -180,7 +180,7 @@ class PacsFlow:
         return await self._classify(job, series)
 
     async def _segment(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
-        mri = await asyncio.to_thread(importlib.import_module, "api.mri")
+        mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
         slot = self.slots["mri_segmentation"]
         # A task record of its own for every attempt: a failed attempt's record is cancelled (`TaskStates.fail`), and
         # an attempt queued again after the runner shed it must not find that record (it would stop at its first step).

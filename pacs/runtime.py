@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from api.models import ModelSlot
+from pipelines.runner_slots import ModelSlot
 from core.errors import ModelNotLoaded, NotFound
 from core.settings import Settings
-from core.tasks import TaskStates
+from state.tasks import TaskStates
 from pacs.config import load_config
 from pacs.flow import PacsFlow, hold_lock
-from pacs.jobs import Job, JobStore, Notice, Notified, job_store_path
+from state.pacs_jobs import Job, JobStore, Notice, Notified, job_store_path
 from preprocessing.transforms import to_layout
 
 log = logging.getLogger("neuronova.pacs")
@@ -54,7 +54,7 @@ async def warm_up_pipeline(flow: PacsFlow) -> None:
     """Import the MRI pipeline in this worker now (tens of seconds on a busy 2-core machine) rather than with the
     first MRI job: a PACS-connected server segments every brain-MR study, so its first is served at full speed."""
     if any(rules.model_id == "mri_segmentation" for rules in flow.config.models):
-        await asyncio.to_thread(importlib.import_module, "api.mri")
+        await asyncio.to_thread(importlib.import_module, "pipelines.mri")
 
 
 async def warm_up_gradcam(flow: PacsFlow, lock_path: Path, runner_wait_s: float = 300.0) -> None:

@@ -250,7 +250,7 @@ def ct_overlay_capture(source: Dataset, overlay_rgb: np.ndarray, card: Classific
                        ) -> hd.sc.SCImage:
     """The heatmap overlay (`method`'s, e.g. Grad-CAM) as a Secondary Capture in the source's study, in a new series.
 
-    `overlay_rgb` is uint8 rows x columns x 3 as the CT route draws it (`api.shaping.heatmap_explanation`):
+    `overlay_rgb` is uint8 rows x columns x 3 as the CT route draws it (`pipelines.shaping.heatmap_explanation`):
     `xai.render.overlay(prepared.display, to_source_geometry(heatmap, prepared.display.shape))`. The source's pixel
     spacing and orientation are kept when the overlay has the source's size. `finding` (e.g. "Glioma 61%") goes
     into the SeriesDescription, which viewers list even where they ignore SR. `uid_key`: see `result_uid`.

@@ -119,7 +119,7 @@ ARRAY_METHODS = ("predict", "explain")
 class BiomarkerModel:
     """Runner for `biomarker_prediction`. Receives encoded rows; knows nothing of HTTP.
 
-    The served model follows `core.active_models` (hot switch, rollback); a batch runs wholly on one model.
+    The served model follows `state.active_models` (hot switch, rollback); a batch runs wholly on one model.
     """
 
     model_ref = bentoml.models.BentoModel(settings.biomarker.model_tag)

@@ -124,7 +124,7 @@ ONNX Runtime stays small (docs/performance.md)."""
 class CTClassifier:
     """Runner for `ct_classification`. Receives preprocessed batches; knows nothing of HTTP.
 
-    The served model follows `core.active_models` (hot switch, rollback); each output row of `predict` names the
+    The served model follows `state.active_models` (hot switch, rollback); each output row of `predict` names the
     generation of the model that produced it.
     """
 

@@ -12,7 +12,8 @@ import bentoml
 import numpy as np
 
 from core.settings import get_settings
-from core.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS, open_task_store
+from state.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS
+from state.stores import open_task_store
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION
 from runners.switching import SwitchableModel
 
@@ -32,7 +33,7 @@ MODEL_ID = "mri_segmentation"
 class MRISegmenter:
     """Runner for `mri_segmentation`. Receives prepared volumes; knows nothing of HTTP.
 
-    The served model follows `core.active_models` (hot switch, rollback); a call runs wholly on one model.
+    The served model follows `state.active_models` (hot switch, rollback); a call runs wholly on one model.
     """
 
     model_ref = bentoml.models.BentoModel(settings.mri.model_tag)

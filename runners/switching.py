@@ -1,4 +1,4 @@
-"""A runner's served model that follows `core.active_models`: hot switch and rollback without a restart."""
+"""A runner's served model that follows `state.active_models`: hot switch and rollback without a restart."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import bentoml
 
-from core import active_models, model_exports
+from state import active_models, model_exports
 from core.errors import ModelNotLoaded
 
 log = logging.getLogger(__name__)

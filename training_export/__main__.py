@@ -143,7 +143,7 @@ def _configure_finetune(parser: argparse.ArgumentParser) -> None:
 @command("finetune-ct", "fine-tune the CT classifier on reviewed feedback; store it only if not worse",
          _configure_finetune)
 def _finetune_ct(args: argparse.Namespace) -> int:
-    from core.feedback import FeedbackStore
+    from state.feedback import FeedbackStore
     from core.settings import get_settings
     from training_export.finetune_ct import FineTuneConfig, finetune_from_feedback
 

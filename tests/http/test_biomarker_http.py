@@ -99,7 +99,7 @@ def test_concurrent_requests_are_batched_without_mixing_rows(http):
         assert (batched["result"], batched["xai"]) == (alone["result"], alone["xai"])
     assert batches_before >= len(records)  # the sequential phase was seen by the histogram: one batch per request
     # Fewer model calls than requests, so some batches carried several requests' rows (merged by the API workers,
-    # api/coalescing.py, or by the runner's adaptive batching: the histogram counts calls, not rows).
+    # pipelines/coalescing.py, or by the runner's adaptive batching: the histogram counts calls, not rows).
     assert batches_after - batches_before < len(records), batches_after - batches_before
 
 

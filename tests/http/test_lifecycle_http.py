@@ -12,10 +12,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from core.feedback import FeedbackStore
+from state.feedback import FeedbackStore
 from core import store
 from core.cards.classification import ClassificationCard
-from core.feedback_db import feedback_records
+from state.feedback_db import feedback_records
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm")).read_bytes()
 CLIENTS = 8

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from bench.soak import role, server_tree
-from core.tasks import STEP_PROGRESS
+from state.tasks import STEP_PROGRESS
 from tests.unit.mri.mri_inputs import (
     case_dicom_files,
     four_d_nifti,

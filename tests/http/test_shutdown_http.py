@@ -25,7 +25,7 @@ import pytest
 
 from bench.harness import BENTOML_SERVE, SERVER_TAG, free_port, kill_processes, start_process, tagged_processes
 from bench.soak import role
-from core.tasks import TaskStore, task_store_path
+from state.tasks import TaskStore, task_store_path
 from tests.http.test_mri_http import wait_for, wait_for_step
 from tests.unit.mri.mri_inputs import four_d_nifti, small_case
 

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from core.pg_tasks import TABLE
-from core.tasks import STEP_PROGRESS
+from state.pg_tasks import TABLE
+from state.tasks import STEP_PROGRESS
 from tests.replicas import Replica, ReplicaSet, wait_balanced
 from tests.unit.mri.mri_inputs import four_d_nifti
 from training_export.synthetic_mri import synthetic_case

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from _bentoml_impl.tasks.result import Sqlite3Store
 
-from api.budgets import StepBudgetExceeded, scaled, within_budget
+from pipelines.budgets import StepBudgetExceeded, scaled, within_budget
 from api.shutdown import (
     ARBITER_PID,
     arbiter_pid,
@@ -23,7 +23,7 @@ from api.shutdown import (
     recover_after_crash,
     remove_stale_sqlite_sidecars,
 )
-from core.tasks import TaskStore, task_store_path
+from state.tasks import TaskStore, task_store_path
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from api.coalescing import Coalescer, batched_methods
+from pipelines.coalescing import Coalescer, batched_methods
 from runners.biomarker import BiomarkerModel
 from runners.ct import MAX_BATCH, CTClassifier
 

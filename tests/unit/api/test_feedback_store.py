@@ -12,12 +12,12 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import func, select, text
 
-from api.feedback import FeedbackRequest, record_feedback
-from core.feedback import FeedbackStore, InputFiles
-from api.request_cache import CachedRequest
+from pipelines.feedback import FeedbackRequest, record_feedback
+from state.feedback import FeedbackStore, InputFiles
+from state.request_cache import CachedRequest
 from core.cards.segmentation import VolumeInputSpec
 from core.errors import InvalidImageFormat, InvalidRequest
-from core.feedback_db import feedback_inputs
+from state.feedback_db import feedback_inputs
 from postprocessing.outputs import mask_nifti_gz
 from preprocessing.volumes import prepare_labels, prepare_volume
 from training_export.synthetic_mri import SyntheticCase, synthetic_case
@@ -41,7 +41,7 @@ def case() -> SyntheticCase:
 
 
 def segmentation(request_id: str, case: SyntheticCase) -> CachedRequest:
-    """A cached MRI request as api/mri.py `cached_segmentation` builds it (the truth standing in for the prediction)."""
+    """A cached MRI request as pipelines/mri.py `cached_segmentation` builds it (the truth standing in for the prediction)."""
     prepared = prepare_volume(case.volume, VolumeInputSpec(), 2**24)
     return CachedRequest(
         request_id=request_id, model_id="mri_segmentation", model_version="neuronova-mri:v1", input_sha256="ef" * 32,

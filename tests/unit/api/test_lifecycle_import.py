@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import bentoml
 import pytest
 
-from api import lifecycle
+from pipelines import lifecycle
 from core.cards.classification import ClassificationCard
 from core.errors import InvalidRequest
 from core.settings import LimitSettings

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from api import models
-from api.models import ModelSlot
+from pipelines import runner_slots as models
+from pipelines.runner_slots import ModelSlot
 from core.cards import ClassificationCard
 from core.errors import ModelInferenceError, ModelNotLoaded
 

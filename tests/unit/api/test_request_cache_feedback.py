@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from api.request_cache import CachedRequest, RequestCache
+from state.request_cache import CachedRequest, RequestCache
 from core.errors import NotFound
 
 

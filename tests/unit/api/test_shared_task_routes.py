@@ -10,9 +10,9 @@ import pytest
 
 from api import tasks as api_tasks
 from core.errors import error_body
-from core.pg_tasks import PostgresTaskStore
+from state.pg_tasks import PostgresTaskStore
 from core.settings import Settings
-from core.tasks import task_ref
+from state.tasks import task_ref
 
 ROUTE = "/predict/mri_segmentation"
 

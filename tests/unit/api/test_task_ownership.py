@@ -12,7 +12,7 @@ import pytest
 
 from api import tasks as api_tasks
 from core.settings import Settings
-from core.tasks import visible_to
+from state.tasks import visible_to
 
 ROUTE = "/predict/mri_segmentation"
 

@@ -8,7 +8,7 @@ from http import HTTPStatus
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from api.task_queue import MAX_RUNS, HandedBack, MriQueue, runner_not_serving
+from state.job_queue import MAX_RUNS, HandedBack, MriQueue, runner_not_serving
 from core.errors import InvalidRequest, ModelInferenceError, ModelNotLoaded
 
 

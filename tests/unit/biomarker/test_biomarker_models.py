@@ -8,7 +8,7 @@ from biomarker_inputs import SPEC_EXAMPLE
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from api.shaping import class_probabilities
+from pipelines.shaping import class_probabilities
 from core.cards import DEMO_INTENDED_USE
 from core.schemas import BiomarkerResult
 from preprocessing.tabular import encode_records, encode_request, stack_rows

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core import active_models
+from state import active_models
 from core.settings import get_settings
 
 

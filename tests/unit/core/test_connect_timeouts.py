@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from api.task_queue import prepare_database
-from core import shared_db
-from core.feedback_db import open_engine
-from core.pg_tasks import PostgresTaskStore
+from state.job_queue import prepare_database
+from state import shared_db
+from state.feedback_db import open_engine
+from state.pg_tasks import PostgresTaskStore
 
 ENDED_WITHIN_S = 60.0
 """A bound far above the connect timeout: reaching it means the attempt hung."""

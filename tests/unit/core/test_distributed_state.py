@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from api.feedback import FeedbackRequest, record_feedback
+from pipelines.feedback import FeedbackRequest, record_feedback
 from api.limits import SharedWindows
-from api.request_cache import CachedRequest, cache_directory
-from core import active_models, model_exports, shared_db, store
+from state.request_cache import CachedRequest, cache_directory
+from core import store
+from state import active_models, model_exports, shared_db
 from core.cards import DEMO_INTENDED_USE, ClassificationCard, Provenance
 from core.errors import ModelNotLoaded
-from core.feedback import FeedbackStore, InputFiles
+from state.feedback import FeedbackStore, InputFiles
 from core.settings import get_settings
 
 NAME = "unit-shared-export"

@@ -15,7 +15,7 @@ import pytest
 
 from core.cards.classification import ClassificationCard
 from core.errors import ImageTooLarge, InvalidRequest
-from core.model_exports import check_unpacked_size
+from state.model_exports import check_unpacked_size
 from core.settings import LimitSettings
 
 DEMO = Path(__file__).resolve().parents[3] / "demo_models" / "neuronova-mri.bentomodel"

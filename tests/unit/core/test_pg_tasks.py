@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from core.errors import error_body
-from core.pg_tasks import QUEUEING_DEADLINE_S, TABLE, PostgresTaskStore
+from state.pg_tasks import QUEUEING_DEADLINE_S, TABLE, PostgresTaskStore
 from core.settings import Settings
-from core.tasks import TaskCancelled, TaskStore, TaskSuperseded, open_task_store, split_ref, task_ref
+from state.tasks import TaskCancelled, TaskStore, TaskSuperseded, split_ref, task_ref
+from state.stores import open_task_store
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.pg_tasks import PostgresTaskStore
-from core.tasks import Backlog, TaskStates, TaskStore
+from state.pg_tasks import PostgresTaskStore
+from state.tasks import Backlog, TaskStates, TaskStore
 from monitoring.backlog import publish_backlog, watch_backlog
 from monitoring.live import replica_samples
 

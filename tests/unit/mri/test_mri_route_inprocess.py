@@ -188,7 +188,7 @@ def test_cancel_stops_a_running_task(client, case, monkeypatch) -> None:
     import bentoml
 
     from core.settings import get_settings
-    from core.tasks import STEP_PROGRESS, TaskStore, task_store_path
+    from state.tasks import STEP_PROGRESS, TaskStore, task_store_path
 
     tasks = TaskStore(task_store_path(get_settings().data_dir))
     engine = bentoml.get_current_service().mri_runner.served.current.engine

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.errors import ModelNotLoaded
-from core.tasks import TaskCancelled, TaskStore
+from state.tasks import TaskCancelled, TaskStore
 from preprocessing.volumes import prepare_labels, prepare_volume
 from runners import mri as mri_runner
 from runners import mri_model

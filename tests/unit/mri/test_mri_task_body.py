@@ -13,13 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from api.models import ModelSlot, RunnerModel
-from api.mri import NO_OOD_CALIBRATION_WARNING, SegmentationRequest, segment_mri, zero_filled_warning
+from pipelines.runner_slots import ModelSlot, RunnerModel
+from pipelines.mri import NO_OOD_CALIBRATION_WARNING, SegmentationRequest, segment_mri, zero_filled_warning
 from core.cards.segmentation import MRI_SEQUENCES, VolumeInputSpec, VolumeIntervalCalibration
 from core.errors import InvalidRequest, ModelInferenceError
 from core.ood import OOD_WARNING
 from core.volume_ood import VolumeOodCalibration, descriptor_names
-from core.tasks import TaskStore
+from state.tasks import TaskStore
 from postprocessing.masks import PostProcessingOptions
 from tests.unit.mri.mri_inputs import LIMITS, card, case_dicom_files, four_d_nifti, nifti_bytes, small_case
 

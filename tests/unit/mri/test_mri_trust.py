@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from api.mri import check_ood
+from pipelines.mri import check_ood
 from core import store
 from core.settings import get_settings
 from preprocessing.volumes import decode_upload, prepare_volume

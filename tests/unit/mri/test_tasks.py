@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from api import tasks as api_tasks
 from core.errors import InvalidImageFormat
 from core.settings import Settings
-from core.tasks import TaskCancelled, TaskStore, task_store_path
+from state.tasks import TaskCancelled, TaskStore, task_store_path
 
 
 class Body(BaseModel):

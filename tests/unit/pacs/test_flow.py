@@ -16,11 +16,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from core.errors import InvalidImageFormat, ModelInferenceError
-from core.tasks import TaskStore
+from state.tasks import TaskStore
 from pacs.config import PacsConfig
 from pacs.dicomweb import PacsRefused, PacsUnavailable, StudySeries
 from pacs.flow import PacsFlow, hold_lock, read_results, write_results
-from pacs.jobs import Job, JobStore
+from state.pacs_jobs import Job, JobStore
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY = "1.2.3.4"
@@ -207,7 +207,7 @@ def test_an_mri_run_the_runner_shed_runs_again_from_its_first_step(flow, monkeyp
     """The cause of the crash-and-restart test's timeout (issue #28): a fresh server's MRI runner sheds or is not up
     yet, the attempt is queued again, and the next attempt found the first attempt's task record, cancelled when it
     failed, and stopped at its first step: the job failed and the study never got its results."""
-    import api.mri
+    import pipelines.mri
 
     attempts: list[str] = []
 
@@ -218,7 +218,7 @@ def test_an_mri_run_the_runner_shed_runs_again_from_its_first_step(flow, monkeyp
             raise ModelInferenceError("mri_segmentation runner failed", {"reason": "ServiceUnavailable"})
         raise ModelInferenceError("mri_segmentation runner failed", {"reason": "ValueError"})
 
-    monkeypatch.setattr(api.mri, "segment_series", segment_series)
+    monkeypatch.setattr(pipelines.mri, "segment_series", segment_series)
     slot = type("Slot", (), {"model_id": "mri_segmentation"})()
     flows = flow(ScriptedPacs(retrieves=[[Dataset()], [Dataset()]]), {"mri_segmentation": slot})
     job_id, _ = flows.jobs.add(STUDY, "mri_segmentation", "m:1", {"T1": "1.2.3.4.1"})

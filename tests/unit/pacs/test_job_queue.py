@@ -1,4 +1,4 @@
-"""The durable PACS job queue (pacs/jobs.py), its configuration (pacs/config.py) and the DICOMweb error mapping
+"""The durable PACS job queue (state/pacs_jobs.py), its configuration (pacs/config.py) and the DICOMweb error mapping
 (pacs/dicomweb.py), in-process: idempotency, leases, restart recovery, backoff, notifications, cursors."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from core.errors import ImageTooLarge
 from pacs import dicomweb
 from pacs.config import DicomWebEndpoint, EndpointAuth, ExportRetry, PacsConfig, RetrievalLimits, load_config
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, _calling
-from pacs.jobs import MAX_RUNS, JobStore, idempotency_key
+from state.pacs_jobs import MAX_RUNS, JobStore, idempotency_key
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY = "1.2.3.4"

@@ -4,7 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from core import active_models, store
+from core import store
+
+from state import active_models
 from core.cards import DEMO_INTENDED_USE, ClassificationCard, Provenance
 from core.errors import ModelNotLoaded
 from core.settings import get_settings

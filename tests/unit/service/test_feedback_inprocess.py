@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from core.feedback import FeedbackStore
-from core.feedback_db import feedback_records
+from state.feedback import FeedbackStore
+from state.feedback_db import feedback_records
 
 
 def test_feedback_posted_to_the_service_lands_in_postgres(inprocess_client, postgres_server, tmp_path):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.feedback import FeedbackStore
-from api.mri import delivered_volume
+from state.feedback import FeedbackStore
+from pipelines.mri import delivered_volume
 from core.cards.segmentation import SegmentationCard
 from core.settings import get_settings
 from core.schemas import MaskOutput

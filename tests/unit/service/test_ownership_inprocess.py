@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import select
 
-from core.feedback_db import feedback_records
+from state.feedback_db import feedback_records
 from tests.conftest import IN_PROCESS_SECRET
 
 REQUEST_ID = "shared-request-7"

@@ -8,7 +8,7 @@ import bentoml
 import numpy as np
 import pytest
 
-from core.feedback import FeedbackStore
+from state.feedback import FeedbackStore
 from core import store
 from core.cards import ClassificationCard
 from training_export.finetune_ct import (

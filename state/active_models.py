@@ -1,7 +1,7 @@
 """Which store tag each model route serves now, with the history that makes rollback a switch back.
 
 Embedded (one machine): a small JSON file in the data dir shared by every process. Distributed (replicas): a row per
-model id in the shared PostgreSQL (`core.shared_db`), so a switch through one replica reaches every replica's runners.
+model id in the shared PostgreSQL (`state.shared_db`), so a switch through one replica reaches every replica's runners.
 `/update_model` writes it; every runner worker polls `registry_stamp()` (a file's mtime, or the rows' summed
 generations: one indexed query) and swaps models without a restart. The registry outlives restarts, so a switched
 version stays switched.
@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
-from core import shared_db
+from state import shared_db
 from core.settings import get_settings
 
 _LOCK = threading.Lock()

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from core.tasks import _pid_alive
+from state.tasks import _pid_alive
 
 JobState = Literal["queued", "running", "exporting", "done", "failed", "skipped"]
 MAX_RUNS = 2

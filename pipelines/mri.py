@@ -1,6 +1,6 @@
 """The MRI segmentation task body: uploads -> decoded volume -> model grid -> runner -> mask in the input's
 geometry -> clean-up, measurements, files. CPU-heavy steps run in threads so the worker's event loop stays free,
-each under its wall-clock budget (`api.budgets`); each step is reported to the task store, which also raises
+each under its wall-clock budget (`pipelines.budgets`); each step is reported to the task store, which also raises
 TaskCancelled between steps once cancel is requested.
 """
 
@@ -21,10 +21,10 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
-from api.budgets import scaled, within_budget
-from api.models import ModelSlot, RunnerModel
-from api.request_cache import CachedRequest, RequestCache
-from api.shaping import elapsed_ms, response_metadata
+from pipelines.budgets import scaled, within_budget
+from pipelines.runner_slots import ModelSlot, RunnerModel
+from state.request_cache import CachedRequest, RequestCache
+from pipelines.shaping import elapsed_ms, response_metadata
 from core.cards.segmentation import SegmentationCard
 from core.ood import OOD_WARNING
 from core.schemas import (
@@ -41,7 +41,7 @@ from core.schemas import (
     VolumeMap,
 )
 from core.settings import LimitSettings
-from core.tasks import TaskStates, split_ref, task_ref
+from state.tasks import TaskStates, split_ref, task_ref
 from core.volume_ood import volume_descriptors, voxel_ml
 from core.volumes import DecodedVolume
 from monitoring import metrics

@@ -20,7 +20,9 @@ import bentoml
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
-from core import shared_db, store
+from core import store
+
+from state import shared_db
 from core.errors import ImageTooLarge, InvalidRequest, ModelNotLoaded
 from core.settings import get_settings
 

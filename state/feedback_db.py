@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from core.shared_db import PG_CONNECT_TIMEOUT_S
+from state.shared_db import PG_CONNECT_TIMEOUT_S
 
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from api.models import ModelSlot, RunnerModel
+from pipelines.runner_slots import ModelSlot, RunnerModel
 from core.cards.tabular import HeadOutput, TabularCard
 from core.generation import output_generation
 from monitoring import metrics

@@ -1,4 +1,4 @@
-"""Task state on PostgreSQL, shared by every replica (distributed mode): the interface of `core.tasks.TaskStore`.
+"""Task state on PostgreSQL, shared by every replica (distributed mode): the interface of `state.tasks.TaskStore`.
 
 A row per task holds what the polling body shows (status, progress, step, error, cancel flag), the request's
 parameters for whichever replica runs it, and the **attempt**: each run of the task (the first, or a takeover after
@@ -28,9 +28,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from core.errors import NeuroNovaError, error_body
-from core.shared_db import PG_CONNECT_TIMEOUT_S
+from state.shared_db import PG_CONNECT_TIMEOUT_S
 from core.settings import Settings
-from core.tasks import (
+from state.tasks import (
     BACKLOG_SQL,
     OWNERS_SCHEMA,
     RETENTION_SECONDS,

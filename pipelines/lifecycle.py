@@ -8,8 +8,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from api.models import ModelSlot
-from core import active_models, model_exports, store
+from pipelines.runner_slots import ModelSlot
+from core import store
+from state import active_models, model_exports
 from core.errors import InvalidRequest, ModelNotLoaded
 from core.settings import LimitSettings
 
@@ -30,7 +31,7 @@ def import_export_file(path: Path, sha256: str, limits: LimitSettings, slot: Mod
     """Import an exported model (`bentoml models export`) for `slot` after checking its sha256 and what it unpacks
     to; return its tag. Staged, checked, then published: an export whose card is not a valid card of the slot's
     model is deleted from the store again, and only a checked one is published on the shared volume for the other
-    replicas (`core.model_exports`). Blocking (hashing and unpacking up to gigabytes): call it in a thread."""
+    replicas (`state.model_exports`). Blocking (hashing and unpacking up to gigabytes): call it in a thread."""
     digest = model_exports.file_sha256(path)
     if digest != sha256.lower():
         raise InvalidRequest("model file checksum mismatch", {"expected_sha256": sha256, "actual_sha256": digest})

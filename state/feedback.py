@@ -1,6 +1,6 @@
 """The feedback store: doctors' verdicts on results, durable, for `training_export` to build fine-tuning sets.
 
-The API (`api/feedback.py`) validates a verdict against the request it reviews and hands over a `FeedbackEntry`;
+The API (`pipelines/feedback.py`) validates a verdict against the request it reviews and hands over a `FeedbackEntry`;
 fine-tuning reads the labelled inputs back. Embedded default: SQLite in the data dir, each reviewed request's
 de-identified model input (pixels only) and reviewed mask an .npz file beside it. Production: PostgreSQL by URL
 (`feedback.database_url`), inputs and masks stored in the database with the record, so every API host and the
@@ -25,7 +25,7 @@ import numpy as np
 from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from core.feedback_db import (
+from state.feedback_db import (
     default_database_url,
     feedback_inputs,
     feedback_masks,

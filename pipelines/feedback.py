@@ -1,5 +1,5 @@
 """Doctors' verdicts on results (human in the loop): the `/feedback` contract, and the checks a verdict must pass
-before `core.feedback.FeedbackStore` keeps it.
+before `state.feedback.FeedbackStore` keeps it.
 
 A classification is corrected with a label, a segmentation with a mask: a NIfTI label volume on the grid of the
 response's mask (the input's), checked against the request's grid and the model's labels.
@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from api.request_cache import CachedRequest
+from state.request_cache import CachedRequest
 from core.errors import ImageTooLarge, InvalidRequest
-from core.feedback import FeedbackEntry, FeedbackStore
+from state.feedback import FeedbackEntry, FeedbackStore
 from monitoring import metrics
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -71,7 +71,7 @@ class FeedbackReceipt(BaseModel):
 
 
 def _is_segmentation(cached: CachedRequest) -> bool:
-    """A segmentation request caches its predicted mask (api/mri.py `cached_segmentation`)."""
+    """A segmentation request caches its predicted mask (pipelines/mri.py `cached_segmentation`)."""
     return "mask" in cached.arrays
 
 

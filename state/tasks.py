@@ -5,8 +5,8 @@ run task bodies and the runner processes that do the inference: the runner repor
 cancel flag between window batches, so cancelling really stops the work. Unlike BentoML's own task store, this one
 survives a restart; a task whose worker died is reported failed when read.
 
-Distributed (`settings.distributed.enabled`): the same interface on PostgreSQL (`core.pg_tasks`), shared by every
-replica; `open_task_store` picks the store. There a task may run more than once (a replica that held it stopped
+Distributed (`settings.distributed.enabled`): the same interface on PostgreSQL (`state.pg_tasks`), shared by every
+replica; `state.stores.open_task_store` picks the store. There a task may run more than once (a replica that held it stopped
 answering and another took it over), so the work of one attempt addresses the task by a *reference*
 `<task id>@<attempt>` (`task_ref`): the attempt number is a fencing token, and every write of a superseded attempt is
 refused (`TaskSuperseded`). The embedded store accepts references too and ignores the attempt.
@@ -24,12 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from core.errors import NeuroNovaError, error_body
-
-if TYPE_CHECKING:
-    from core.settings import Settings
 
 TaskStatus = Literal["pending", "processing", "completed", "failed", "cancelled"]
 ACTIVE: tuple[TaskStatus, ...] = ("pending", "processing")
@@ -336,12 +333,3 @@ class TaskStore:
 def task_store_path(data_dir: str | Path) -> Path:
     """Where the task store lives under the settings' data directory (a private folder)."""
     return Path(data_dir) / "tasks" / "tasks.sqlite"
-
-
-def open_task_store(settings: Settings) -> TaskStates:
-    """The task store the settings ask for: PostgreSQL shared by the replicas (distributed), else the local SQLite file."""
-    if settings.distributed.enabled:
-        from core.pg_tasks import PostgresTaskStore
-
-        return PostgresTaskStore.from_settings(settings)
-    return TaskStore(task_store_path(settings.data_dir))

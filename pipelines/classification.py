@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, Field
 
-from api.models import ModelSlot, RunnerModel
-from api.request_cache import CachedRequest
-from api.shaping import heatmap_explanation
+from pipelines.runner_slots import ModelSlot, RunnerModel
+from state.request_cache import CachedRequest
+from pipelines.shaping import heatmap_explanation
 from core.cards.classification import ClassificationCard
 from core.errors import InvalidRequest
 from core.generation import output_generation

@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import BentoMLException
 
-from api.coalescing import coalescers
+from pipelines.coalescing import coalescers
 from core import store
 from core.cards.base import CardBase
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError
@@ -106,8 +106,8 @@ def public_load_error(error: str | None) -> str | None:
 class ModelSlot(Generic[CardT]):
     """One model route's view of its runner (a `bentoml.depends` handle).
 
-    `batched`: the runner's row-wise batchable methods with their max batch size (`api.coalescing.batched_methods`);
-    concurrent calls of each are sent together (`api.coalescing`). `array_methods`: methods called through the
+    `batched`: the runner's row-wise batchable methods with their max batch size (`pipelines.coalescing.batched_methods`);
+    concurrent calls of each are sent together (`pipelines.coalescing`). `array_methods`: methods called through the
     runner's array route (`runners.array_route`) instead of BentoML's route."""
 
     def __init__(self, model_id: str, runner: Any, card_type: type[CardT], summary: Summary = classification_summary,

@@ -16,7 +16,7 @@ from sqlalchemy.schema import CreateTable
 
 from core.settings import get_settings
 
-# pg_advisory_xact_lock key serialising this schema's creation (distinct from core.feedback_db's).
+# pg_advisory_xact_lock key serialising this schema's creation (distinct from state.feedback_db's).
 SCHEMA_LOCK_KEY = 0x4E4E_5201
 PG_CONNECT_TIMEOUT_S = 3
 """How long any connection attempt to PostgreSQL may take (libpq's connect_timeout, in every pool and connection of

@@ -11,7 +11,7 @@ What runs where:
 - submission (any replica): the uploads are written once to the task's folder on the shared volume, the request's
   parameters to its row, and one job `neuronova.mri_segmentation(task_id)` is deferred;
 - a worker (concurrency 1 per API worker process) takes the job, starts an **attempt** of the task (the fencing token,
-  `core.pg_tasks`) and runs the ordinary pipeline under it; an attempt superseded meanwhile writes nothing;
+  `state.pg_tasks`) and runs the ordinary pipeline under it; an attempt superseded meanwhile writes nothing;
 - takeover: every worker looks every `STALL_CHECK_S` for jobs held by a worker whose heartbeat is older than
   `STALLED_AFTER_S` (its replica was killed or frozen) and puts them back in the queue; the next free worker of any
   replica runs them as a new attempt;
@@ -39,9 +39,9 @@ from bentoml.exceptions import BentoMLException
 from procrastinate.schema import SchemaManager
 
 from core.errors import ModelNotLoaded
-from core.pg_tasks import PostgresTaskStore
-from core.shared_db import PG_CONNECT_TIMEOUT_S
-from core.tasks import split_ref, task_ref
+from state.pg_tasks import PostgresTaskStore
+from state.shared_db import PG_CONNECT_TIMEOUT_S
+from state.tasks import split_ref, task_ref
 
 log = logging.getLogger("neuronova.queue")
 
