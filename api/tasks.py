@@ -30,7 +30,7 @@ from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
 from core.settings import Settings
-from state.tasks import ACTIVE, TaskCancelled, TaskStates, visible_to
+from state.tasks import ACTIVE, TaskCancelled, TaskStates, split_ref, visible_to
 from state.stores import open_task_store
 
 log = logging.getLogger("neuronova.tasks")
@@ -84,10 +84,12 @@ async def run_tracked(
         log.warning("task %s failed: %s %s", task_id, error.code, error.message)
         await asyncio.to_thread(tasks.fail, task_id, error)
         return _error(error, ctx)
-    if await asyncio.to_thread(tasks.cancel_requested, task_id):
-        return _error(TaskCancelledError("the task was cancelled", {"task_id": task_id}), ctx)
-    committed = await asyncio.to_thread(tasks.complete, task_id, response.model_dump(mode="json"))
-    if committed is not False and after_commit is not None:  # the embedded store has no attempts to fence
+    # The fenced write is the one check: a run cancelled or superseded meanwhile has its result refused (and its
+    # result file deleted), so it changes nothing the caller sees.
+    if not await asyncio.to_thread(tasks.complete, task_id, response.model_dump(mode="json")):
+        log.warning("task %s: the result of this run was refused (cancelled or superseded meanwhile)", task_id)
+        return _error(TaskCancelledError("the task was cancelled", {"task_id": split_ref(task_id)[0]}), ctx)
+    if after_commit is not None:
         await after_commit()
     return response
 

@@ -74,8 +74,8 @@ class TaskStates(Protocol):
     def report(self, task_id: str, step: str, progress: int | None = None, eta_seconds: float | None = None) -> None: ...
     def raise_if_cancelled(self, task_id: str) -> None: ...
     def cancel_requested(self, task_id: str) -> bool: ...
-    def complete(self, task_id: str, result: dict[str, Any]) -> Any: ...
-    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> Any: ...
+    def complete(self, task_id: str, result: dict[str, Any]) -> bool: ...
+    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> bool: ...
     def cancel(self, task_id: str) -> TaskRecord | None: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
     def backlog(self) -> Backlog: ...
@@ -247,26 +247,27 @@ class TaskStore:
             row = connection.execute("SELECT cancel_requested FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
         return bool(row and row[0])
 
-    def complete(self, task_id: str, result: dict[str, Any]) -> None:
-        self._finish(task_id, "completed", result=result)
+    def complete(self, task_id: str, result: dict[str, Any]) -> bool:
+        """Commit the result of an active task; False when it was cancelled or finished meanwhile."""
+        return self._finish(task_id, "completed", result=result)
 
-    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> None:
+    def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> bool:
         """Fail an active task; its cancel flag is set too, so work still running for it (a runner past a step's
         budget, a worker shutting down) stops at its next check instead of holding the model."""
         body = error.to_body() if isinstance(error, NeuroNovaError) else error
-        self._finish(task_id, "failed", error=body["error"])
+        return self._finish(task_id, "failed", error=body["error"])
 
-    def _finish(self, task_id: str, status: TaskStatus, result: dict | None = None, error: dict | None = None) -> None:
+    def _finish(self, task_id: str, status: TaskStatus, result: dict | None = None, error: dict | None = None) -> bool:
         task_id = split_ref(task_id)[0]
         with self._connect() as connection:
-            connection.execute(
+            return connection.execute(
                 "UPDATE tasks SET status = ?, progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END, "
                 "cancel_requested = CASE WHEN ? = 'failed' THEN 1 ELSE cancel_requested END, "
                 "current_step = ?, estimated_remaining_seconds = 0, finished_at = ?, result = ?, error = ? "
                 "WHERE task_id = ? AND status IN ('pending', 'processing')",
                 (status, status, status, status, time.time(), json.dumps(result) if result is not None else None,
                  json.dumps(error) if error is not None else None, task_id),
-            )
+            ).rowcount == 1
 
     def fail_unfinished(self, error: dict[str, Any], owner_pid: int | None = None) -> list[str]:
         """Fail the active tasks of `owner_pid` — or, without one, those whose owner process is gone — with the SPEC

@@ -58,14 +58,14 @@ def wait_until(condition: Callable[[], dict | None], deadline_s: float, what: st
     return found
 
 
-def running_on(replicas: ReplicaSet, task_id: str, step: str = "inference") -> Replica:
+def running_on(replicas: ReplicaSet, task_id: str, step: str = "inference", poll_s: float = 0.05) -> Replica:
     """Wait until the task is in `step` (or later) of a run; the replica running it."""
     def reached() -> dict | None:
         found = row(replicas, task_id)
         assert found["status"] in ("pending", "processing"), found
         return found if found["owner"] and STEP_PROGRESS.get(found["current_step"], -1) >= STEP_PROGRESS[step] else None
 
-    return replicas.replica(wait_until(reached, TASK_DEADLINE_S, f"in {step}", 0.05)["owner"])
+    return replicas.replica(wait_until(reached, TASK_DEADLINE_S, f"in {step}", poll_s)["owner"])
 
 
 def finished(client: httpx.Client, task_id: str, deadline_s: float = TASK_DEADLINE_S) -> dict:
@@ -143,12 +143,27 @@ def test_a_replica_killed_mid_inference_loses_nothing(both_serving: ReplicaSet) 
         assert {balancer.get(f"/task/{task_id}").headers["x-replica"] for _ in range(4)} == {survivor.name}
 
 
+def frozen_past_its_last_check(replicas: ReplicaSet, tries: int = 3) -> tuple[str, Replica]:
+    """Submit a study and freeze the replica running it once the run has entered its last step (`writing_outputs`:
+    its last progress check is behind it, its result write is next); (task id, the frozen replica). The step lasts
+    a fraction of a second: a task that finished before the freeze landed is submitted again."""
+    for _ in range(tries):
+        with replicas.client() as balancer:
+            task_id, _ = submit(balancer, LARGE, uncertainty="true")
+        try:
+            runner = running_on(replicas, task_id, "writing_outputs", poll_s=0.01)
+        except AssertionError:
+            continue  # finished before it could be seen in its last step
+        runner.pause()
+        if row(replicas, task_id)["status"] == "processing":
+            return task_id, runner
+        runner.resume()
+    pytest.fail(f"no run could be frozen in its last step in {tries} tries")
+
+
 def test_a_frozen_attempt_resumed_after_the_takeover_cannot_overwrite_it(both_serving: ReplicaSet) -> None:
     replicas = both_serving
-    with replicas.client() as balancer:
-        task_id, _ = submit(balancer, LARGE, uncertainty="true")
-    frozen = running_on(replicas, task_id)
-    frozen.pause()
+    task_id, frozen = frozen_past_its_last_check(replicas)
     try:
         with replicas.client(replicas.other(frozen)) as client:
             polled = finished(client, task_id, TAKEOVER_DEADLINE_S)
@@ -156,16 +171,14 @@ def test_a_frozen_attempt_resumed_after_the_takeover_cannot_overwrite_it(both_se
         frozen.resume()
     assert polled["status"] == "completed", polled["error"]
     assert row(replicas, task_id)["attempt"] == 2
-    # The old attempt runs on: its runner's next progress report finds the token moved and stops; nothing it does
-    # reaches the task. Wait until its replica's queue worker is done with it, then compare.
-    with psycopg.connect(replicas.database_url) as connection:
-        wait_until(lambda: connection.execute(
-            "SELECT count(*) = 0 FROM procrastinate_jobs WHERE status = 'doing' AND args->>'task_id' = %s",
-            (task_id,)).fetchone()[0], TASK_DEADLINE_S, "released by the frozen replica", 0.5)
-    time.sleep(2)
+    # The old attempt resumes past its last check, so it does reach its result write: wait for that write to be
+    # refused (its own log line), then check that nothing of it reached the task.
+    refused = f"task {task_id}@1: the result of this run was refused"
+    wait_until(lambda: refused in frozen.log_path.read_text(errors="replace"), TASK_DEADLINE_S,
+               "the frozen attempt's result write refused", 0.2)
     with replicas.client(frozen) as client:
         assert client.get(f"/task/{task_id}").json() == polled
-    assert result_files(replicas, task_id) == ["result-2.json"]
+    assert result_files(replicas, task_id) == ["result-2.json"]  # its result-1.json was deleted
 
 
 def test_a_cancel_sent_to_one_replica_stops_the_task_on_the_other(replicas: ReplicaSet) -> None:
