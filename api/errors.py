@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.buffered_responses import rewriting, with_length
 from core.errors import DependencyUnavailable, InternalServerError, InvalidRequest, NeuroNovaError, error_body
 
 log = logging.getLogger("neuronova.errors")
@@ -115,21 +116,6 @@ class ErrorSchemaMiddleware:
         if scope["type"] != "http" or scope["path"] in UNTOUCHED_PATHS:
             await self.app(scope, receive, send)
             return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message
-                return
-            if start is None:
-                await send(message)
-                return
-            if message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    await send_rewritten(start, b"".join(chunks))
 
         async def send_rewritten(start_message: Message, body: bytes) -> None:
             status = start_message["status"]
@@ -139,11 +125,12 @@ class ErrorSchemaMiddleware:
                 if status >= 500 and code == "INTERNAL_SERVER_ERROR":
                     message = "unexpected server error"
                 body = json.dumps(error_body(code, message, details)).encode()
-            headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            headers = with_length(start_message.get("headers", []), body, b"content-type")
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*headers, (b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
 
+        capture = rewriting(send, lambda status: status >= 400, send_rewritten)
         started = False
 
         async def observed(message: Message) -> None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import ADMIN_PATHS, ADMIN_PREFIXES, PUBLIC_PATHS
+from api.buffered_responses import rewriting, with_length
 from api.errors import STATUS_CODES, UNTOUCHED_PATHS
 from core.errors import NeuroNovaError
 from core.schemas import TaskStatusResponse
@@ -167,25 +168,10 @@ class OpenAPIMiddleware:
         if scope["type"] != "http" or scope["path"] != DOCS_PATH or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        start: Message | None = None
-        chunks: list[bytes] = []
+        async def send_completed(start: Message, body: bytes) -> None:
+            completed = json.dumps(complete(json.loads(body), self.apis)).encode()
+            await send({**start, "headers": with_length(start.get("headers", []), completed)})
+            await send({"type": "http.response.body", "body": completed})
 
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            if start is None or start["status"] != 200:
-                if start is not None:
-                    await send(start)
-                    start = None
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                body = json.dumps(complete(json.loads(b"".join(chunks)), self.apis)).encode()
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-
+        capture = rewriting(send, lambda status: status == 200, send_completed)
         await self.app(scope, receive, capture)
