@@ -15,7 +15,7 @@ from fastapi import FastAPI, Query
 from pydantic import Field, StrictBool
 from starlette.responses import JSONResponse
 
-from api import accept_balance, log_redaction, metric_labels
+from api import accept_balance, bentoml_patches
 from api.access_log import AccessLogMiddleware
 from api.auth import PUBLIC_PATHS, JWTAuthMiddleware, check_start, current_owner, current_subject, serving_host
 from pipelines.biomarker import predict_record
@@ -101,13 +101,11 @@ log = logging.getLogger("neuronova")
 settings = get_settings()
 quiet_pydicom()
 configure_bentoml_result_store(settings.data_dir)
-log_redaction.install()
 bound_host = serving_host(sys.argv)
 if is_bentoml_worker() or bound_host is not None:  # a server starting: refuse to start open
     check_start(settings.auth, bound_host)
 if is_bentoml_worker():
     guard_worker_process(settings.shutdown_grace_seconds)
-    accept_balance.install()
 else:
     mark_arbiter()
     accept_balance.prepare_board()
@@ -453,4 +451,6 @@ NeuroNova.add_asgi_middleware(UploadGuardMiddleware, file_fields=file_fields_by_
                               field_checks={MRI_ROUTE: MRI_FIELD_CHECKS, f"{MRI_ROUTE}/submit": MRI_FIELD_CHECKS},
                               validated=task_inputs_by_path(NeuroNova.apis))
 NeuroNova.add_asgi_middleware(TaskRoutesMiddleware, task_routes=(MRI_ROUTE,), settings=settings)
-metric_labels.install(routes)
+# Every process of the server imports this module: BentoML's internals are patched here, once, on the pinned version
+# only (api/bentoml_patches.py, docs/bentoml-pitfalls.md "Patches").
+bentoml_patches.install(routes)

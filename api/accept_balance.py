@@ -11,8 +11,9 @@ Here each API worker accepts from the shared socket itself. Every worker publish
 a board in shared memory (one slot per worker, keyed by the arbiter's pid); when a connection is pending, a worker
 whose count is the lowest (ties included) accepts it at once, and one with more steps back for `DEFER_S`, so that the
 worker with fewer takes it, and accepts it only if it is still waiting then (the other worker is busy, or gone). The
-accepted socket is served by uvicorn's own protocol (`loop.connect_accepted_socket`), TLS included. Installed by
-`install()` in API workers (uvicorn's loop factory), before uvicorn starts serving; runners are left as they are.
+accepted socket is served by uvicorn's own protocol (`loop.connect_accepted_socket`), TLS included. `install()`
+(called by `api.bentoml_patches.install` in every process) wraps uvicorn's loop factory, which takes effect in API
+workers alone, before uvicorn starts serving; runners are left as they are.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ BentoML's metrics middleware runs before authentication and labels every series 
 unauthenticated request to a random path adds series to `/metrics` without bound, and every `/task/<id>` call leaves
 its task id there. `BoundedEndpointLabels` is that middleware with the label one of the service's own routes, an id in
 a path replaced by its placeholder (`/task/{task_id}`), and anything else `other`. The request itself still sees its
-real path. Installed in API workers by `install(routes)`, before BentoML builds its app.
+real path. Installed by `install(routes)` (through `api.bentoml_patches.install`), before BentoML builds its app.
 """
 
 from __future__ import annotations

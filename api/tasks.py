@@ -140,7 +140,8 @@ def bentoml_result_store_path() -> Path:
 
 
 def _bentoml_task(task_id: str) -> dict[str, Any] | None:
-    """A task that BentoML knows but our store does not: queued, or refused before its body ran (validation)."""
+    """A task that BentoML knows but our store does not: queued, or refused before its body ran (validation). Reads
+    BentoML 1.4.40's private `result` table (docs/bentoml-pitfalls.md R1)."""
     path = bentoml_result_store_path()
     if not path.exists():
         return None

@@ -84,6 +84,17 @@ class ModelStatus(BaseModel):
         "serving meanwhile, and the replica reports degraded)"))
 
 
+class ReplicaSwitch(BaseModel):
+    """One replica after a model switch (`/update_model`): what it serves and whether that is the requested version."""
+
+    replica: str = Field(description="the replica's name (`distributed.replica_id`, else its host name)")
+    version: str | None = Field(description="the version it serves now (None: none loaded)")
+    switched: bool = Field(description="whether it serves the requested version")
+    switch_pending: str | None = Field(default=None, description=(
+        "the requested version it could not load yet: retried with backoff, `error` says why"))
+    error: str | None = Field(default=None, description="why its last load failed")
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded"]
     version: str

@@ -6,16 +6,21 @@ import asyncio
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from typing import Any
+
+from pydantic import BaseModel, Field
 
 from pipelines.runner_slots import ModelSlot
 from core import store
-from state import active_models, model_exports
+from state import active_models, model_exports, replica_models
 from core.errors import InvalidRequest, ModelNotLoaded
-from core.settings import LimitSettings
+from core.schemas import ReplicaSwitch
+from core.settings import LimitSettings, get_settings
 
 SWITCH_TIMEOUT_S = 120.0
 POLL_INTERVAL_S = 0.2
+REPLICAS_WAIT_S = 10.0
+"""How long a switch's answer waits for the other replicas to take it (or fail to) before saying where they are."""
 
 
 class UpdateModelResponse(BaseModel):
@@ -25,6 +30,8 @@ class UpdateModelResponse(BaseModel):
     new_version: str
     reload_time_ms: float
     message: str
+    replicas: list[ReplicaSwitch] = Field(default_factory=list, description=(
+        "every live replica (this one in embedded mode) with the version it serves and whether it switched"))
 
 
 def import_export_file(path: Path, sha256: str, limits: LimitSettings, slot: ModelSlot) -> str:
@@ -71,9 +78,10 @@ def resolve_target(slot: ModelSlot, old_tag: str, version: str | None, rollback:
 
 
 async def switch_model(slot: ModelSlot, new_tag: str, old_tag: str) -> UpdateModelResponse:
-    """Record the switch, wait until the runner serves `new_tag`; if it cannot load it, switch back and say why."""
+    """Record the switch, wait until this replica's runner serves `new_tag`, then (bounded) for the other replicas;
+    if this replica cannot load it, switch back and say why. `replicas` says where each replica stands."""
     started = time.perf_counter()
-    active_models.record_switch(slot.model_id, new_tag, old_tag)
+    await asyncio.to_thread(active_models.record_switch, slot.model_id, new_tag, old_tag)
     deadline = time.monotonic() + SWITCH_TIMEOUT_S
     while time.monotonic() < deadline:
         described = await slot.describe()
@@ -83,13 +91,31 @@ async def switch_model(slot: ModelSlot, new_tag: str, old_tag: str) -> UpdateMod
                 success=True, model_id=slot.model_id, old_version=old_tag, new_version=new_tag,
                 reload_time_ms=round((time.perf_counter() - started) * 1000.0, 1),
                 message=f"{slot.model_id} now serves {new_tag}; roll back with rollback=true",
+                replicas=await replica_switches(slot.model_id, new_tag, described, REPLICAS_WAIT_S),
             )
         if described.get("last_error"):
             break
         await asyncio.sleep(POLL_INTERVAL_S)
-    active_models.record_switch(slot.model_id, old_tag, new_tag)
+    replicas = await replica_switches(slot.model_id, new_tag, described, 0.0)
+    await asyncio.to_thread(active_models.record_switch, slot.model_id, old_tag, new_tag)
     return UpdateModelResponse(
         success=False, model_id=slot.model_id, old_version=old_tag, new_version=old_tag,
         reload_time_ms=round((time.perf_counter() - started) * 1000.0, 1),
         message=f"{new_tag} did not load ({described.get('last_error') or 'timeout'}); {old_tag} keeps serving",
+        replicas=replicas,
     )
+
+
+async def replica_switches(model_id: str, target: str, here: dict[str, Any], wait_s: float) -> list[ReplicaSwitch]:
+    """Each live replica against `target`: in distributed mode read from the shared database once every replica
+    has taken the switch or failed to (at most `wait_s`, polled in a thread); embedded, this server's runner as
+    `here` describes it."""
+    if get_settings().distributed.enabled:
+        rows = await asyncio.to_thread(replica_models.settled, model_id, target, wait_s)
+    else:
+        rows = [replica_models.ReplicaModel(replica=replica_models.replica_id(), tag=here.get("tag"),
+                                            generation=int(here.get("generation") or 0),
+                                            pending=here.get("switch_pending"),
+                                            error=here.get("last_error") or here.get("error"))]
+    return [ReplicaSwitch(replica=row.replica, version=row.tag, switched=row.tag == target,
+                          switch_pending=row.pending, error=row.error) for row in rows]

@@ -1,6 +1,5 @@
-"""What every runner shares: BentoML service options, the batching policy, the per-request savings every served process
-installs on import (media types, local callers, tracing: docs/performance.md), lazily built Grad-CAM (engines are in
-`runners.engines`)."""
+"""What every runner shares: BentoML service options, lazily built Grad-CAM (engines are in `runners.engines`). The
+BentoML patches (batching policy, per-request savings) are installed explicitly: `api.bentoml_patches.install`."""
 
 from __future__ import annotations
 
@@ -11,11 +10,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runners import batching
-from runners.local_callers import cache_local_callers
-from runners.media_types import cache_media_types
-from runners.tracing import trace_only_when_exported
-
 RUNNER_CONNECTION: dict[str, Any] = {"max_requests": 1_000_000_000, "max_age": 1e9}
 """Keep the caller's connection pool to a runner alive: BentoML 1.4.40 recycles it under load and fails requests (docs/bentoml-pitfalls.md G2)."""
 
@@ -23,11 +17,6 @@ ACCESS_LOG_OFF: dict[str, Any] = {"access": {"enabled": False}}
 """BentoML's own access line per request, off in every service: the API's one line per request is the structured,
 PHI-safe `neuronova.access` log (api/access_log.py); runner calls are internal (formatting and writing a line each
 costs more CPU than the biomarker model itself)."""
-
-batching.never_hold_lone_requests()
-cache_media_types()
-cache_local_callers()
-trace_only_when_exported()
 
 
 class Explainer(Protocol):

@@ -10,8 +10,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import bentoml
 
-from state import active_models, model_exports
+from state import active_models, model_exports, replica_models
 from core.errors import ModelNotLoaded
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0
@@ -38,7 +39,9 @@ class SwitchableModel(Generic[M]):
     inside the load, so a missing model is a load error, not a crash. A new version is loaded beside the old one and swapped in by one assignment, so every batch runs on one model;
     `generation` counts the swaps so callers can tell which model produced an output. A version that fails to load
     leaves the old one serving, is tried again with backoff (`RETRY_FIRST_S`), and is reported meanwhile
-    (`describe`: `switch_pending`, `last_error`; the replica's /health is degraded).
+    (`describe`: `switch_pending`, `last_error`; the replica's /health is degraded). In distributed mode each poll
+    also writes what this replica serves to the shared database (`state.replica_models`), which `/update_model` reads
+    to say which replicas have switched.
     """
 
     def __init__(self, model_id: str, default_tag: str, default_ref: Callable[[], bentoml.Model],
@@ -102,12 +105,25 @@ class SwitchableModel(Generic[M]):
         while True:
             time.sleep(WATCH_INTERVAL_S)
             try:
-                stamp = active_models.registry_stamp()
-                if stamp != self._seen_stamp or (self.pending is not None and time.monotonic() >= self._retry_at):
-                    self._seen_stamp = stamp
-                    self.follow_registry()
+                self.poll()
+                if get_settings().distributed.enabled:
+                    replica_models.report(self.model_id, self.state())
             except Exception as exc:  # noqa: BLE001 - a shared database briefly away: keep serving, poll again
-                log.warning("%s: cannot read the model registry: %s", self.model_id, exc)
+                log.warning("%s: cannot reach the model registry: %s", self.model_id, exc)
+
+    def poll(self) -> None:
+        """Follow the registry when a switch was recorded since the last poll, or a failed load is due again."""
+        stamp = active_models.registry_stamp()
+        if stamp != self._seen_stamp or (self.pending is not None and time.monotonic() >= self._retry_at):
+            self._seen_stamp = stamp
+            self.follow_registry()
+
+    def state(self) -> replica_models.ReplicaModel:
+        """What this replica serves of the model, what it could not load yet, and why."""
+        current, generation = self._served
+        return replica_models.ReplicaModel(replica=replica_models.replica_id(),
+                                           tag=current.tag if current is not None else None,
+                                           generation=generation, pending=self.pending, error=self.load_error)
 
     def follow_registry(self) -> None:
         """Load the registry's active tag when it differs from the served one (a failure: see `_settle`)."""

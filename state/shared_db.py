@@ -1,5 +1,6 @@
 """The replicas' shared PostgreSQL (`distributed.database_url`) for the small shared facts: which model version each
-route serves (`active_models`), where an uploaded export lies (`model_exports`) and the rate-limit counters.
+route serves (`active_models`) and what each replica's runner serves now (`replica_models`), where an uploaded export
+lies (`model_exports`) and the rate-limit counters.
 
 One engine per process, made on first use (runner and API processes alike), schema created if missing under an
 advisory lock so that replicas starting together do not race on PostgreSQL's catalog. The counters are an UNLOGGED
@@ -10,7 +11,20 @@ from __future__ import annotations
 
 import threading
 
-from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table, create_engine, make_url, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    make_url,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.schema import CreateTable
 
@@ -25,8 +39,8 @@ POOL_WAIT_S = 5.0
 """How long a caller waits for a pooled connection before the error (SQLAlchemy's default is 30 s)."""
 POOL_SIZE = 2
 MAX_OVERFLOW = 2
-"""Connections per process: a runner polls on one; an API worker counts rate limits on up to four at once (0.35 ms
-each). A replica (2 API workers, 3 runners) holds at most 20, the task queue's own pool aside: size PostgreSQL's
+"""Connections per process: a runner polls (and writes its `replica_models` row) on one; an API worker counts rate
+limits on up to four at once (0.35 ms each). A replica (2 API workers, 3 runners) holds at most 20, the task queue's own pool aside: size PostgreSQL's
 max_connections (or a PgBouncer) for the replica count."""
 
 metadata = MetaData()
@@ -37,6 +51,17 @@ active_models = Table(
     Column("tag", String(256), nullable=False),
     Column("history", JSONB, nullable=False),
     Column("generation", BigInteger, nullable=False),
+)
+
+replica_models = Table(
+    "neuronova_replica_models", metadata,
+    Column("replica_id", String(256), primary_key=True),
+    Column("model_id", String(64), primary_key=True),
+    Column("tag", String(256)),
+    Column("generation", BigInteger, nullable=False),
+    Column("pending", String(256)),
+    Column("error", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 model_exports = Table(

@@ -83,6 +83,7 @@ def test_switch_under_load_then_rollback(http, admin_headers, second_ct_version)
     assert switched.status_code == 200, switched.text
     body = switched.json()
     assert body["success"] is True and body["old_version"] == old and body["new_version"] == new
+    assert [(r["version"], r["switched"], r["error"]) for r in body["replicas"]] == [(new, True, None)]  # this server
     assert [status for _, _, status, _ in answers] == [200] * len(answers)
     assert {version for *_, version in answers} == {old, new}
     assert any(sent < switch_sent < answered for sent, answered, _, _ in answers), "none in flight as it began"
@@ -92,6 +93,29 @@ def test_switch_under_load_then_rollback(http, admin_headers, second_ct_version)
     rolled = http.post("/update_model", json={"model_id": "ct_classification", "rollback": True}, headers=admin_headers)
     assert rolled.json()["new_version"] == old
     assert classify(http).json()["model_version"] == old
+
+
+def test_a_version_that_cannot_load_is_refused_and_reported(http, admin_headers, second_ct_version):
+    """A stored version whose card is valid but whose model file is not a model: the switch is reported failed (the
+    server named, with the load error), the registry goes back and the old version keeps serving, healthy."""
+    served, _ = second_ct_version
+    model = store.get_model(served)
+    card = store.read_card(model, ClassificationCard).model_copy(update={"name": "CT demo, unloadable"})
+    broken = store.save_model("neuronova-ct", card, {card.model_file: b"not an ONNX model",
+                                                     card.torch.weights_file: Path(model.path_of(card.torch.weights_file))})
+    try:
+        answer = http.post("/update_model", json={"model_id": "ct_classification", "version": broken},
+                           headers=admin_headers)
+    finally:
+        store.delete_model(broken)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is False and body["new_version"] == served and broken in body["message"]
+    [replica] = body["replicas"]
+    assert replica["version"] == served and replica["switched"] is False and replica["error"]
+    wait_until(lambda: http.get("/health").json()["status"] == "healthy")  # the runner follows the registry back
+    assert http.get("/health").json()["models"]["ct_classification"]["version"] == served
+    assert classify(http).json()["model_version"] == served
 
 
 def test_update_model_refusals(http, admin_headers):

@@ -38,9 +38,13 @@ def classify(client: httpx.Client, **form: str) -> httpx.Response:
                        data={"patient_id": "P000001", **form})
 
 
-def served_ct(replica: Replica, replicas: ReplicaSet) -> str | None:
+def ct_health(replica: Replica, replicas: ReplicaSet) -> dict:
     with replicas.client(replica, timeout=10) as client:
-        return client.get("/health").json()["models"]["ct_classification"].get("version")
+        return client.get("/health").json()
+
+
+def served_ct(replica: Replica, replicas: ReplicaSet) -> str | None:
+    return ct_health(replica, replicas)["models"]["ct_classification"].get("version")
 
 
 def new_ct_version(served: str, name: str) -> str:
@@ -96,6 +100,8 @@ def switch_and_time(replicas: ReplicaSet, via: Replica, expected: str, **form) -
     answered = time.monotonic()
     assert answer.status_code == 200 and answer.json()["success"], answer.text
     assert answer.json()["new_version"] == expected
+    assert sorted((r["replica"], r["version"], r["switched"]) for r in answer.json()["replicas"]) == [
+        ("a", expected, True), ("b", expected, True)], answer.text  # the answer waited for both
     while served_ct(other, replicas) != expected:
         assert time.monotonic() - started < PROPAGATION_LIMIT_S, f"{other.name} did not serve {expected} in time"
         time.sleep(0.1)
@@ -150,6 +156,40 @@ def test_switch_upload_and_rollback_reach_the_other_replica_under_load(replicas:
     print(f"\npropagation (s, from the request to the other replica's /health): "
           f"{[t['seen_on_other_s'] for t in timings]}; "
           f"{len(statuses)} requests under load, all 200")
+
+
+def test_a_replica_that_cannot_load_a_switch_is_reported_and_takes_it_once_it_can(
+        replicas: ReplicaSet, ct_versions, tmp_path: Path) -> None:
+    """A version in A's store only (not uploaded, so not on the shared volume): the switch through A answers that A
+    switched and B did not (pending, with B's load error); B keeps serving the old version, degraded; once the
+    version is in B's store too, B's retry takes it without an operator."""
+    served = ct_versions[0]
+    a, b = replicas.replicas
+    only_a = new_ct_version(served, "CT demo, on a only")
+    export = tmp_path / "only-a.bentomodel"
+    bentoml.models.export_model(only_a, str(export))
+    import_into(a, export)
+    try:
+        with httpx.Client(base_url=a.url, headers=replicas.admin_headers, timeout=180) as admin:
+            answer = admin.post("/update_model", json={"model_id": "ct_classification", "version": only_a})
+        assert answer.status_code == 200 and answer.json()["success"], answer.text
+        by_name = {r["replica"]: r for r in answer.json()["replicas"]}
+        assert sorted(by_name) == ["a", "b"], answer.text
+        assert (by_name["a"]["version"], by_name["a"]["switched"]) == (only_a, True)
+        assert (by_name["b"]["version"], by_name["b"]["switched"], by_name["b"]["switch_pending"]) == (
+            served, False, only_a)
+        assert "not in the model store" in by_name["b"]["error"]
+        health = ct_health(b, replicas)
+        assert health["status"] == "degraded" and health["models"]["ct_classification"]["switch_pending"] == only_a
+
+        import_into(b, export)  # the operator brings the version to B: its next retry (backoff) loads it
+        deadline = time.monotonic() + 60
+        while (health := ct_health(b, replicas))["models"]["ct_classification"]["version"] != only_a:
+            assert time.monotonic() < deadline, f"b never took {only_a}: {health}"
+            time.sleep(0.2)
+        assert health["status"] == "healthy" and health["models"]["ct_classification"]["switch_pending"] is None
+    finally:
+        store.delete_model(only_a)
 
 
 def test_one_rate_limit_across_both_replicas(replicas: ReplicaSet) -> None:

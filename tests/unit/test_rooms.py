@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROOMS: dict[str, set[str]] = {
     "service": {"api", "pacs", "pipelines", "runners", "state", "monitoring", "postprocessing", "preprocessing", "xai",
                 "core"},
-    "api": {"pipelines", "state", "preprocessing", "core"},
+    "api": {"pipelines", "runners", "state", "preprocessing", "core"},
     "pacs": {"pipelines", "state", "postprocessing", "preprocessing", "xai", "core"},
     "pipelines": {"runners", "state", "monitoring", "postprocessing", "preprocessing", "xai", "core"},
     "runners": {"state", "postprocessing", "xai", "core"},

@@ -6,10 +6,18 @@ import asyncio
 import time
 from statistics import median
 
+import pytest
 from bentoml._internal.marshal import dispatcher
 
-import runners.common  # noqa: F401 - installs the policy, as every runner module does
-from runners.batching import NoWaitOptimizer
+from runners.batching import NoWaitOptimizer, never_hold_lone_requests
+
+
+@pytest.fixture(autouse=True)
+def no_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy installed (as api.bentoml_patches.install does in a server), BentoML's class put back after."""
+    monkeypatch.setattr(dispatcher, "Optimizer", dispatcher.Optimizer)
+    never_hold_lone_requests()
+
 
 MODEL_SECONDS = 0.02
 

@@ -18,7 +18,7 @@ class Greeter:
 
 
 def test_each_instance_keeps_one_caller_that_behaves_as_bentomls() -> None:
-    cache_local_callers()  # as the runners' import did; a second call changes nothing
+    cache_local_callers()  # as api.bentoml_patches.install does; a second call changes nothing
     first, second = Greeter(), Greeter()
     second.name = "other"
     assert first.greet is first.greet and first.greet is not second.greet

@@ -10,7 +10,7 @@ from runners.media_types import cache_media_types
 
 
 def test_cached_media_types_are_bentomls_own_computed_once() -> None:
-    cache_media_types()  # as the runners' import did; a second call changes nothing
+    cache_media_types()  # as api.bentoml_patches.install does; a second call changes nothing
     cached = IOMixin.mime_type.__func__
     specs = [spec for service in (BiomarkerModel, CTClassifier) for api in service.apis.values()
              for spec in (api.input_spec, api.output_spec)]
