@@ -96,9 +96,11 @@ def test_a_study_matched_by_an_urgent_rule_queues_an_urgent_job(tmp_path: Path) 
     ct = dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
     jobs = JobStore(tmp_path / "jobs.sqlite3")
     routine = queue_study(jobs, 1)
-    flow = PacsFlow(PacsConfig.model_validate(config), jobs, {"ct_classification": LoadedSlot()},  # type: ignore[dict-item]
-                    TaskStore(tmp_path / "tasks.sqlite3"), None, tmp_path / "results",  # type: ignore[arg-type]
-                    ScriptedPacs(series=[[StudySeries(str(ct.SeriesInstanceUID), 1, ct)]]))  # type: ignore[arg-type]
+    slots = {"ct_classification": LoadedSlot()}
+    pacs = ScriptedPacs(series=[[StudySeries(str(ct.SeriesInstanceUID), 1, ct)]])
+    tasks = TaskStore(tmp_path / "tasks.sqlite3")
+    flow = PacsFlow(PacsConfig.model_validate(config), jobs, slots, tasks, None,  # type: ignore[arg-type]
+                    tmp_path / "results", pacs)  # type: ignore[arg-type]
     (job_id,) = asyncio.run(flow.resolve(str(ct.StudyInstanceUID)))
     assert jobs.get(job_id).priority == "urgent" and jobs.get(job_id).model_id == "ct_classification"
     assert [jobs.claim().job_id for _ in range(2)] == [job_id, routine]
