@@ -71,6 +71,8 @@ from core.cards.classification import ClassificationCard
 from core.cards.segmentation import SegmentationCard
 from core.cards.tabular import TabularCard
 from core.errors import InvalidRequest, NotFound
+from core.priority import ROUTINE, Priority
+from pipelines.priority_gate import PriorityGate
 from core.schemas import (
     BiomarkerResponse,
     BiomarkerResult,
@@ -142,7 +144,7 @@ class NeuroNova:
             at_deadline(self.queue.hand_back_running)
         else:
             at_deadline(lambda: fail_own_tasks(self.tasks))
-            self.mri_slots = asyncio.Semaphore(settings.limits.mri_running_per_worker)  # the others wait, pending
+            self.mri_slots = PriorityGate(settings.limits.mri_running_per_worker)  # the others wait, pending
         self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
                                      settings.xai_cache_max_bytes)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
@@ -325,9 +327,11 @@ class NeuroNova:
         xai: StrictBool = False,
         post_processing: PostProcessingOptions = Field(default_factory=PostProcessingOptions),
         uncertainty: StrictBool = False,
+        priority: Priority = ROUTINE,
         ctx: bentoml.Context = None,
     ) -> MRISegmentationResponse:
-        """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll.
+        """Segment a brain tumour in MRI (NIfTI, DICOM file or series zip, or one file per sequence): submit, poll. An
+        `urgent` task starts before every routine one still waiting (docs/scale-out.md, "Priority").
 
         The MRI pipeline (torch, MONAI, nibabel, highdicom) is imported by the first MRI task, not at start-up: an API
         worker that serves CT and biomarkers only stays small; in a thread, so that seconds of importing never stall the
@@ -341,11 +345,12 @@ class NeuroNova:
         )
         if self.queue is not None:  # distributed: whichever replica's worker is free runs it
             await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
-            await self.queue.submit(request.task_id, list(image), request.queued_params())
+            await self.queue.submit(request.task_id, list(image), request.queued_params(), priority)
             return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
         attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
-                                 lambda: in_turn(self.mri_slots, attempt.response), ctx, after_commit=attempt.remember)
+                                 lambda: in_turn(self.mri_slots, priority, attempt.response), ctx,
+                                 after_commit=attempt.remember)
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)

@@ -29,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
+from core.priority import Priority
+from pipelines.priority_gate import PriorityGate
 from core.settings import Settings
 from state.tasks import ACTIVE, TaskCancelled, TaskStates, split_ref, visible_to
 from state.stores import open_task_store
@@ -295,9 +297,10 @@ class TaskRoutesMiddleware:
                 await asyncio.to_thread(self.tasks.fail, task_id, {"error": error})
 
 
-async def in_turn(slots: asyncio.Semaphore, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` once one of this worker's MRI slots is free (the task waits `pending` in its queue till then)."""
-    async with slots:
+async def in_turn(slots: PriorityGate, priority: Priority, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` once one of this worker's MRI slots is its turn (the task waits `pending` till then: after every
+    urgent task waiting, if it is routine, and after the tasks of its priority that came first)."""
+    async with slots.slot(priority):
         return await work()
 
 

@@ -80,7 +80,8 @@ class PacsFlow:
                 reasons.append(f"{rules.model_id}: {selection.reason}")
                 continue
             model = await self.slots[rules.model_id].loaded()
-            job_id, new = self.jobs.add(study_uid, rules.model_id, model.tag, selection.series)
+            job_id, new = self.jobs.add(study_uid, rules.model_id, model.tag, selection.series,
+                                        priority=rules.priority)
             log.info("pacs: study %s -> %s job %s (%s)", study_uid, rules.model_id, job_id,
                      "queued" if new else "already known")
             found.append(job_id)

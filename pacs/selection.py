@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydicom.dataset import Dataset
 
+from core.priority import ROUTINE, Priority
 from postprocessing.dicom_results import OUR_MANUFACTURER
 from postprocessing.result_sets import ResultObject, checked_objects
 
@@ -153,8 +154,9 @@ class SeriesRule(BaseModel):
 
 
 class ModelRules(BaseModel):
-    """The series one model needs: role -> rule (MRI: one role per required sequence; CT: one role), and which result
-    objects its run stores into the study (`postprocessing.result_sets`; unset: the model's default)."""
+    """The series one model needs: role -> rule (MRI: one role per required sequence; CT: one role), which result
+    objects its run stores into the study (`postprocessing.result_sets`; unset: the model's default), and the
+    priority of its jobs (`urgent`: started before every routine job waiting)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -163,6 +165,7 @@ class ModelRules(BaseModel):
     results: list[ResultObject] | None = Field(default=None, description=(
         "mri_segmentation: segmentation, measurement_report, uncertainty_map (default: the first two); "
         "ct_classification: overlay_capture, heatmap_map, probability_report (default: all three)"))
+    priority: Priority = Field(default=ROUTINE, description="urgent: its jobs start before every routine job waiting")
 
     @model_validator(mode="after")
     def _results_of_the_model(self) -> ModelRules:

@@ -9,7 +9,8 @@ secure and back up, and Redis' visibility timeout redelivers long tasks while th
 
 What runs where:
 - submission (any replica): the uploads are written once to the task's folder on the shared volume, the request's
-  parameters to its row, and one job `neuronova.mri_segmentation(task_id)` is deferred;
+  parameters to its row, and one job `neuronova.mri_segmentation(task_id)` is deferred at the task's priority (an
+  urgent job is taken before every routine one waiting);
 - a worker (concurrency 1 per API worker process) takes the job, starts an **attempt** of the task (the fencing token,
   `state.pg_tasks`) and runs the ordinary pipeline under it; an attempt superseded meanwhile writes nothing;
 - takeover: every worker looks every `STALL_CHECK_S` for jobs held by a worker whose heartbeat is older than
@@ -39,6 +40,7 @@ from bentoml.exceptions import BentoMLException
 from procrastinate.schema import SchemaManager
 
 from core.errors import ModelNotLoaded
+from core.priority import RANK, ROUTINE, Priority
 from state.pg_tasks import PostgresTaskStore
 from state.shared_db import PG_CONNECT_TIMEOUT_S
 from state.tasks import split_ref, task_ref
@@ -110,8 +112,11 @@ class MriQueue:
             await self.app.open_async()
             self._opened = True
 
-    async def submit(self, task_id: str, uploads: list[Path], params: dict[str, Any]) -> None:
-        """Write the uploads once to the task's shared folder, record the parameters, queue the job."""
+    async def submit(self, task_id: str, uploads: list[Path], params: dict[str, Any],
+                     priority: Priority = ROUTINE) -> None:
+        """Write the uploads once to the task's shared folder, record the parameters, queue the job at `priority`
+        (procrastinate's job priority: a free worker of any replica takes the highest first, then the oldest; a job
+        handed back, retried or taken over keeps it)."""
         folder = self.store.task_dir(task_id) / "uploads"
         names = []
         for index, upload in enumerate(uploads):
@@ -120,7 +125,7 @@ class MriQueue:
             names.append(name)
         await asyncio.to_thread(self.store.set_params, task_id, {**params, "uploads": names})
         await self._open()
-        await self.job.defer_async(task_id=task_id)
+        await self.job.configure(priority=RANK[priority]).defer_async(task_id=task_id)
 
     def upload_paths(self, task_id: str, params: dict[str, Any]) -> list[Path]:
         folder = self.store.task_dir(task_id) / "uploads"

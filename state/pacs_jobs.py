@@ -5,6 +5,8 @@ SeriesInstanceUIDs + the exact model version) is unique, so a repeated notificat
 firing again once our results land, finds the job it already made and makes none. A study that matched no rule is
 kept as a `skipped` row whose reason says so.
 
+Jobs start urgent first (a model rule's `priority`), then in the order they were created.
+
 States: queued -> running (retrieve, infer, build the result objects, write them to the job's folder) -> exporting
 (STOW-RS, retried with backoff while the PACS is unreachable) -> done; or failed, or skipped. A worker leases a job
 by its process id; a lease whose process is gone is free again. After a restart (`recover`) a job caught running
@@ -29,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from core.priority import RANK, ROUTINE, Priority, priority_of
 from state.tasks import _pid_alive
 
 JobState = Literal["queued", "running", "exporting", "done", "failed", "skipped"]
@@ -50,6 +53,7 @@ CREATE TABLE IF NOT EXISTS pacs_jobs (
     not_before REAL NOT NULL DEFAULT 0,
     lease_pid INTEGER,
     results_json TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
     log_json TEXT NOT NULL DEFAULT '[]',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -79,6 +83,7 @@ class Job(BaseModel):
     model_id: str | None
     model_version: str | None
     series: dict[str, str]
+    priority: Priority = ROUTINE
     state: JobState
     reason: str | None
     runs: int
@@ -102,6 +107,10 @@ class JobStore:
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+        with self._transaction() as connection:
+            columns = {row["name"] for row in connection.execute("PRAGMA table_info(pacs_jobs)")}
+            if "priority" not in columns:  # a file from before job priorities: its jobs are routine
+                connection.execute("ALTER TABLE pacs_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -124,8 +133,9 @@ class JobStore:
             connection.execute("COMMIT")
 
     def add(self, study_uid: str, model_id: str | None, model_version: str | None, series: dict[str, str],
-            state: JobState = "queued", reason: str | None = None) -> tuple[str, bool]:
-        """(job id, whether it is new): the job with this key, created unless it exists."""
+            state: JobState = "queued", reason: str | None = None, priority: Priority = ROUTINE) -> tuple[str, bool]:
+        """(job id, whether it is new): the job with this key, created unless it exists (an existing job keeps its
+        priority)."""
         key = idempotency_key(study_uid, series, model_version if state != "skipped" else reason)
         now = time.time()
         with self._transaction() as connection:
@@ -133,11 +143,13 @@ class JobStore:
             if row is not None:
                 return row["job_id"], False
             job_id = uuid.uuid4().hex
-            message = reason if state == "skipped" else f"queued: {model_id} {model_version} on {len(series)} series"
+            message = reason if state == "skipped" else (f"queued ({priority}): {model_id} {model_version} on "
+                                                         f"{len(series)} series")
             connection.execute(
                 "INSERT INTO pacs_jobs (job_id, idempotency_key, study_uid, model_id, model_version, series_json, "
-                "state, reason, log_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, key, study_uid, model_id, model_version, json.dumps(series), state, reason,
+                "state, reason, priority, log_json, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, key, study_uid, model_id, model_version, json.dumps(series), state, reason, RANK[priority],
                  json.dumps([_entry(now, message)]), now, now),
             )
         return job_id, True
@@ -184,13 +196,14 @@ class JobStore:
         return 0 if row is None else int(row["failures"])
 
     def claim(self) -> Job | None:
-        """Lease the oldest due job to this process: queued (it starts running: its runs counter goes up), exporting,
-        or running under a worker process that is gone (it runs again, unless it already ran `MAX_RUNS` times)."""
+        """Lease the first due job to this process, urgent before routine, then the oldest: queued (it starts running:
+        its runs counter goes up), exporting, or running under a worker process that is gone (it runs again, unless it
+        already ran `MAX_RUNS` times)."""
         now = time.time()
         with self._transaction() as connection:
             rows = connection.execute(
                 "SELECT job_id, state, lease_pid, runs FROM pacs_jobs WHERE state IN ('queued', 'exporting', 'running') "
-                "AND not_before <= ? ORDER BY created_at", (now,)).fetchall()
+                "AND not_before <= ? ORDER BY priority DESC, created_at", (now,)).fetchall()
             for row in rows:
                 if row["lease_pid"] is not None and _pid_alive(row["lease_pid"]):
                     continue
@@ -300,7 +313,8 @@ class JobStore:
         if row is None:
             return None
         return Job(job_id=row["job_id"], study_instance_uid=row["study_uid"], model_id=row["model_id"],
-                   model_version=row["model_version"], series=json.loads(row["series_json"]), state=row["state"],
+                   model_version=row["model_version"], series=json.loads(row["series_json"]),
+                   priority=priority_of(row["priority"]), state=row["state"],
                    reason=row["reason"], runs=row["runs"], export_failures=row["export_failures"],
                    results=json.loads(row["results_json"]) if row["results_json"] else None,
                    log=json.loads(row["log_json"]), created_at=_iso(row["created_at"]),

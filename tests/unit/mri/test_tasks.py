@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from api import tasks as api_tasks
 from core.errors import InvalidImageFormat
+from pipelines.priority_gate import PriorityGate
 from core.settings import Settings
 from state.tasks import TaskCancelled, TaskStore, task_store_path
 
@@ -317,7 +318,7 @@ def test_tasks_beyond_the_worker_s_slots_wait_pending_in_turn(store: TaskStore) 
         name: str
 
     async def scenario() -> list[str]:
-        slots, order, release = asyncio.Semaphore(1), [], asyncio.Event()
+        slots, order, release = PriorityGate(1), [], asyncio.Event()
 
         async def work(name: str) -> Done:
             order.append(f"{name} starts")
@@ -328,11 +329,11 @@ def test_tasks_beyond_the_worker_s_slots_wait_pending_in_turn(store: TaskStore) 
             return Done(name=name)
 
         first = asyncio.create_task(api_tasks.run_tracked(store, "first", None, "m", lambda: api_tasks.in_turn(
-            slots, lambda: work("first"))))
+            slots, "routine", lambda: work("first"))))
         while getattr(store.get("first"), "status", None) != "processing":
             await asyncio.sleep(0.001)  # the records are written in threads
         second = asyncio.create_task(api_tasks.run_tracked(store, "second", None, "m", lambda: api_tasks.in_turn(
-            slots, lambda: work("second"))))
+            slots, "routine", lambda: work("second"))))
         while store.get("second") is None:
             await asyncio.sleep(0.001)
         order.append(f"second is {store.get('second').status}")
