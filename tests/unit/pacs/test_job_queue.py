@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -125,6 +126,20 @@ def test_a_job_that_could_not_read_its_series_is_queued_again_without_counting_a
     assert claimed is not None and claimed.job.runs == 1
     jobs.fail(claimed, "bad input")
     assert jobs.get(job_id).state == "failed" and jobs.list(state="failed")  # type: ignore[union-attr]
+
+
+def test_a_queue_written_before_attempts_were_counted_is_extended(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as connection:  # the columns a queue of the previous release has
+        connection.execute("CREATE TABLE pacs_jobs (job_id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE NOT NULL, "
+                           "study_uid TEXT NOT NULL, model_id TEXT, model_version TEXT, series_json TEXT NOT NULL, "
+                           "state TEXT NOT NULL, reason TEXT, runs INTEGER NOT NULL DEFAULT 0, export_failures INTEGER "
+                           "NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, lease_pid INTEGER, results_json "
+                           "TEXT, log_json TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL, updated_at REAL NOT NULL)")
+        connection.execute("INSERT INTO pacs_jobs (job_id, idempotency_key, study_uid, series_json, state, created_at, "
+                           "updated_at) VALUES ('j1', 'k1', ?, '{}', 'queued', 0, 0)", (STUDY,))
+    lease = JobStore(path).claim()
+    assert lease is not None and lease.job_id == "j1" and lease.attempt == 1
 
 
 def test_a_study_no_rule_matches_is_one_skipped_job_per_reason(jobs: JobStore) -> None:
