@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -71,6 +72,8 @@ def test_a_study_resolved_on_two_replicas_at_once_is_one_job(replicas) -> None:
     assert len({job_id for job_id, _ in made}) == 1 and [new for _, new in made].count(True) == 1
     (job,) = replicas[1].list(STUDY)
     assert job.state == "queued" and job.series == SERIES and job.log[0]["message"].startswith("queued: ")
+    stamped = datetime.fromisoformat(job.log[0]["at"])  # on the database's clock, as the SQLite store writes times
+    assert stamped.utcoffset() == timedelta(0) and abs(stamped - datetime.fromisoformat(job.created_at)).total_seconds() < 5
     other, new = replicas[0].add(STUDY, "mri_segmentation", "m:2", SERIES)
     assert new and other != job.job_id
     skipped, _ = replicas[0].add(STUDY, None, None, {}, state="skipped", reason="no rule matched: x")
