@@ -5,12 +5,14 @@ replica's own jobs recovered at its restart, notifications and the poller's lock
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -229,3 +231,62 @@ def test_the_cursor_and_the_poller_lock_are_shared(replicas) -> None:
     taken.close()  # type: ignore[union-attr]
     again = wait_for(a.poller_lock)
     again.close()  # type: ignore[union-attr]
+
+
+def test_one_worker_of_all_replicas_polls_changes_and_another_takes_over_when_it_is_gone(
+        replicas, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Background.poll_while_leader` on two replicas: one polls while the other keeps asking for the lock; a leader
+    whose lock connection is lost stops polling (and a worker takes the lock again); when the leader's worker is gone
+    the other replica's worker polls."""
+    from pacs import runtime
+
+    monkeypatch.setattr(runtime, "LEADER_RETRY_S", 0.02)
+    polling: list[str] = []
+    stopped: list[str] = []
+    asked = {store.replica: 0 for store in replicas}
+
+    class Flow:
+        def __init__(self, store: PostgresJobStore) -> None:
+            self.jobs = SimpleNamespace(poller_lock=self.poller_lock)  # counts the asks
+            self.store = store
+            self.config = SimpleNamespace(changes=SimpleNamespace(url="http://orthanc", interval_seconds=0.5))
+
+        def poller_lock(self):
+            asked[self.store.replica] += 1
+            return self.store.poller_lock()
+
+        async def poll_changes(self) -> None:
+            polling.append(self.store.replica)  # type: ignore[arg-type]
+            try:
+                await asyncio.Event().wait()
+            finally:
+                polling.remove(self.store.replica)  # type: ignore[arg-type]
+                stopped.append(self.store.replica)  # type: ignore[arg-type]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        workers = {store.replica: asyncio.create_task(runtime.Background(Flow(store), "-").poll_while_leader())  # type: ignore[arg-type]
+                   for store in replicas}
+        try:
+            await until(lambda: len(polling) == 1)
+            leader = polling[0]
+            other = next(name for name in workers if name != leader)
+            asked_before = asked[other]
+            await until(lambda: asked[other] >= asked_before + 3)  # the other asked again and again meanwhile
+            assert polling == [leader]
+            with psycopg.connect(replicas[0].database_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            await until(lambda: stopped == [leader] and len(polling) == 1)  # noticed, stopped, and one polls again
+            current = polling[0]
+            workers[current].cancel()  # its replica gone
+            await until(lambda: polling == [next(name for name in workers if name != current)])
+        finally:
+            for worker in workers.values():
+                worker.cancel()
+            await asyncio.gather(*workers.values(), return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert polling == []
