@@ -5,6 +5,7 @@ job loses nothing: once its lease expires the other replica runs the job again a
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -101,15 +102,18 @@ def test_a_replica_killed_mid_job_is_taken_over_and_the_pacs_holds_one_result_se
     (first,) = running  # type: ignore[misc]
     holder = first["lease_owner"].split("/")[0]
     replicas.replica(holder).kill(victims[holder])
+    killed_at = time.monotonic()
     (killed,) = rows(replicas, study.uid)
     assert (killed["state"], killed["attempt"], killed["lease_owner"]) == ("running", 1, first["lease_owner"]), \
         "the job left `running` before its replica was killed: nothing to take over"
     assert result_set(orthanc, study.uid) == []
     job, instances = finished(replicas, orthanc, study)
+    taken_over_s = time.monotonic() - killed_at
     survivor = replicas.other(holder).name
     assert job["runs"] == 2 and job["attempt"] == 2 and len(rows(replicas, study.uid)) == 1
     assert any(entry["message"].startswith(f"the lease of {first['lease_owner']} expired: running it again here "
                                            f"({survivor}/") for entry in job["log"]), evidence(replicas, study)
     assert len(instances) == len(set(instances)) == RESULT_KINDS
     assert sorted(instances) == sorted(r["sop_instance_uid"] for r in job["results"])
-    print(f"takeover: lease {LEASE_S:.0f} s; job log {[(e['at'][11:19], e['message'][:60]) for e in job['log']]}")
+    print(f"takeover: SIGKILL of replica {holder} -> results in Orthanc through replica {survivor}: {taken_over_s:.1f} s "
+          f"(lease {LEASE_S:.0f} s); job log {[(e['at'][11:19], e['message'][:48]) for e in job['log']]}")
