@@ -372,7 +372,7 @@ class NeuroNova:
         and queue a job per model (idempotent); answers at once. Admin JWT or the configured PACS token."""
         from pacs.runtime import notified
 
-        body = notified(self._pacs(), notice)
+        body = await notified(self._pacs(), notice)
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
     @ops.get("/pacs/jobs", response_model=list[Job])
@@ -380,7 +380,7 @@ class NeuroNova:
     async def pacs_jobs(self, study_instance_uid: str | None = None, state: JobState | None = None,
                         limit: int = Query(default=100, ge=1, le=1000)) -> JSONResponse:
         """Operators: the newest PACS jobs, optionally of one study or in one state."""
-        jobs = self._pacs().jobs.list(study_instance_uid, state, limit)
+        jobs = await asyncio.to_thread(self._pacs().jobs.list, study_instance_uid, state, limit)
         return JSONResponse([job.model_dump(mode="json") for job in jobs])
 
     @ops.get("/pacs/jobs/{job_id}", response_model=Job)
@@ -389,7 +389,7 @@ class NeuroNova:
         """Operators: one PACS job, with its log."""
         from pacs.runtime import job_of
 
-        return JSONResponse(job_of(self._pacs(), job_id).model_dump(mode="json"))
+        return JSONResponse((await job_of(self._pacs(), job_id)).model_dump(mode="json"))
 
     @ops.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse, "description": "A model failed to load (degraded)"}})

@@ -3,7 +3,9 @@ poller), its series are read by QIDO-RS and selected by each model's rules, a jo
 `state.pacs_jobs`), and a worker runs it: WADO-RS retrieve, the service's own pipeline (MRI: `pipelines.mri.segment_series`;
 CT: `pipelines.classification.classify_slice` with Grad-CAM), the result objects (`postprocessing.dicom_results`; an MR run
 that finds no tumour gets a negative report, never nothing) written to the job's folder, then STOW-RS into the same
-study, retried with backoff while the PACS is unreachable.
+study, retried with backoff while the PACS is unreachable. The job store (`state.pacs_jobs.PacsJobs`) is one SQLite file on
+one machine or PostgreSQL shared by every replica; either way a run holds its job by a lease, every write of the run
+is fenced by it, and a run that lost its job stops before it sends anything.
 
 Logs and job state carry UIDs, model versions and counts, never a patient name or id.
 """
@@ -11,7 +13,6 @@ Logs and job state carry UIDs, model versions and counts, never a patient name o
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import importlib
 import logging
 import os
@@ -19,7 +20,6 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import httpx
 from pydicom import dcmread
@@ -33,7 +33,7 @@ from core.settings import LimitSettings
 from state.tasks import TaskStates
 from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
-from state.pacs_jobs import NO_RULE, Job, JobStore
+from state.pacs_jobs import NO_RULE, Lease, PacsJobs
 from pacs.selection import SeriesFacts, select_series
 from postprocessing.dicom_results import dataset_bytes, mr_negative_report, segment_volumes_ml
 from postprocessing.parametric_maps import missing_geometry
@@ -51,7 +51,7 @@ RETRIED_REASONS = (OVERLOADED, MODEL_SWITCHED)
 class PacsFlow:
     """Notification -> jobs -> results in the PACS, for one configuration and the service's model slots."""
 
-    def __init__(self, config: PacsConfig, jobs: JobStore, slots: dict[str, ModelSlot], tasks: TaskStates,
+    def __init__(self, config: PacsConfig, jobs: PacsJobs, slots: dict[str, ModelSlot], tasks: TaskStates,
                  limits: LimitSettings, work_dir: Path, pacs: DicomWebPacs | None = None) -> None:
         self.config = config
         self.jobs = jobs
@@ -62,9 +62,9 @@ class PacsFlow:
         self.pacs = pacs or DicomWebPacs(config.source, config.store_to, config.retrieval)
         self.wake = asyncio.Event()
 
-    def notify(self, study_uid: str) -> None:
+    async def notify(self, study_uid: str) -> None:
         """Queue a stable-study notification for the job loop (returns at once: see `Notified`)."""
-        self.jobs.notice(study_uid)
+        await asyncio.to_thread(self.jobs.notice, study_uid)
         self.wake.set()
 
     async def resolve(self, study_uid: str) -> list[str]:
@@ -80,14 +80,14 @@ class PacsFlow:
                 reasons.append(f"{rules.model_id}: {selection.reason}")
                 continue
             model = await self.slots[rules.model_id].loaded()
-            job_id, new = self.jobs.add(study_uid, rules.model_id, model.tag, selection.series,
-                                        priority=rules.priority)
+            job_id, new = await asyncio.to_thread(self.jobs.add, study_uid, rules.model_id, model.tag,
+                                                  selection.series, priority=rules.priority)
             log.info("pacs: study %s -> %s job %s (%s)", study_uid, rules.model_id, job_id,
                      "queued" if new else "already known")
             found.append(job_id)
         if not found:
             reason = f"{NO_RULE}: " + "; ".join(reasons)
-            job_id, _ = self.jobs.add(study_uid, None, None, {}, state="skipped", reason=reason)
+            job_id, _ = await asyncio.to_thread(self.jobs.add, study_uid, None, None, {}, "skipped", reason)
             log.info("pacs: study %s left alone (%s)", study_uid, reason)
             found.append(job_id)
         return found
@@ -118,10 +118,11 @@ class PacsFlow:
         if notice is not None:
             await self.handle_notice(*notice)
             return True
-        job = await asyncio.to_thread(self.jobs.claim)
-        if job is None:
+        lease = await asyncio.to_thread(self.jobs.claim)
+        if lease is None:
             return False
-        await self.run(job)
+        with self.jobs.keep_alive(lease):
+            await self.run(lease)
         return True
 
     async def handle_notice(self, study_uid: str, received_at: float) -> None:
@@ -130,57 +131,71 @@ class PacsFlow:
         except asyncio.CancelledError:
             raise
         except (PacsUnavailable, ModelNotLoaded) as exc:
-            delay = self.config.export_retry.delay(self.jobs.notice_failures(study_uid) + 1)
+            delay = self.config.export_retry.delay(await asyncio.to_thread(self.jobs.notice_failures, study_uid) + 1)
             log.warning("pacs: study %s could not be searched (%s), retrying in %.1f s", study_uid, exc, delay)
-            self.jobs.notice_failed(study_uid, delay)
+            await asyncio.to_thread(self.jobs.notice_failed, study_uid, delay)
             return
         except Exception as exc:  # noqa: BLE001 - a bad study is logged and dropped, never the worker's end
             log.warning("pacs: notification of study %s dropped: %s: %s", study_uid, type(exc).__name__, exc)
-        self.jobs.notice_handled(study_uid, received_at)
+        await asyncio.to_thread(self.jobs.notice_handled, study_uid, received_at)
 
-    async def run(self, job: Job) -> None:
-        """Compute (unless the result files are already written) and export one claimed job."""
+    async def run(self, lease: Lease) -> None:
+        """Compute (unless the result files are already written) and export one claimed job; every write of the run
+        names its lease, and a run that lost its job (taken over) stops at its next write."""
+        job = lease.job
         folder = self.work_dir / job.job_id
         try:
             if job.state == "running":
-                datasets = await self.compute(job)
+                datasets = await self.compute(lease)
                 await asyncio.to_thread(write_results, folder, datasets)
-                self.jobs.ready_to_export(job.job_id, f"built {len(datasets)} result object(s): "
-                                          + ", ".join(str(ds.Modality) for ds in datasets))
-            await self.export(job, folder)
+                if not await asyncio.to_thread(self.jobs.ready_to_export, lease, f"built {len(datasets)} result "
+                                               "object(s): " + ", ".join(str(ds.Modality) for ds in datasets)):
+                    self._superseded(lease)
+                    return
+            await self.export(lease, folder)
         except (PacsUnavailable, ModelNotLoaded, ModelInferenceError) as exc:
             if isinstance(exc, ModelInferenceError) and exc.details.get("reason") not in RETRIED_REASONS:
-                self._failed(job, exc)
+                await self._failed(lease, exc)
                 return
-            current = self.jobs.get(job.job_id)
+            current = await asyncio.to_thread(self.jobs.get, job.job_id)
             delay = self.config.export_retry.delay((current.export_failures if current else 0) + 1)
             if current is not None and current.state == "exporting":
                 log.warning("pacs: job %s export failed (%s), retrying in %.1f s", job.job_id, exc, delay)
-                self.jobs.export_failed(job.job_id, f"export failed: {exc}", delay)
+                await asyncio.to_thread(self.jobs.export_failed, lease, f"export failed: {exc}", delay)
             else:
                 log.warning("pacs: job %s could not run now (%s), retrying in %.1f s", job.job_id, exc, delay)
-                self.jobs.retry_later(job.job_id, f"could not run now: {exc}", delay)
+                await asyncio.to_thread(self.jobs.retry_later, lease, f"could not run now: {exc}", delay)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one job's failure is recorded, never the worker's end
-            self._failed(job, exc)
+            await self._failed(lease, exc)
 
-    def _failed(self, job: Job, exc: Exception) -> None:
+    async def _failed(self, lease: Lease, exc: Exception) -> None:
         reason = exc.message if isinstance(exc, NeuroNovaError) else f"{type(exc).__name__}: {exc}"
-        log.warning("pacs: job %s failed: %s", job.job_id, reason)
-        self.jobs.fail(job.job_id, reason[:500])
+        log.warning("pacs: job %s failed: %s", lease.job_id, reason)
+        await asyncio.to_thread(self.jobs.fail, lease, reason[:500])
 
-    async def compute(self, job: Job) -> list[Dataset]:
+    @staticmethod
+    def _superseded(lease: Lease) -> None:
+        log.warning("pacs: job %s was taken over by another worker: attempt %d stops, writing nothing", lease.job_id,
+                    lease.attempt)
+
+    async def _log(self, lease: Lease, message: str) -> None:
+        await asyncio.to_thread(self.jobs.log, lease, message)
+
+    async def compute(self, lease: Lease) -> list[Dataset]:
         """Retrieve the job's series and run its model; the result objects, in store order."""
+        job = lease.job
         series = {role: await asyncio.to_thread(self.pacs.retrieve, job.study_instance_uid, uid)
                   for role, uid in job.series.items()}
-        self.jobs.log(job.job_id, f"retrieved {sum(len(d) for d in series.values())} instance(s) of "
-                      f"{len(series)} series; running {job.model_id}")
+        await self._log(lease, f"retrieved {sum(len(d) for d in series.values())} instance(s) of "
+                        f"{len(series)} series; running {job.model_id}")
         if job.model_id == "mri_segmentation":
-            return await self._segment(job, series)
-        return await self._classify(job, series)
+            return await self._segment(lease, series)
+        return await self._classify(lease, series)
 
-    async def _segment(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
+    async def _segment(self, lease: Lease, series: dict[str, list[Dataset]]) -> list[Dataset]:
+        job = lease.job
         mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
         slot = self.slots["mri_segmentation"]
         # A task record of its own for every attempt: a failed attempt's record is cancelled (`TaskStates.fail`), and
@@ -207,7 +222,7 @@ class PacsFlow:
             read = [source for source in volume.sources if source.headers]
             doubts = [warning for warning in response.warnings if warning != mri.NO_SEG_WARNING]  # the report says it
             datasets.append(await asyncio.to_thread(mr_negative_report, read, doubts, card, tag, uid_key=job.job_id))
-            self.jobs.log(job.job_id, "no tumour detected: negative report written")
+            await self._log(lease, "no tumour detected: negative report written")
             objects = tuple(kind for kind in objects if kind == "uncertainty_map")  # no segment to store or measure
         if objects:
             built = await asyncio.to_thread(
@@ -217,7 +232,8 @@ class PacsFlow:
             datasets += built.objects
         return datasets
 
-    async def _classify(self, job: Job, series: dict[str, list[Dataset]]) -> list[Dataset]:
+    async def _classify(self, lease: Lease, series: dict[str, list[Dataset]]) -> list[Dataset]:
+        job = lease.job
         datasets = next(iter(series.values()))
         source = sorted(datasets, key=lambda ds: int(ds.get("InstanceNumber") or 0))[len(datasets) // 2]
         slot = self.slots["ct_classification"]
@@ -232,14 +248,20 @@ class PacsFlow:
         missing = missing_geometry(source)
         if "heatmap_map" in objects and missing:
             objects = tuple(kind for kind in objects if kind != "heatmap_map")
-            self.jobs.log(job.job_id, f"no heatmap map: the source slice has no {', '.join(missing)}")
+            await self._log(lease, f"no heatmap map: the source slice has no {', '.join(missing)}")
         built = await asyncio.to_thread(lambda: ct_results(
             source, display, to_source_geometry(heatmap, display.shape), method, probabilities,
             result.predicted_class, card, out.model.tag, objects=objects, uid_key=job.job_id))
         return list(built.objects)
 
-    async def export(self, job: Job, folder: Path) -> None:
-        """STOW-RS the job's result files into its study; done with what was stored."""
+    async def export(self, lease: Lease, folder: Path) -> None:
+        """STOW-RS the job's result files into its study, unless the run lost its job (checked just before: a run
+        superseded meanwhile sends the same files, same UIDs, so the PACS still holds one result set); done with what
+        was stored."""
+        job = lease.job
+        if not await asyncio.to_thread(self.jobs.renew, lease):
+            self._superseded(lease)
+            return
         datasets = await asyncio.to_thread(read_results, folder)
         if datasets:
             try:
@@ -249,10 +271,12 @@ class PacsFlow:
         stored = [{"modality": str(ds.Modality), "sop_class_uid": str(ds.SOPClassUID),
                    "series_instance_uid": str(ds.SeriesInstanceUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
                   for ds in datasets]
-        self.jobs.done(job.job_id, stored, f"stored {len(stored)} object(s) into the study")
+        if not await asyncio.to_thread(self.jobs.done, lease, stored, f"stored {len(stored)} object(s) into the study"):
+            self._superseded(lease)
+            return
         log.info("pacs: job %s done: %d object(s) stored into study %s", job.job_id, len(stored),
                  job.study_instance_uid)
-        await asyncio.to_thread(shutil.rmtree, folder, True)
+        await asyncio.to_thread(remove_results, folder)
 
     async def poll_changes(self) -> None:
         """Follow Orthanc's `/changes` from where the last poll stopped (the first poll starts at the newest change)
@@ -271,10 +295,10 @@ class PacsFlow:
                 await asyncio.sleep(polling.interval_seconds)
 
     async def _follow_changes(self, client: httpx.AsyncClient) -> None:
-        since = self.jobs.cursor("orthanc_changes")
+        since = await asyncio.to_thread(self.jobs.cursor, "orthanc_changes")
         if since is None:
             last = (await client.get("/changes", params={"last": ""})).raise_for_status().json()
-            self.jobs.set_cursor("orthanc_changes", int(last["Last"]))
+            await asyncio.to_thread(self.jobs.set_cursor, "orthanc_changes", int(last["Last"]))
             return
         while True:
             page = (await client.get("/changes", params={"since": since, "limit": 100})).raise_for_status().json()
@@ -282,37 +306,38 @@ class PacsFlow:
                 if change["ChangeType"] == STABLE_STUDY:
                     study = await client.get(f"/studies/{change['ID']}")
                     if study.status_code != httpx.codes.NOT_FOUND:  # deleted since: nothing to notify
-                        self.notify(study.raise_for_status().json()["MainDicomTags"]["StudyInstanceUID"])
+                        await self.notify(study.raise_for_status().json()["MainDicomTags"]["StudyInstanceUID"])
                 since = int(change["Seq"])
-                self.jobs.set_cursor("orthanc_changes", since)
+                await asyncio.to_thread(self.jobs.set_cursor, "orthanc_changes", since)
             if page["Done"]:
                 return
             since = int(page["Last"])
 
 
 def write_results(folder: Path, datasets: Sequence[Dataset]) -> None:
-    """The result files, written whole or not at all (a half-written folder is never exported)."""
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    """The job's result files, written whole or not at all (a half-written folder is never exported), and once: where
+    another run of the job (a crashed server's, a superseded replica's) already wrote the folder, that one stands. It
+    holds the same objects under the same UIDs (they derive from the job id), so whichever run exports it, the PACS
+    gets one result set."""
+    partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:12]}")
     partial.mkdir(parents=True, mode=0o700)
-    for index, dataset in enumerate(datasets):
-        (partial / f"{index:02d}.dcm").write_bytes(dataset_bytes(dataset))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    try:
+        for index, dataset in enumerate(datasets):
+            (partial / f"{index:02d}.dcm").write_bytes(dataset_bytes(dataset))
+        try:
+            os.rename(partial, folder)  # atomic; refused where another run's folder is there already
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_results(folder: Path) -> None:
+    """The job's result files once exported, with what runs that never finished writing left beside them."""
+    for path in [folder, *folder.parent.glob(f"{folder.name}.partial-*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_results(folder: Path) -> list[Dataset]:
     return [dcmread(path) for path in sorted(folder.glob("*.dcm"))]
-
-
-def hold_lock(path: Path) -> Any:
-    """An exclusive lock on `path` (e.g. one `/changes` poller per server), or None when another worker holds it.
-    The lock lives as long as the returned file object (and goes with the process)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "w")  # noqa: SIM115 - held open for the process's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle

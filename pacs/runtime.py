@@ -1,5 +1,7 @@
 """How the PACS connection lives in the service: built per API worker from the settings, its job loop (and, in one
-worker only, the `/changes` poller) started as background tasks on the worker's event loop, stopped with it.
+worker of all, the `/changes` poller) started as background tasks on the worker's event loop, stopped with it.
+`state.stores.open_job_store` is the one place that picks the job store: embedded (SQLite under the data directory) or, with
+`distributed.database_url` set, PostgreSQL shared by every replica, so PACS runs on every replica.
 
 Imported by the service only when `NEURONOVA_PACS__CONFIG` is set.
 """
@@ -11,7 +13,6 @@ import importlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,15 @@ from core.errors import ModelNotLoaded, NotFound
 from core.settings import Settings
 from state.tasks import TaskStates
 from pacs.config import load_config
-from pacs.flow import PacsFlow, hold_lock
-from state.pacs_jobs import Job, JobStore, Notice, Notified, job_store_path
+from pacs.flow import PacsFlow
+from state.pacs_jobs import HeldLock, Job, Notice, Notified, PacsJobs, hold_lock
+from state.stores import open_job_store
 from preprocessing.transforms import to_layout
 
 log = logging.getLogger("neuronova.pacs")
+LEADER_RETRY_S = 10.0
+"""How often a worker without the `/changes` poller's lock tries to take it (its holder may have died), and how often
+the holder checks it still holds it."""
 
 
 def notify_tokens(settings: Settings) -> dict[str, str]:
@@ -38,13 +43,14 @@ def build_flow(settings: Settings, slots: dict[str, ModelSlot], tasks: TaskState
     # server log; they carry UIDs, model versions and counts, never patient data.
     log.setLevel(logging.INFO)
     config = load_config(settings.pacs.config)  # type: ignore[arg-type]
-    return PacsFlow(config, JobStore(job_store_path(settings.data_dir)), slots, tasks, settings.limits,
-                    Path(settings.data_dir) / "pacs" / "results")
+    jobs = open_job_store(settings)
+    return PacsFlow(config, jobs, slots, tasks, settings.limits, jobs.results_dir)
 
 
 def recover(settings: Settings) -> None:
-    """Once per server start, before the workers: jobs a killed server left running are queued again (once)."""
-    requeued = JobStore(job_store_path(settings.data_dir)).recover()
+    """Once per server start, before the workers: jobs a killed server (or this replica's previous run) left running
+    are queued again (once)."""
+    requeued = open_job_store(settings).recover()
     if requeued:
         log.warning("pacs: %d job(s) interrupted by the last shutdown queued to run again: %s", len(requeued),
                     ", ".join(requeued))
@@ -92,14 +98,13 @@ async def _explain_blank(slot: ModelSlot, runner_wait_s: float) -> None:
 
 
 class Background:
-    """The worker's PACS tasks: the job loop always, the `/changes` poller where configured and this worker holds
-    the poller lock."""
+    """The worker's PACS tasks: the job loop always, the `/changes` poller where configured and while this worker
+    holds the poller lock (a file lock on one machine, an advisory lock in PostgreSQL across replicas)."""
 
     def __init__(self, flow: PacsFlow, data_dir: str) -> None:
         self.flow = flow
         self.data_dir = Path(data_dir)
         self.tasks: list[asyncio.Task] = []
-        self.lock: Any = None
 
     async def start(self) -> None:
         """Import the MRI pipeline (the worker is ready after it), then work the queue in the background."""
@@ -108,27 +113,48 @@ class Background:
                                               name="pacs-warm-up"))
         self.tasks.append(asyncio.create_task(self.flow.run_forever(), name="pacs-jobs"))
         if self.flow.config.changes is not None:
-            self.lock = hold_lock(self.data_dir / "pacs" / "poller.lock")
-            if self.lock is not None:
-                self.tasks.append(asyncio.create_task(self.flow.poll_changes(), name="pacs-changes"))
-                log.info("pacs: polling %s/changes every %.1f s", self.flow.config.changes.url,
-                         self.flow.config.changes.interval_seconds)
+            self.tasks.append(asyncio.create_task(self.poll_while_leader(), name="pacs-changes"))
+
+    async def poll_while_leader(self) -> None:
+        """Poll `/changes` while this worker holds the poller lock; without it, try to take it every
+        `LEADER_RETRY_S` (the holder may have stopped)."""
+        while True:
+            try:
+                lock = await asyncio.to_thread(self.flow.jobs.poller_lock)
+            except Exception as exc:  # noqa: BLE001 - the database unreachable: try again later
+                log.warning("pacs: the /changes poller lock could not be asked for (%s)", type(exc).__name__)
+                lock = None
+            if lock is not None:
+                await self._poll_holding(lock)
+            await asyncio.sleep(LEADER_RETRY_S)
+
+    async def _poll_holding(self, lock: HeldLock) -> None:
+        changes = self.flow.config.changes
+        assert changes is not None
+        log.info("pacs: polling %s/changes every %.1f s", changes.url, changes.interval_seconds)
+        poller = asyncio.create_task(self.flow.poll_changes(), name="pacs-changes-poll")
+        try:
+            while await asyncio.to_thread(lock.held):
+                await asyncio.sleep(LEADER_RETRY_S)
+            log.warning("pacs: the /changes poller lock was lost: polling stops here")
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            await asyncio.to_thread(lock.close)
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.lock is not None:
-            self.lock.close()
 
 
-def notified(flow: PacsFlow, notice: Notice) -> Notified:
-    flow.notify(notice.study_instance_uid)
+async def notified(flow: PacsFlow, notice: Notice) -> Notified:
+    await flow.notify(notice.study_instance_uid)
     return Notified(study_instance_uid=notice.study_instance_uid)
 
 
-def job_of(flow: PacsFlow, job_id: str) -> Job:
-    job = flow.jobs.get(job_id)
+async def job_of(flow: PacsFlow, job_id: str) -> Job:
+    job = await asyncio.to_thread(flow.jobs.get, job_id)
     if job is None:
         raise NotFound("unknown PACS job id")  # the id is not echoed: it came from the caller
     return job

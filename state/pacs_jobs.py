@@ -8,15 +8,21 @@ kept as a `skipped` row whose reason says so.
 Jobs start urgent first (a model rule's `priority`), then in the order they were created.
 
 States: queued -> running (retrieve, infer, build the result objects, write them to the job's folder) -> exporting
-(STOW-RS, retried with backoff while the PACS is unreachable) -> done; or failed, or skipped. A worker leases a job
-by its process id; a lease whose process is gone is free again. After a restart (`recover`) a job caught running
-runs again, once: a job interrupted twice fails. A job caught exporting sends the same files again (same UIDs), so
-the PACS never holds two result sets. No patient name or id is kept: job rows hold UIDs, model names, states and
-messages only.
+(STOW-RS, retried with backoff while the PACS is unreachable) -> done; or failed, or skipped. Every claim of a job
+takes the next **attempt** number, and every write of that run names it (`Lease`): a run whose job was claimed again
+meanwhile changes nothing. A job caught running by a restart or a takeover runs again, once: a job interrupted twice
+fails. A job caught exporting sends the same files again (same UIDs), so the PACS never holds two result sets. No
+patient name or id is kept: job rows hold UIDs, model names, states and messages only.
+
+Two backends behind one interface (`PacsJobs`), chosen in `pacs.runtime.open_job_store`: this module's `JobStore`
+(embedded: one SQLite file under the data directory; a worker leases a job by its process id, a lease whose process
+is gone is free again) and `state.pacs_jobs_pg.PostgresJobStore` (distributed: every replica works one queue in
+PostgreSQL, leases expire unless renewed while the job runs).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,10 +30,11 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -36,7 +43,9 @@ from state.tasks import _pid_alive
 
 JobState = Literal["queued", "running", "exporting", "done", "failed", "skipped"]
 MAX_RUNS = 2
-"""A job runs at most twice: once, and once more after a restart caught it running."""
+"""A job runs at most twice: once, and once more after a restart (or a takeover) caught it running."""
+ACTIVE_STATES = ("running", "exporting")
+"""The states a run holds its job in: a fenced write changes the job only in these, under the run's attempt."""
 NO_RULE = "no rule matched"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pacs_jobs (
@@ -52,6 +61,7 @@ CREATE TABLE IF NOT EXISTS pacs_jobs (
     export_failures INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
     lease_pid INTEGER,
+    attempt INTEGER NOT NULL DEFAULT 0,
     results_json TEXT,
     priority INTEGER NOT NULL DEFAULT 0,
     log_json TEXT NOT NULL DEFAULT '[]',
@@ -94,16 +104,93 @@ class Job(BaseModel):
     updated_at: str
 
 
-def _iso(timestamp: float) -> str:
+def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
+@dataclass(frozen=True)
+class Lease:
+    """One claimed run of a job: the job as claimed and the run's attempt number, the fencing token every write of
+    the run names (a write whose attempt is no longer the job's changes nothing and answers False)."""
+
+    job: Job
+    attempt: int
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+class HeldLock(Protocol):
+    """A lock one worker of all holds (the `/changes` poller's): whether it still holds it; release it."""
+
+    def held(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class PacsJobs(Protocol):
+    """What the PACS flow and the routes use of a job store (`JobStore`, `state.pacs_jobs_pg.PostgresJobStore`)."""
+
+    results_dir: Path
+    """Where a run writes its job's result files (`<results_dir>/<job id>`), seen by every worker that may export."""
+
+    def add(self, study_uid: str, model_id: str | None, model_version: str | None, series: dict[str, str],
+            state: JobState = "queued", reason: str | None = None, priority: Priority = ROUTINE) -> tuple[str, bool]: ...
+    def notice(self, study_uid: str) -> None: ...
+    def claim_notice(self) -> tuple[str, float] | None: ...
+    def notice_handled(self, study_uid: str, received_at: float) -> None: ...
+    def notice_failed(self, study_uid: str, delay_s: float) -> int: ...
+    def notice_failures(self, study_uid: str) -> int: ...
+    def claim(self) -> Lease | None: ...
+    def keep_alive(self, lease: Lease) -> AbstractContextManager[None]: ...
+    def renew(self, lease: Lease) -> bool: ...
+    def log(self, lease: Lease, message: str) -> bool: ...
+    def ready_to_export(self, lease: Lease, message: str) -> bool: ...
+    def export_failed(self, lease: Lease, message: str, delay_s: float) -> bool: ...
+    def retry_later(self, lease: Lease, message: str, delay_s: float) -> bool: ...
+    def done(self, lease: Lease, results: Sequence[dict[str, str]], message: str) -> bool: ...
+    def fail(self, lease: Lease, reason: str) -> bool: ...
+    def recover(self) -> list[str]: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def list(self, study_uid: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]: ...
+    def cursor(self, name: str) -> int | None: ...
+    def set_cursor(self, name: str, value: int) -> None: ...
+    def poller_lock(self) -> HeldLock | None: ...
+
+
+class FileLock:
+    """An exclusive `flock` on a file, held as long as this object is open (and gone with its process)."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+
+    def held(self) -> bool:
+        return not self.handle.closed
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def hold_lock(path: Path) -> FileLock | None:
+    """An exclusive lock on `path` (e.g. one `/changes` poller per server), or None when another worker holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")  # noqa: SIM115 - held open as long as the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return FileLock(handle)
+
+
 class JobStore:
-    """Job rows in one SQLite file; every method opens its own short connection (safe across worker processes)."""
+    """Job rows in one SQLite file; every method opens its own short connection (safe across worker processes).
+    The embedded backend of `PacsJobs`: one machine, leases by process id."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.results_dir = self.path.parent / "results"
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
@@ -111,6 +198,8 @@ class JobStore:
             columns = {row["name"] for row in connection.execute("PRAGMA table_info(pacs_jobs)")}
             if "priority" not in columns:  # a file from before job priorities: its jobs are routine
                 connection.execute("ALTER TABLE pacs_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+            if "attempt" not in columns:  # a queue written before attempts were counted
+                connection.execute("ALTER TABLE pacs_jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -195,10 +284,10 @@ class JobStore:
             row = connection.execute("SELECT failures FROM pacs_notices WHERE study_uid = ?", (study_uid,)).fetchone()
         return 0 if row is None else int(row["failures"])
 
-    def claim(self) -> Job | None:
+    def claim(self) -> Lease | None:
         """Lease the first due job to this process, urgent before routine, then the oldest: queued (it starts running:
         its runs counter goes up), exporting, or running under a worker process that is gone (it runs again, unless it
-        already ran `MAX_RUNS` times)."""
+        already ran `MAX_RUNS` times). The claim takes the job's next attempt number."""
         now = time.time()
         with self._transaction() as connection:
             rows = connection.execute(
@@ -213,41 +302,48 @@ class JobStore:
                                   state="failed", reason="interrupted twice", lease_pid=None)
                         continue
                     self._set(connection, row["job_id"], now, "its worker ended mid-run: running it again")
-                if row["state"] in ("queued", "running"):
-                    connection.execute("UPDATE pacs_jobs SET state = 'running', runs = runs + 1, lease_pid = ?, "
-                                       "updated_at = ? WHERE job_id = ?", (os.getpid(), now, row["job_id"]))
-                else:
-                    connection.execute("UPDATE pacs_jobs SET lease_pid = ?, updated_at = ? WHERE job_id = ?",
-                                       (os.getpid(), now, row["job_id"]))
-                return self._job(connection, row["job_id"])
+                started = ", state = 'running', runs = runs + 1" if row["state"] in ("queued", "running") else ""
+                attempt = connection.execute(
+                    f"UPDATE pacs_jobs SET lease_pid = ?, attempt = attempt + 1, updated_at = ?{started} "
+                    "WHERE job_id = ? RETURNING attempt", (os.getpid(), now, row["job_id"])).fetchone()["attempt"]
+                job = self._job(connection, row["job_id"])
+                assert job is not None
+                return Lease(job, attempt)
         return None
 
-    def log(self, job_id: str, message: str) -> None:
-        self._update(job_id, message)
+    def keep_alive(self, lease: Lease) -> AbstractContextManager[None]:
+        """Nothing to renew: a process id lease lasts as long as its process."""
+        return nullcontext()
 
-    def ready_to_export(self, job_id: str, message: str) -> None:
+    def renew(self, lease: Lease) -> bool:
+        """Whether the run still holds its job (a process id lease needs no renewal)."""
+        with self._connect() as connection:
+            row = connection.execute("SELECT 1 FROM pacs_jobs WHERE job_id = ? AND attempt = ? AND state IN (?, ?)",
+                                     (lease.job_id, lease.attempt, *ACTIVE_STATES)).fetchone()
+        return row is not None
+
+    def log(self, lease: Lease, message: str) -> bool:
+        return self._update(lease, message)
+
+    def ready_to_export(self, lease: Lease, message: str) -> bool:
         """The result files are written: from now on a restart re-sends them instead of recomputing."""
-        self._update(job_id, message, state="exporting")
+        return self._update(lease, message, state="exporting")
 
-    def export_failed(self, job_id: str, message: str, delay_s: float) -> None:
+    def export_failed(self, lease: Lease, message: str, delay_s: float) -> bool:
         """Release the job for another export attempt in `delay_s`."""
-        with self._transaction() as connection:
-            connection.execute("UPDATE pacs_jobs SET export_failures = export_failures + 1 WHERE job_id = ?", (job_id,))
-        self._update(job_id, f"{message}; next attempt in {delay_s:.1f} s", lease_pid=None,
-                     not_before=time.time() + delay_s)
+        return self._update(lease, f"{message}; next attempt in {delay_s:.1f} s", lease_pid=None,
+                            not_before=time.time() + delay_s, export_failures=("export_failures + 1",))
 
-    def retry_later(self, job_id: str, message: str, delay_s: float) -> None:
+    def retry_later(self, lease: Lease, message: str, delay_s: float) -> bool:
         """Put a job that could not read its series back in the queue (the run does not count)."""
-        with self._transaction() as connection:
-            connection.execute("UPDATE pacs_jobs SET runs = runs - 1 WHERE job_id = ?", (job_id,))
-        self._update(job_id, f"{message}; next attempt in {delay_s:.1f} s", state="queued", lease_pid=None,
-                     not_before=time.time() + delay_s)
+        return self._update(lease, f"{message}; next attempt in {delay_s:.1f} s", state="queued", lease_pid=None,
+                            not_before=time.time() + delay_s, runs=("runs - 1",))
 
-    def done(self, job_id: str, results: Sequence[dict[str, str]], message: str) -> None:
-        self._update(job_id, message, state="done", lease_pid=None, results_json=json.dumps(list(results)))
+    def done(self, lease: Lease, results: Sequence[dict[str, str]], message: str) -> bool:
+        return self._update(lease, message, state="done", lease_pid=None, results_json=json.dumps(list(results)))
 
-    def fail(self, job_id: str, reason: str) -> None:
-        self._update(job_id, f"failed: {reason}", state="failed", reason=reason, lease_pid=None)
+    def fail(self, lease: Lease, reason: str) -> bool:
+        return self._update(lease, f"failed: {reason}", state="failed", reason=reason, lease_pid=None)
 
     def recover(self) -> list[str]:
         """At start-up, before any worker runs: free every lease; a job caught running runs again, or fails when it
@@ -293,19 +389,31 @@ class JobStore:
             connection.execute("INSERT INTO pacs_cursors (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
                                "SET value = excluded.value", (name, value))
 
-    def _update(self, job_id: str, message: str, **fields: Any) -> None:
+    def poller_lock(self) -> FileLock | None:
+        """The `/changes` poller's lock: a file lock beside the queue (one poller per server)."""
+        return hold_lock(self.path.parent / "poller.lock")
+
+    def _update(self, lease: Lease, message: str, **fields: Any) -> bool:
         with self._transaction() as connection:
-            self._set(connection, job_id, time.time(), message, **fields)
+            return self._set(connection, lease.job_id, time.time(), message, attempt=lease.attempt, **fields)
 
     @staticmethod
-    def _set(connection: sqlite3.Connection, job_id: str, now: float, message: str, **fields: Any) -> None:
-        row = connection.execute("SELECT log_json FROM pacs_jobs WHERE job_id = ?", (job_id,)).fetchone()
+    def _set(connection: sqlite3.Connection, job_id: str, now: float, message: str, attempt: int | None = None,
+             **fields: Any) -> bool:
+        """Append `message` to the job's log and set `fields` (a value, or a 1-tuple holding an SQL expression); with
+        `attempt`, only while that attempt runs the job. Whether the job was changed."""
+        fence, fenced = ("", ()) if attempt is None else (" AND attempt = ? AND state IN (?, ?)",
+                                                           (attempt, *ACTIVE_STATES))
+        row = connection.execute(f"SELECT log_json FROM pacs_jobs WHERE job_id = ?{fence}", (job_id, *fenced)).fetchone()
         if row is None:
-            return
+            return False
         entries = [*json.loads(row["log_json"]), _entry(now, message)]
         fields = {**fields, "log_json": json.dumps(entries), "updated_at": now}
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        connection.execute(f"UPDATE pacs_jobs SET {assignments} WHERE job_id = ?", (*fields.values(), job_id))
+        assignments = ", ".join(f"{name} = {value[0]}" if isinstance(value, tuple) else f"{name} = ?"
+                                for name, value in fields.items())
+        values = [value for value in fields.values() if not isinstance(value, tuple)]
+        connection.execute(f"UPDATE pacs_jobs SET {assignments} WHERE job_id = ?", (*values, job_id))
+        return True
 
     @staticmethod
     def _job(connection: sqlite3.Connection, job_id: str) -> Job | None:
@@ -317,12 +425,12 @@ class JobStore:
                    priority=priority_of(row["priority"]), state=row["state"],
                    reason=row["reason"], runs=row["runs"], export_failures=row["export_failures"],
                    results=json.loads(row["results_json"]) if row["results_json"] else None,
-                   log=json.loads(row["log_json"]), created_at=_iso(row["created_at"]),
-                   updated_at=_iso(row["updated_at"]))
+                   log=json.loads(row["log_json"]), created_at=iso(row["created_at"]),
+                   updated_at=iso(row["updated_at"]))
 
 
 def _entry(now: float, message: str) -> dict[str, str]:
-    return {"at": _iso(now), "message": message}
+    return {"at": iso(now), "message": message}
 
 
 def job_store_path(data_dir: str | Path) -> Path:

@@ -7,6 +7,8 @@ Embedded (one machine, `make serve`): SQLite files under `settings.data_dir`. Di
 from __future__ import annotations
 
 from core.settings import Settings
+from state.pacs_jobs import JobStore, PacsJobs, job_store_path
+from state.pacs_jobs_pg import PostgresJobStore
 from state.pg_tasks import PostgresTaskStore
 from state.tasks import TaskStates, TaskStore, task_store_path
 
@@ -16,3 +18,14 @@ def open_task_store(settings: Settings) -> TaskStates:
     if settings.distributed.enabled:
         return PostgresTaskStore.from_settings(settings)
     return TaskStore(task_store_path(settings.data_dir))
+
+
+def open_job_store(settings: Settings) -> PacsJobs:
+    """The PACS job store: PostgreSQL shared by every replica (results on the shared volume), else SQLite under this
+    server's data directory."""
+    distributed = settings.distributed
+    if distributed.enabled:
+        if not distributed.shared_dir:
+            raise ValueError("NEURONOVA_DISTRIBUTED__SHARED_DIR is required with NEURONOVA_DISTRIBUTED__DATABASE_URL")
+        return PostgresJobStore(distributed.database_url or "", distributed.shared_dir, distributed.replica_id)
+    return JobStore(job_store_path(settings.data_dir))

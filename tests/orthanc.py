@@ -4,6 +4,7 @@ ports, the DICOMweb plugin loaded, an optional Lua script; started as a subproce
 Debian's `orthanc` and `orthanc-dicomweb` packages provide `/usr/sbin/Orthanc` and the plugin. Where they are absent
 the tests skip with the reason, except under CI (`CI` set), where they fail: `.ci/run` installs them.
 `stop()` and `start()` may be called mid-test (a PACS outage): the storage survives, the ports stay the same.
+`service_config` writes the service's PACS YAML (the shipped one) pointed at an Orthanc.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
-from bench.harness import free_port
+from bench.harness import ROOT, free_port
 from tests.prerequisites import unavailable
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -136,6 +138,26 @@ class Orthanc:
         found = httpx.post(f"{self.url}/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}},
                            timeout=10).json()
         return [series for study in found for series in self.get(f"/studies/{study}/series")]  # type: ignore[union-attr]
+
+
+def service_config(path: Path, dicomweb_url: str, *, every_object: bool = True, models: tuple[str, ...] | None = None,
+                   changes_url: str | None = None, poll_seconds: float = 0.2) -> Path:
+    """Write NeuroNova's PACS YAML to `path`: the shipped rules (`models`: only these), the source an Orthanc's
+    DICOMweb root, quick export retries, an idle worker's queue poll every `poll_seconds`; `every_object`: each rule asks for every object its model can
+    store (the MR uncertainty map included); `changes_url`: the `/changes` poller notifies instead of Orthanc's Lua."""
+    from postprocessing.result_sets import OBJECTS_OF_MODEL
+
+    config = yaml.safe_load((ROOT / "deploy" / "pacs" / "pacs.yaml").read_text())
+    config["source"] = {"url": dicomweb_url, "timeout_seconds": 5}
+    config["export_retry"] = {"initial_seconds": 1, "max_seconds": 4}
+    config["poll_seconds"] = poll_seconds
+    config["models"] = [rules for rules in config["models"] if models is None or rules["model_id"] in models]
+    for rules in config["models"] if every_object else ():
+        rules["results"] = list(OBJECTS_OF_MODEL[rules["model_id"]])
+    if changes_url is not None:
+        config["changes"] = {"url": changes_url, "interval_seconds": 0.5}
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @contextlib.contextmanager

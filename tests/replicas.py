@@ -7,6 +7,10 @@ Debian package) balances round-robin over both, answers with the replica's name 
 every second, so a stopped replica leaves the rotation. Every process is started and stopped by PID (its own process
 group). Where haproxy is missing the tests skip with the reason, except under CI, where they fail (`.ci/run` installs it).
 
+Every replica runs the PACS connection (`NEURONOVA_PACS__CONFIG`: the shipped MR rule, every MR result object) against
+an Orthanc on a loopback port reserved for it (`ReplicaSet.pacs_port`); the PACS test starts that Orthanc itself
+(tests/scaleout/test_replicas_pacs.py), the other tests never notify a study, so they need none.
+
 Use the session fixture `replicas` (a `ReplicaSet`); a test that kills, pauses or stops a replica brings it back
 (`restart`, `resume`) before it ends, so the next test finds both serving.
 """
@@ -29,6 +33,7 @@ import pytest
 
 from bench.harness import BENTOML_SERVE, ROOT, free_port, start_process, stop_group, wait_ready
 from tests.http.conftest import make_token, server_env
+from tests.orthanc import service_config
 from tests.postgres import PostgresServer
 from tests.prerequisites import unavailable
 
@@ -43,6 +48,8 @@ RATE_LIMITED_ROUTE = "/model_info"
 RATE_LIMITED_PER_MINUTE = 20
 """One route with a low limit (per client, one limit across the replicas in distributed mode) for the rate-limit test;
 every other route keeps the HTTP tests' limit that never binds."""
+PACS_MODELS = ("mri_segmentation",)
+"""The replicas' PACS rules: MR only (a CT rule would have every replica's CT runner load Grad-CAM at start)."""
 
 HAPROXY_CONFIG = """\
 global
@@ -119,9 +126,11 @@ class Replica:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signum)
 
-    def kill(self) -> None:
-        """SIGKILL every process of the replica at once (a node lost), and wait until all are gone."""
-        processes = self.processes()
+    def kill(self, processes: list[psutil.Process] | None = None) -> None:
+        """SIGKILL every process of the replica at once (a node lost), and wait until all are gone. `processes`: the
+        replica's processes listed beforehand (`processes()` reads every process's environment: slow on a busy host),
+        for a kill at a precise moment."""
+        processes = self.processes() if processes is None else processes
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
@@ -174,6 +183,8 @@ class ReplicaSet:
     replicas: list[Replica]
     database_url: str
     shared_dir: Path
+    pacs_port: int
+    """Where the replicas' PACS connection expects an Orthanc's HTTP port (DICOMweb under `/dicom-web`)."""
     token: str = field(default_factory=make_token)
 
     @property
@@ -265,12 +276,16 @@ def replica_set(postgres: PostgresServer, folder: Path, names: tuple[str, ...] =
     database_url = postgres.new_database()
     shared_dir = folder / "shared-volume"
     shared_dir.mkdir()
+    pacs_port = free_port()
+    pacs = service_config(folder / "pacs.yaml", f"http://127.0.0.1:{pacs_port}/dicom-web", models=PACS_MODELS,
+                          poll_seconds=1.0)
     replicas = []
     for name in names:
         home = folder / name / "bentoml-home"
         shutil.copytree(ROOT / ".bentoml-test", home, symlinks=True,
                         ignore=shutil.ignore_patterns("prometheus_multiproc_dir", "tmp", "task_result.db*"))
-        env = {**replica_env(name, home, folder / name / "data", database_url, shared_dir), **(extra_env or {})}
+        env = {**replica_env(name, home, folder / name / "data", database_url, shared_dir),
+               "NEURONOVA_PACS__CONFIG": str(pacs), **(extra_env or {})}
         replicas.append(Replica(name, free_port(), home, folder / name / "data", folder / name / "server.log", env))
     try:
         for replica in replicas:
@@ -281,7 +296,7 @@ def replica_set(postgres: PostgresServer, folder: Path, names: tuple[str, ...] =
         with haproxy(port, {r.name: r.port for r in replicas}, folder):
             url = f"http://127.0.0.1:{port}"
             wait_balanced(url, set(names))
-            yield ReplicaSet(url, replicas, database_url, shared_dir)
+            yield ReplicaSet(url, replicas, database_url, shared_dir, pacs_port)
     finally:
         for replica in replicas:
             if replica.process is not None and replica.process.poll() is None:

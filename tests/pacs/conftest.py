@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-import yaml
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -24,9 +23,8 @@ from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate
 
 from bench.harness import BENTOML_SERVE, Server, serving
 from core.cards.segmentation import MRI_SEQUENCES
-from postprocessing.result_sets import OBJECTS_OF_MODEL
 from tests.http.conftest import JWT_SECRET, make_token
-from tests.orthanc import Orthanc, running_orthanc
+from tests.orthanc import Orthanc, running_orthanc, service_config
 from training_export.synthetic_mri import dicom_series, synthetic_case
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,17 +134,8 @@ class PacsService:
         return sorted(self.state.glob("server-*.log"))
 
     def config(self, changes: bool) -> Path:
-        config = yaml.safe_load((ROOT / "deploy" / "pacs" / "pacs.yaml").read_text())
-        config["source"] = {"url": self.orthanc.dicomweb_url, "timeout_seconds": 5}
-        config["export_retry"] = {"initial_seconds": 1, "max_seconds": 4}
-        config["poll_seconds"] = 0.2
-        for rules in config["models"] if self.every_object else ():  # the MR uncertainty map included
-            rules["results"] = list(OBJECTS_OF_MODEL[rules["model_id"]])
-        if changes:
-            config["changes"] = {"url": self.orthanc.url, "interval_seconds": 0.5}
-        path = self.state / f"pacs-{self.starts}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return service_config(self.state / f"pacs-{self.starts}.yaml", self.orthanc.dicomweb_url,
+                              every_object=self.every_object, changes_url=self.orthanc.url if changes else None)
 
     def start(self, changes: bool = False) -> None:
         """Serve with the shipped rules; `changes`: the /changes poller notifies instead of Orthanc's Lua."""

@@ -19,8 +19,8 @@ from core.errors import InvalidImageFormat, ModelInferenceError
 from state.tasks import TaskStore
 from pacs.config import PacsConfig
 from pacs.dicomweb import PacsRefused, PacsUnavailable, StudySeries
-from pacs.flow import PacsFlow, hold_lock, read_results, write_results
-from state.pacs_jobs import Job, JobStore
+from pacs.flow import PacsFlow, read_results, remove_results, write_results
+from state.pacs_jobs import Job, JobStore, Lease, hold_lock
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY = "1.2.3.4"
@@ -81,7 +81,7 @@ def flow(tmp_path: Path):
 def test_a_notification_is_retried_while_the_pacs_is_down_then_recorded(flow) -> None:
     pacs = ScriptedPacs(series=[PacsUnavailable("QIDO-RS series search: ConnectionError"), [ultrasound()]])
     flows = flow(pacs)
-    flows.notify(STUDY)
+    asyncio.run(flows.notify(STUDY))
     notice = flows.jobs.claim_notice()
     asyncio.run(flows.handle_notice(*notice))
     assert flows.jobs.notice_failures(STUDY) == 1 and flows.jobs.list(STUDY) == []
@@ -98,32 +98,33 @@ def test_a_notification_whose_model_is_not_loaded_is_retried(flow) -> None:
     ct = dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
     pacs = ScriptedPacs(series=[[StudySeries(str(ct.SeriesInstanceUID), 1, ct)]])
     flows = flow(pacs, {"ct_classification": FailingSlot(ModelNotLoaded("ct_classification model is not loaded"))})
-    flows.notify(STUDY)
+    asyncio.run(flows.notify(STUDY))
     asyncio.run(flows.handle_notice(*flows.jobs.claim_notice()))
     assert flows.jobs.notice_failures(STUDY) == 1 and flows.jobs.list(STUDY) == []
 
 
 def test_a_broken_notification_is_dropped_without_ending_the_worker(flow) -> None:
     flows = flow(ScriptedPacs(series=[ValueError("malformed QIDO answer")]))
-    flows.notify(STUDY)
+    asyncio.run(flows.notify(STUDY))
     asyncio.run(flows.handle_notice(*flows.jobs.claim_notice()))
     assert flows.jobs.claim_notice() is None and flows.jobs.list(STUDY) == []
 
 
-def exporting_job(flows: PacsFlow) -> str:
-    """A CT job whose result files are written, as a run leaves it before STOW-RS."""
+def exporting_job(flows: PacsFlow) -> Lease:
+    """A CT job whose result files are written, as a run leaves it before STOW-RS: the run's lease, going on."""
     job_id, _ = flows.jobs.add(STUDY, "ct_classification", "c:1", {"slice": "1.2.3.4.1"})
-    flows.jobs.claim()
+    lease = flows.jobs.claim()
     write_results(flows.work_dir / job_id, [dcmread(get_testdata_file("CT_small.dcm"))])
-    flows.jobs.ready_to_export(job_id, "built 1 result object(s)")
-    return job_id
+    assert flows.jobs.ready_to_export(lease, "built 1 result object(s)")
+    return Lease(flows.jobs.get(job_id), lease.attempt)
 
 
 def test_an_export_is_retried_with_backoff_until_the_pacs_takes_it(flow) -> None:
     pacs = ScriptedPacs(stores=[PacsUnavailable("STOW-RS store: ConnectionError"), None])
     flows = flow(pacs)
-    job_id = exporting_job(flows)
-    asyncio.run(flows.run(flows.jobs.get(job_id)))  # still leased by this process: run goes on to export
+    lease = exporting_job(flows)
+    job_id = lease.job_id
+    asyncio.run(flows.run(lease))  # the same run goes on to export
     job = flows.jobs.get(job_id)
     assert job.state == "exporting" and job.export_failures == 1 and pacs.stored == []
     asyncio.run(asyncio.sleep(0.02))
@@ -135,10 +136,27 @@ def test_an_export_is_retried_with_backoff_until_the_pacs_takes_it(flow) -> None
 
 def test_an_export_the_pacs_refuses_fails_the_job(flow) -> None:
     flows = flow(ScriptedPacs(stores=[PacsRefused("STOW-RS: 1 instance(s) refused")]))
-    job_id = exporting_job(flows)
-    asyncio.run(flows.run(flows.jobs.get(job_id)))
-    job = flows.jobs.get(job_id)
+    lease = exporting_job(flows)
+    asyncio.run(flows.run(lease))
+    job = flows.jobs.get(lease.job_id)
     assert job.state == "failed" and "refused" in job.reason
+
+
+def test_a_run_that_lost_its_job_sends_nothing_and_writes_nothing(flow) -> None:
+    """A superseded run (its job claimed again meanwhile: here a restart's recovery and a new claim) stops before
+    STOW-RS and its writes change nothing; the run holding the job exports once."""
+    pacs = ScriptedPacs(stores=[None])
+    flows = flow(pacs)
+    stale = exporting_job(flows)
+    flows.jobs.recover()
+    current = flows.jobs.claim()
+    assert current is not None and current.attempt == stale.attempt + 1
+    asyncio.run(flows.run(stale))
+    assert pacs.stored == [] and flows.jobs.get(stale.job_id).state == "exporting"
+    assert not flows.jobs.log(stale, "late") and not flows.jobs.fail(stale, "late")
+    asyncio.run(flows.run(current))
+    job = flows.jobs.get(stale.job_id)
+    assert job.state == "done" and len(pacs.stored) == 1 and "late" not in str(job.log)
 
 
 @pytest.mark.parametrize("error, state", [
@@ -182,11 +200,16 @@ def test_the_changes_poller_starts_at_the_newest_change_and_notifies_stable_stud
     assert flows.jobs.claim_notice()[0] == STUDY
 
 
-def test_results_are_written_whole_and_one_lock_holder_at_a_time(tmp_path: Path) -> None:
+def test_results_are_written_whole_and_once_and_one_lock_holder_at_a_time(tmp_path: Path) -> None:
     dataset = dcmread(get_testdata_file("CT_small.dcm"))
     write_results(tmp_path / "job", [dataset, dataset])
     assert [str(ds.SOPInstanceUID) for ds in read_results(tmp_path / "job")] == [str(dataset.SOPInstanceUID)] * 2
-    assert not (tmp_path / "job.partial").exists()
+    write_results(tmp_path / "job", [dataset])  # another run of the job: the folder written first stands
+    assert len(read_results(tmp_path / "job")) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["job"]  # no partial folder left
+    (tmp_path / "job.partial-0123456789ab").mkdir()  # what a run killed mid-write leaves
+    remove_results(tmp_path / "job")
+    assert list(tmp_path.iterdir()) == []
     first = hold_lock(tmp_path / "poller.lock")
     assert first is not None
     assert hold_lock(tmp_path / "poller.lock") is None
@@ -194,7 +217,7 @@ def test_results_are_written_whole_and_one_lock_holder_at_a_time(tmp_path: Path)
     assert hold_lock(tmp_path / "poller.lock") is not None
 
 
-def claim_when_due(jobs: JobStore, timeout_s: float = 30.0) -> Job:
+def claim_when_due(jobs: JobStore, timeout_s: float = 30.0) -> Lease:
     """The next job once its backoff has passed."""
     deadline = time.monotonic() + timeout_s
     while (job := jobs.claim()) is None:

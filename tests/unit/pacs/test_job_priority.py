@@ -39,8 +39,8 @@ def test_an_urgent_job_is_claimed_before_ten_routine_ones_queued_earlier(tmp_pat
     routine = [queue_study(jobs, index) for index in range(10)]
     urgent = queue_study(jobs, 10, "urgent")
     claimed = jobs.claim()
-    assert claimed is not None and claimed.job_id == urgent and claimed.priority == "urgent"
-    jobs.done(urgent, [], "stored")
+    assert claimed is not None and claimed.job_id == urgent and claimed.job.priority == "urgent"
+    jobs.done(claimed, [], "stored")
     assert [jobs.claim().job_id for _ in routine] == routine  # then first-in first-out
     assert jobs.claim() is None
 

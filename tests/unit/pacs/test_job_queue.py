@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -59,23 +60,26 @@ def test_a_second_notification_finds_the_job_it_made(jobs: JobStore) -> None:
 def test_a_claimed_job_is_leased_to_its_process_until_that_process_is_gone(jobs: JobStore) -> None:
     job_id, _ = jobs.add(STUDY, "mri_segmentation", "m:1", SERIES)
     claimed = jobs.claim()
-    assert claimed is not None and claimed.job_id == job_id and claimed.state == "running" and claimed.runs == 1
+    assert claimed is not None and claimed.job_id == job_id and claimed.job.state == "running" and claimed.job.runs == 1
     assert jobs.claim() is None  # running: not claimable at all
-    jobs.ready_to_export(job_id, "built")
+    assert jobs.ready_to_export(claimed, "built")
     with jobs._connect() as connection:
         connection.execute("UPDATE pacs_jobs SET lease_pid = ?", (os.getpid(),))
     assert jobs.claim() is None  # exporting, leased by a live process
     with jobs._connect() as connection:
         connection.execute("UPDATE pacs_jobs SET lease_pid = ?", (dead_pid(),))
     again = jobs.claim()
-    assert again is not None and again.state == "exporting" and again.runs == 1
+    assert again is not None and again.job.state == "exporting" and again.job.runs == 1
+    assert again.attempt == claimed.attempt + 1
+    assert not jobs.ready_to_export(claimed, "a superseded run's write") and jobs.renew(again)
+    assert not jobs.renew(claimed) and "a superseded run's write" not in str(jobs.get(job_id).log)  # type: ignore
 
 
 def test_a_restart_runs_an_interrupted_job_again_once(jobs: JobStore) -> None:
     job_id, _ = jobs.add(STUDY, "mri_segmentation", "m:1", SERIES)
     for run in range(1, MAX_RUNS + 1):
         claimed = jobs.claim()
-        assert claimed is not None and claimed.runs == run
+        assert claimed is not None and claimed.job.runs == run
         requeued = jobs.recover()
         if run < MAX_RUNS:
             assert requeued == [job_id] and jobs.get(job_id).state == "queued"  # type: ignore[union-attr]
@@ -88,7 +92,7 @@ def test_a_job_whose_worker_died_mid_run_runs_again_once_without_a_restart(jobs:
     job_id, _ = jobs.add(STUDY, "mri_segmentation", "m:1", SERIES)
     for run in range(1, MAX_RUNS + 1):
         claimed = jobs.claim()
-        assert claimed is not None and claimed.job_id == job_id and claimed.runs == run
+        assert claimed is not None and claimed.job_id == job_id and claimed.job.runs == run
         with jobs._connect() as connection:
             connection.execute("UPDATE pacs_jobs SET lease_pid = ?", (dead_pid(),))
     assert jobs.claim() is None
@@ -99,28 +103,43 @@ def test_a_job_whose_worker_died_mid_run_runs_again_once_without_a_restart(jobs:
 
 def test_an_export_that_fails_waits_its_backoff_and_keeps_its_state(jobs: JobStore) -> None:
     job_id, _ = jobs.add(STUDY, "ct_classification", "c:1", {"slice": "1.2.3.4.9"})
-    jobs.claim()
-    jobs.ready_to_export(job_id, "built 2 result object(s)")
-    jobs.export_failed(job_id, "export failed: ConnectionError", 60.0)
+    lease = jobs.claim()
+    assert lease is not None and jobs.ready_to_export(lease, "built 2 result object(s)")
+    jobs.export_failed(lease, "export failed: ConnectionError", 60.0)
     job = jobs.get(job_id)
     assert job is not None and job.state == "exporting" and job.export_failures == 1
     assert "next attempt in 60.0 s" in job.log[-1]["message"]
     assert jobs.claim() is None  # not due yet
-    jobs.export_failed(job_id, "export failed again", 0.0)
-    assert jobs.claim() is not None
-    jobs.done(job_id, [{"modality": "OT"}], "stored")
+    jobs.export_failed(lease, "export failed again", 0.0)
+    again = jobs.claim()
+    assert again is not None
+    jobs.done(again, [{"modality": "OT"}], "stored")
     done = jobs.get(job_id)
     assert done is not None and done.state == "done" and done.results == [{"modality": "OT"}]
 
 
 def test_a_job_that_could_not_read_its_series_is_queued_again_without_counting_a_run(jobs: JobStore) -> None:
     job_id, _ = jobs.add(STUDY, "ct_classification", "c:1", {"slice": "1.2.3.4.9"})
-    jobs.claim()
-    jobs.retry_later(job_id, "retrieve failed", 0.0)
+    lease = jobs.claim()
+    assert lease is not None and jobs.retry_later(lease, "retrieve failed", 0.0)
     claimed = jobs.claim()
-    assert claimed is not None and claimed.runs == 1
-    jobs.fail(job_id, "bad input")
+    assert claimed is not None and claimed.job.runs == 1
+    jobs.fail(claimed, "bad input")
     assert jobs.get(job_id).state == "failed" and jobs.list(state="failed")  # type: ignore[union-attr]
+
+
+def test_a_queue_written_before_attempts_were_counted_is_extended(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as connection:  # the columns a queue of the previous release has
+        connection.execute("CREATE TABLE pacs_jobs (job_id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE NOT NULL, "
+                           "study_uid TEXT NOT NULL, model_id TEXT, model_version TEXT, series_json TEXT NOT NULL, "
+                           "state TEXT NOT NULL, reason TEXT, runs INTEGER NOT NULL DEFAULT 0, export_failures INTEGER "
+                           "NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, lease_pid INTEGER, results_json "
+                           "TEXT, log_json TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL, updated_at REAL NOT NULL)")
+        connection.execute("INSERT INTO pacs_jobs (job_id, idempotency_key, study_uid, series_json, state, created_at, "
+                           "updated_at) VALUES ('j1', 'k1', ?, '{}', 'queued', 0, 0)", (STUDY,))
+    lease = JobStore(path).claim()
+    assert lease is not None and lease.job_id == "j1" and lease.attempt == 1
 
 
 def test_a_study_no_rule_matches_is_one_skipped_job_per_reason(jobs: JobStore) -> None:
