@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
+    shared_db.set_process_role("api")  # an API worker's pool
     shared_db.engine(args.database_url)  # schema and pool before timing
     results = {}
     for name, windows in (("local", LocalWindows()), ("shared_postgresql", SharedWindows(args.database_url))):
