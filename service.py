@@ -30,7 +30,6 @@ from pipelines.classification import (
 from pipelines.coalescing import batched_methods
 from api.errors import ErrorSchemaMiddleware, handles_errors
 from pipelines.feedback import FeedbackReceipt, FeedbackRequest, record_feedback, reviewer_of
-from state import shared_db
 from state.feedback import FeedbackStore
 from pipelines.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
@@ -129,7 +128,6 @@ class NeuroNova:
     mri_runner = bentoml.depends(MRISegmenter)
 
     def __init__(self) -> None:
-        shared_db.set_process_role("api")
         self.started = time.monotonic()
         self.ct = ModelSlot("ct_classification", self.ct_runner, ClassificationCard, batched=batched_methods(CTClassifier))
         self.biomarker = ModelSlot("biomarker_prediction", self.biomarker_runner, TabularCard, tabular_summary,

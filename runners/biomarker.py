@@ -24,7 +24,6 @@ from core import store
 from core.cards.tabular import TabularCard
 from core.generation import with_generation
 from core.settings import get_settings
-from state import shared_db
 from runners.array_route import ArrayRoutes
 from runners.array_route import PATH as ARRAY_PATH
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, softmax
@@ -126,7 +125,6 @@ class BiomarkerModel:
     model_ref = bentoml.models.BentoModel(settings.biomarker.model_tag)
 
     def __init__(self) -> None:
-        shared_db.set_process_role("runner")
         self.served = SwitchableModel(MODEL_ID, settings.biomarker.model_tag, lambda: self.model_ref, load_tabular)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="biomarker-model")
 

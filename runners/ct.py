@@ -24,7 +24,6 @@ from core.errors import ModelNotLoaded
 from core.generation import with_generation
 from core.ood import ood_scores
 from core.settings import get_settings
-from state import shared_db
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION, LazyGradCam, nvidia_host, softmax
 from runners.switching import SwitchableModel
 from xai.occlusion import DEFAULT_STEPS, occlusion_maps
@@ -133,8 +132,6 @@ class CTClassifier:
 
     def __init__(self) -> None:
         from runners.engines import gpu_devices
-
-        shared_db.set_process_role("runner")
         self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
         self.gpu_devices = gpu_devices()  # once, at start: on a GPU host it imports torch, never on the event loop
 

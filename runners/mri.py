@@ -13,7 +13,6 @@ import numpy as np
 
 from core.settings import get_settings
 from state.tasks import INFERENCE_PROGRESS_END, STEP_PROGRESS
-from state import shared_db
 from state.stores import open_task_store
 from runners.common import ACCESS_LOG_OFF, RUNNER_CONNECTION
 from runners.switching import SwitchableModel
@@ -41,8 +40,6 @@ class MRISegmenter:
 
     def __init__(self) -> None:
         from runners import mri_model
-
-        shared_db.set_process_role("runner")
         self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, lambda: self.model_ref,
                                       lambda model: mri_model.load_segmenter_model(model))
         self.tasks = open_task_store(settings)

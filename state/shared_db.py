@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import bentoml
 import psycopg
 import sqlalchemy.exc
 from psycopg.rows import dict_row, tuple_row
@@ -81,14 +82,13 @@ rate_limit_windows = Table(
 _ENGINES: dict[str, Engine] = {}
 _SCHEMA_READY: set[str] = set()
 _LOCK = threading.RLock()
-_role: ProcessRole = "tool"
+_ROLES: dict[str | None, ProcessRole] = {"entry_service": "api", "service": "runner"}
 
 
-def set_process_role(role: ProcessRole) -> None:
-    """Name this process's role (an API worker, a runner) before its first connection: it sizes its pools and names
-    its connections."""
-    global _role
-    _role = role
+def process_role() -> ProcessRole:
+    """This process's role, from the kind of BentoML worker it is (set by BentoML before the service is built: a
+    worker of the entry service is an API worker, one of a dependency a runner); anything else is a tool."""
+    return _ROLES.get(bentoml.server_context.service_type, "tool")
 
 
 def process_budget(role: ProcessRole) -> int:
@@ -105,7 +105,7 @@ def replica_budget(api_workers: int, runner_processes: int) -> int:
 def application_name(role: str | None = None) -> str:
     """`neuronova:<replica>:<role>` (this process's role by default), the replica's name shortened to fit."""
     replica = get_settings().distributed.replica_id or socket.gethostname()
-    role = role or _role
+    role = role or process_role()
     room = APPLICATION_NAME_BYTES - len(f"neuronova::{role}")
     return f"neuronova:{replica.encode()[:room].decode(errors='ignore')}:{role}"
 
@@ -124,7 +124,7 @@ def pooled_engine(database_url: str) -> Engine:
     key = parsed.render_as_string(hide_password=False)
     with _LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[_role], max_overflow=0, pool_pre_ping=True,
+            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0, pool_pre_ping=True,
                                           pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
         return _ENGINES[key]
 

@@ -5,13 +5,13 @@ threads at once — holds no more connections than its budget, each named by rep
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bentoml
 import psycopg
 import pytest
 import yaml
@@ -22,9 +22,11 @@ from state import active_models, shared_db
 from state.feedback import FeedbackStore
 from state.job_queue import MriQueue, prepare_database
 from state.pg_tasks import PostgresTaskStore
+from tests.pg_activity import ConnectionSamples, connections
 
 K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
 REPLICA = "budget-unit-replica"
+API = f"neuronova:{REPLICA}:api"
 THREADS = 24
 CALLS_PER_THREAD = 15
 QUEUED_TASKS = 6
@@ -65,39 +67,6 @@ def test_the_replicas_at_the_autoscaler_s_maximum_fit_postgresql_s_default_max_c
     assert at_maximum <= available
 
 
-def named(url: str, role: str) -> int:
-    """Connections to `url`'s database named as this test's replica in `role`."""
-    with psycopg.connect(url, autocommit=True) as monitor:
-        return monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND application_name = %s", (f"neuronova:{REPLICA}:{role}",)).fetchone()[0]
-
-
-class PeakConnections:
-    """Samples, from its own connection, how many connections this test's replica holds in `role` until stopped."""
-
-    def __init__(self, url: str, role: str) -> None:
-        self.url, self.name = url, f"neuronova:{REPLICA}:{role}"
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        with psycopg.connect(self.url, autocommit=True, application_name="budget-test-monitor") as monitor:
-            while not self._stop.is_set():
-                count = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                        "AND application_name = %s", (self.name,)).fetchone()[0]
-                self.peak, self.samples = max(self.peak, count), self.samples + 1
-
-    def __enter__(self) -> PeakConnections:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.fixture()
 def api_worker(postgres_server, tmp_path, monkeypatch) -> Iterator[str]:
     """This process as one API worker of a replica in distributed mode, on a fresh database; its URL."""
@@ -106,10 +75,9 @@ def api_worker(postgres_server, tmp_path, monkeypatch) -> Iterator[str]:
     monkeypatch.setenv("NEURONOVA_DISTRIBUTED__DATABASE_URL", url)
     monkeypatch.setenv("NEURONOVA_DISTRIBUTED__SHARED_DIR", str(tmp_path / "volume"))
     monkeypatch.setenv("NEURONOVA_DISTRIBUTED__REPLICA_ID", REPLICA)
+    monkeypatch.setattr(bentoml.server_context, "service_type", "entry_service")  # as BentoML marks an API worker
     get_settings.cache_clear()
-    shared_db.set_process_role("api")
     yield url
-    shared_db.set_process_role("tool")
     get_settings.cache_clear()
 
 
@@ -131,15 +99,15 @@ def test_one_pool_bounds_many_threads_of_every_store(api_worker: str) -> None:
             assert feedback.verdict_counts("ct_classification", "v1") == {}
             assert active_models.registry_stamp() == 0.0
 
-    with PeakConnections(api_worker, "api") as peak, ThreadPoolExecutor(THREADS) as pool:
+    with ConnectionSamples(api_worker) as seen, ThreadPoolExecutor(THREADS) as pool:
         list(pool.map(work, range(THREADS)))
     with psycopg.connect(api_worker) as db:
         counted = db.execute("SELECT hits FROM neuronova_rate_limits WHERE bucket = %s", (bucket,)).fetchall()
     assert sum(hits for (hits,) in counted) == THREADS * CALLS_PER_THREAD  # no count failed open
     assert tasks.backlog().counts["pending"] == THREADS * CALLS_PER_THREAD
-    print(f"\npeak {peak.peak} connections over {peak.samples} samples; pool size {shared_db.POOL_SIZE['api']}")
-    assert 1 <= peak.peak <= shared_db.POOL_SIZE["api"]
-    assert named(api_worker, "api") == shared_db.POOL_SIZE["api"]  # the pool keeps its connections, no more
+    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; pool size {shared_db.POOL_SIZE['api']}")
+    assert seen.names() <= {API} and 1 <= seen.peak(API) <= shared_db.POOL_SIZE["api"]
+    assert connections(api_worker)[API] == shared_db.POOL_SIZE["api"]  # the pool keeps its connections, no more
 
 
 def wait_for(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
@@ -177,11 +145,18 @@ def test_an_api_worker_running_queued_tasks_stays_within_its_budget(api_worker: 
             await queue.close()
 
     task_ids = [f"queued-{index}" for index in range(QUEUED_TASKS)]
-    with PeakConnections(api_worker, "api") as peak:
+    with ConnectionSamples(api_worker) as seen:
         asyncio.run(scenario(task_ids))
     assert [tasks.get(task_id).result["index"] for task_id in task_ids] == list(range(QUEUED_TASKS))
-    print(f"\npeak {peak.peak} connections over {peak.samples} samples; budget {shared_db.process_budget('api')}")
-    assert shared_db.POOL_SIZE["api"] < peak.peak <= shared_db.process_budget("api")
+    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; budget {shared_db.process_budget('api')}")
+    assert seen.names() <= {API} and shared_db.POOL_SIZE["api"] < seen.peak(API) <= shared_db.process_budget("api")
+
+
+@pytest.mark.parametrize(("service_type", "role"), [("entry_service", "api"), ("service", "runner"), (None, "tool")])
+def test_a_process_s_role_is_the_kind_of_bentoml_worker_it_is(monkeypatch, service_type: str | None,
+                                                              role: str) -> None:
+    monkeypatch.setattr(bentoml.server_context, "service_type", service_type)
+    assert shared_db.process_role() == role and shared_db.application_name().endswith(f":{role}")
 
 
 def test_connections_name_their_replica_and_role_within_postgresql_s_limit(monkeypatch) -> None:
