@@ -75,7 +75,7 @@ attempt runs it (not after a takeover, a cancel, a hand-back or its end)."""
 
 
 class PostgresTaskStore:
-    """Task rows in PostgreSQL; each call borrows a connection of the process's pool (safe in any process and thread)."""
+    """Task rows in PostgreSQL; each call borrows a connection of the process's pool (any process, any thread)."""
 
     def __init__(self, database_url: str, shared_dir: str | Path) -> None:
         self.database_url = database_url

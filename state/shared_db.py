@@ -124,8 +124,8 @@ def pooled_engine(database_url: str) -> Engine:
     key = parsed.render_as_string(hide_password=False)
     with _LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0, pool_pre_ping=True,
-                                          pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
+            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0,
+                                          pool_pre_ping=True, pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
         return _ENGINES[key]
 
 

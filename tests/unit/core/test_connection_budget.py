@@ -105,7 +105,8 @@ def test_one_pool_bounds_many_threads_of_every_store(api_worker: str) -> None:
         counted = db.execute("SELECT hits FROM neuronova_rate_limits WHERE bucket = %s", (bucket,)).fetchall()
     assert sum(hits for (hits,) in counted) == THREADS * CALLS_PER_THREAD  # no count failed open
     assert tasks.backlog().counts["pending"] == THREADS * CALLS_PER_THREAD
-    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; pool size {shared_db.POOL_SIZE['api']}")
+    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; "
+          f"pool size {shared_db.POOL_SIZE['api']}")
     assert seen.names() <= {API} and 1 <= seen.peak(API) <= shared_db.POOL_SIZE["api"]
     assert connections(api_worker)[API] == shared_db.POOL_SIZE["api"]  # the pool keeps its connections, no more
 
@@ -148,7 +149,8 @@ def test_an_api_worker_running_queued_tasks_stays_within_its_budget(api_worker: 
     with ConnectionSamples(api_worker) as seen:
         asyncio.run(scenario(task_ids))
     assert [tasks.get(task_id).result["index"] for task_id in task_ids] == list(range(QUEUED_TASKS))
-    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; budget {shared_db.process_budget('api')}")
+    print(f"\npeak {seen.peak(API)} connections over {len(seen.samples)} samples; "
+          f"budget {shared_db.process_budget('api')}")
     assert seen.names() <= {API} and shared_db.POOL_SIZE["api"] < seen.peak(API) <= shared_db.process_budget("api")
 
 
