@@ -132,6 +132,7 @@ class CTClassifier:
 
     def __init__(self) -> None:
         from runners.engines import gpu_devices
+
         self.served = SwitchableModel(MODEL_ID, settings.ct.model_tag, lambda: self.model_ref, load_classifier)
         self.gpu_devices = gpu_devices()  # once, at start: on a GPU host it imports torch, never on the event loop
 

@@ -40,6 +40,7 @@ class MRISegmenter:
 
     def __init__(self) -> None:
         from runners import mri_model
+
         self.served = SwitchableModel(MODEL_ID, settings.mri.model_tag, lambda: self.model_ref,
                                       lambda model: mri_model.load_segmenter_model(model))
         self.tasks = open_task_store(settings)
