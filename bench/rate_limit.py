@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import bentoml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.limits import LocalWindows, SharedWindows  # noqa: E402
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
+    bentoml.server_context.service_type = "entry_service"  # this process's pool is an API worker's
     shared_db.engine(args.database_url)  # schema and pool before timing
     results = {}
     for name, windows in (("local", LocalWindows()), ("shared_postgresql", SharedWindows(args.database_url))):

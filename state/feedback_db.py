@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from state.shared_db import PG_CONNECT_TIMEOUT_S
+from state.shared_db import pooled_engine
 
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -104,17 +104,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def open_engine(database_url: str) -> Engine:
-    """An engine for `sqlite:///<file>` or `postgresql://…` (driven by psycopg 3), schema created if missing."""
+    """An engine for `sqlite:///<file>`, or this process's pool for `postgresql://…` (`state.shared_db.pooled_engine`,
+    shared with the replicas' state when it is the same database), schema created if missing."""
     url = make_url(database_url)
     if url.get_backend_name() not in SUPPORTED_DIALECTS:
         raise ValueError(f"feedback database must be one of {SUPPORTED_DIALECTS}, not {url.get_backend_name()}")
-    if url.drivername == "postgresql":
-        url = url.set(drivername="postgresql+psycopg")  # SQLAlchemy's default would be psycopg2
-    sqlite = url.get_backend_name() == "sqlite"
-    engine = create_engine(url, pool_pre_ping=not sqlite, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite
-                           else {"connect_timeout": PG_CONNECT_TIMEOUT_S})
-    if sqlite:
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = pooled_engine(database_url)
     create_schema(engine)
     return engine
 

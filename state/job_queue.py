@@ -42,7 +42,7 @@ from procrastinate.schema import SchemaManager
 from core.errors import ModelNotLoaded
 from core.priority import RANK, ROUTINE, Priority
 from state.pg_tasks import PostgresTaskStore
-from state.shared_db import PG_CONNECT_TIMEOUT_S
+from state import shared_db
 from state.tasks import split_ref, task_ref
 
 log = logging.getLogger("neuronova.queue")
@@ -75,8 +75,9 @@ def replica_name(configured: str | None) -> str:
 
 
 def prepare_database(database_url: str) -> None:
-    """Create procrastinate's tables once (replicas starting together take turns on an advisory lock)."""
-    with psycopg.connect(database_url, autocommit=False, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
+    """Create procrastinate's tables once (replicas starting together take turns on an advisory lock). Run by the
+    arbiter before it starts the workers: its one connection is closed before theirs open."""
+    with psycopg.connect(database_url, autocommit=False, **shared_db.libpq_options("start")) as connection:
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         if connection.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
             connection.execute(SchemaManager.get_schema())
@@ -97,7 +98,8 @@ class MriQueue:
         self.replica = replica
         self.shutdown_grace_s = shutdown_grace_s
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-            conninfo=database_url, min_size=1, max_size=4, kwargs={"connect_timeout": PG_CONNECT_TIMEOUT_S}))
+            conninfo=database_url, min_size=shared_db.QUEUE_POOL_SIZE, max_size=shared_db.QUEUE_POOL_SIZE,
+            timeout=shared_db.POOL_WAIT_S, kwargs=shared_db.libpq_options()))
         self.job = self.app.task(name=TASK_NAME, queue=QUEUE, retry=procrastinate.RetryStrategy(
             max_attempts=MAX_RUNS, wait=RETRY_WAIT_S, retry_exceptions={HandedBack}))(self._run_job)
         self.running: set[str] = set()

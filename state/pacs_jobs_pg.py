@@ -15,7 +15,8 @@ Any replica may receive a notification, resolve it and run or export any job:
 - Notifications, the `/changes` cursor and the poller's leadership (a session advisory lock held by a dedicated
   connection) live here too. Result files are on the shared volume, `<shared_dir>/pacs/results/<job id>`.
 
-Every call opens its own short connection (`PG_CONNECT_TIMEOUT_S`); tables are created once under an advisory lock.
+Every call borrows a connection of this process's pool (`state.shared_db.connection`: the replica's connection budget);
+the poller's lock holds one connection of its own. Tables are created once under an advisory lock.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from core.priority import RANK, ROUTINE, Priority, priority_of
-from state.shared_db import PG_CONNECT_TIMEOUT_S
+from state import shared_db
 from state.pacs_jobs import ACTIVE_STATES, MAX_RUNS, Job, JobState, Lease, idempotency_key, iso
 
 log = logging.getLogger("neuronova.pacs")
@@ -111,7 +111,7 @@ class PostgresJobStore:
 
     @contextmanager
     def _connect(self) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(self.database_url, row_factory=dict_row, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
+        with shared_db.connection(self.database_url) as connection:
             yield connection
 
     def add(self, study_uid: str, model_id: str | None, model_version: str | None, series: dict[str, str],
@@ -329,7 +329,7 @@ class AdvisoryLock:
 
     @classmethod
     def try_hold(cls, database_url: str, key: int) -> AdvisoryLock | None:
-        connection = psycopg.connect(database_url, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S)
+        connection = psycopg.connect(database_url, autocommit=True, **shared_db.libpq_options())
         if connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             return cls(connection)
         connection.close()

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from core.errors import NeuroNovaError, error_body
-from state.shared_db import PG_CONNECT_TIMEOUT_S
+from state import shared_db
 from core.settings import Settings
 from state.tasks import (
     BACKLOG_SQL,
@@ -76,7 +75,7 @@ attempt runs it (not after a takeover, a cancel, a hand-back or its end)."""
 
 
 class PostgresTaskStore:
-    """Task rows in PostgreSQL; each call opens its own short connection (safe in any process and thread)."""
+    """Task rows in PostgreSQL; each call borrows a connection of the process's pool (any process, any thread)."""
 
     def __init__(self, database_url: str, shared_dir: str | Path) -> None:
         self.database_url = database_url
@@ -96,7 +95,8 @@ class PostgresTaskStore:
 
     @contextmanager
     def _connect(self) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(self.database_url, row_factory=dict_row, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
+        """A connection of this process's pool (`state.shared_db.connection`: bounded, rows as dicts)."""
+        with shared_db.connection(self.database_url) as connection:
             yield connection
 
     def task_dir(self, task_id: str) -> Path:
@@ -223,8 +223,9 @@ class PostgresTaskStore:
         return self.get(task_id)
 
     def backlog(self) -> Backlog:
-        with psycopg.connect(self.database_url, connect_timeout=PG_CONNECT_TIMEOUT_S) as connection:
-            return Backlog.from_rows(connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall())
+        with self._connect() as connection:
+            return Backlog.from_rows([tuple(row.values()) for row in
+                                      connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall()])
 
     def set_owner(self, task_id: str, subject: str) -> None:
         """Record a task's submitter (the first record stands); purges records past retention."""

@@ -5,12 +5,26 @@ lies (`model_exports`) and the rate-limit counters.
 One engine per process, made on first use (runner and API processes alike), schema created if missing under an
 advisory lock so that replicas starting together do not race on PostgreSQL's catalog. The counters are an UNLOGGED
 table: a crash of PostgreSQL forgets them (a minute of counting), in exchange for no WAL write per request.
+
+**The connection budget** lives here too. A process has one bounded pool per database URL (`pooled_engine`), shared
+by everything it stores there (registry, counters, feedback records, task rows through `connection`); an API worker
+adds the job queue's pool and its LISTEN connection (`state.job_queue`). Every connection has a connect timeout and
+an `application_name` naming the replica and the process role, so `pg_stat_activity` shows who holds what.
+`replica_budget` adds it up; docs/scale-out.md has the table.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
+import bentoml
+import psycopg
+import sqlalchemy.exc
+from psycopg.rows import dict_row, tuple_row
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -37,11 +51,23 @@ PG_CONNECT_TIMEOUT_S = 3
 the service): an unreachable database is an answer within seconds, not a hang."""
 POOL_WAIT_S = 5.0
 """How long a caller waits for a pooled connection before the error (SQLAlchemy's default is 30 s)."""
-POOL_SIZE = 2
-MAX_OVERFLOW = 2
-"""Connections per process: a runner polls (and writes its `replica_models` row) on one; an API worker counts rate
-limits on up to four at once (0.35 ms each). A replica (2 API workers, 3 runners) holds at most 20, the task queue's own pool aside: size PostgreSQL's
-max_connections (or a PgBouncer) for the replica count."""
+
+ProcessRole = Literal["api", "runner", "tool"]
+"""Who holds a connection: an API worker, a runner process, or anything else (a script, the fine-tuning job, a test)."""
+POOL_SIZE: dict[ProcessRole, int] = {"api": 2, "runner": 1, "tool": 1}
+"""Connections of a process's pool per database (no overflow). An API worker: rate-limit counts, task rows, feedback
+records, the registry (each a round trip of about a millisecond, from a thread). A runner: the registry poll (once a
+second, with its `replica_models` row) and, in the MRI runner, progress and cancel checks; they take turns."""
+QUEUE_POOL_SIZE = 1
+"""The job queue's pool in an API worker (`state.job_queue`): job fetching, heartbeat, stalled-job check, deferring
+(short queries, in turn; procrastinate runs one job at a time here)."""
+QUEUE_LISTEN_CONNECTIONS = 1
+"""procrastinate's LISTEN connection, held for the worker's life outside its pool."""
+POSTGRES_MAX_CONNECTIONS = 100
+POSTGRES_RESERVED_CONNECTIONS = 3
+"""PostgreSQL's defaults: `max_connections` and `superuser_reserved_connections`; the service may use the rest (97)."""
+APPLICATION_NAME_BYTES = 63
+"""PostgreSQL keeps this much of `application_name` (NAMEDATALEN - 1)."""
 
 metadata = MetaData()
 
@@ -79,7 +105,53 @@ rate_limit_windows = Table(
 )
 
 _ENGINES: dict[str, Engine] = {}
-_LOCK = threading.Lock()
+_SCHEMA_READY: set[str] = set()
+_LOCK = threading.RLock()
+_ROLES: dict[str | None, ProcessRole] = {"entry_service": "api", "service": "runner"}
+
+
+def process_role() -> ProcessRole:
+    """This process's role, from the kind of BentoML worker it is (set by BentoML before the service is built: a
+    worker of the entry service is an API worker, one of a dependency a runner); anything else is a tool."""
+    return _ROLES.get(bentoml.server_context.service_type, "tool")
+
+
+def process_budget(role: ProcessRole) -> int:
+    """The most connections to the replicas' database a process of `role` holds."""
+    queue = QUEUE_POOL_SIZE + QUEUE_LISTEN_CONNECTIONS if role == "api" else 0
+    return POOL_SIZE[role] + queue
+
+
+def replica_budget(api_workers: int, runner_processes: int) -> int:
+    """The most connections one replica holds: its API workers' and its runner processes'."""
+    return api_workers * process_budget("api") + runner_processes * process_budget("runner")
+
+
+def application_name(role: str | None = None) -> str:
+    """`neuronova:<replica>:<role>` (this process's role by default), the replica's name shortened to fit."""
+    replica = get_settings().distributed.replica_id or socket.gethostname()
+    role = role or process_role()
+    room = APPLICATION_NAME_BYTES - len(f"neuronova::{role}")
+    return f"neuronova:{replica.encode()[:room].decode(errors='ignore')}:{role}"
+
+
+def libpq_options(role: str | None = None) -> dict[str, Any]:
+    """What every connection of the service passes to libpq: the connect timeout and its `application_name`."""
+    return {"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": application_name(role)}
+
+
+def pooled_engine(database_url: str) -> Engine:
+    """This process's one engine (bounded pool, no overflow, `POOL_WAIT_S` wait, pre-ping) for the PostgreSQL at
+    `database_url`, whichever of our stores uses that database."""
+    parsed = make_url(database_url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # SQLAlchemy's default would be psycopg2
+    key = parsed.render_as_string(hide_password=False)
+    with _LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0,
+                                          pool_pre_ping=True, pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
+        return _ENGINES[key]
 
 
 def engine(database_url: str | None = None) -> Engine:
@@ -87,16 +159,37 @@ def engine(database_url: str | None = None) -> Engine:
     url = database_url or get_settings().distributed.database_url
     if url is None:
         raise RuntimeError("distributed.database_url is not set (embedded mode has no shared database)")
+    made = pooled_engine(url)
     with _LOCK:
-        if url not in _ENGINES:
-            parsed = make_url(url)
-            if parsed.drivername == "postgresql":
-                parsed = parsed.set(drivername="postgresql+psycopg")
-            made = create_engine(parsed, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True,
-                                 pool_timeout=POOL_WAIT_S, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+        if url not in _SCHEMA_READY:
             create_schema(made)
-            _ENGINES[url] = made
-        return _ENGINES[url]
+            _SCHEMA_READY.add(url)
+    return made
+
+
+@contextmanager
+def connection(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A psycopg connection borrowed from this process's pool for `database_url` (rows as dicts), its transaction
+    committed when the block ends (rolled back on an error), then given back. Errors are psycopg's own, as with a
+    connection of one's own; a pool whose connections are all lent for `POOL_WAIT_S` raises SQLAlchemy's
+    TimeoutError."""
+    try:
+        pooled = pooled_engine(database_url).raw_connection()
+    except sqlalchemy.exc.DBAPIError as exc:  # could not connect: the driver's error, not SQLAlchemy's wrapper
+        raise exc.orig from None
+    driver: psycopg.Connection[Any] = pooled.driver_connection
+    driver.row_factory = dict_row
+    try:
+        yield driver
+        driver.commit()
+    except BaseException:
+        if driver.broken:
+            pooled.invalidate()  # lost: the pool opens a new one
+        raise
+    finally:
+        if not driver.closed:
+            driver.row_factory = tuple_row  # as SQLAlchemy expects it
+        pooled.close()
 
 
 def create_schema(made: Engine) -> None:
