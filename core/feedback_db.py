@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from core.shared_db import PG_CONNECT_TIMEOUT_S
+from core.shared_db import PG_CONNECT_TIMEOUT_S, database_health, guard_engine
 
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -115,6 +115,8 @@ def open_engine(database_url: str) -> Engine:
                            else {"connect_timeout": PG_CONNECT_TIMEOUT_S})
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+    else:  # an unreachable server: 503 at once while its breaker is open (core.dependency_health)
+        guard_engine(engine, database_health(database_url))
     create_schema(engine)
     return engine
 

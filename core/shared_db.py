@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import threading
 
-from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table, create_engine, make_url, text
+import psycopg
+import sqlalchemy.exc
+from sqlalchemy import (BigInteger, Column, Engine, Integer, MetaData, String, Table, create_engine, event, make_url,
+                        text)
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.schema import CreateTable
 
+from core.dependency_health import DATABASE_UNREACHABLE, Breaker, breaker
 from core.settings import get_settings
 
 # pg_advisory_xact_lock key serialising this schema's creation (distinct from core.feedback_db's).
@@ -57,11 +62,32 @@ _ENGINES: dict[str, Engine] = {}
 _LOCK = threading.Lock()
 
 
+def libpq_url(database_url: str) -> str:
+    """`database_url` as libpq takes it (a SQLAlchemy driver suffix such as `+psycopg` dropped)."""
+    parsed = make_url(database_url)
+    return parsed.set(drivername=parsed.get_backend_name()).render_as_string(hide_password=False)
+
+
+def database_health(database_url: str) -> Breaker:
+    """This process's breaker of the PostgreSQL at `database_url` (`core.dependency_health`): tripped by any
+    connection to it that fails, probed with `SELECT 1` while open."""
+    conninfo = libpq_url(database_url)
+
+    def probe() -> None:
+        with psycopg.connect(conninfo, connect_timeout=PG_CONNECT_TIMEOUT_S, autocommit=True) as connection:
+            connection.execute("SELECT 1")
+
+    return breaker("database", conninfo, lambda: Breaker("the database", DATABASE_UNREACHABLE, probe))
+
+
 def engine(database_url: str | None = None) -> Engine:
-    """This process's engine for `database_url` (default: the configured distributed database), schema ensured."""
+    """This process's engine for `database_url` (default: the configured distributed database), schema ensured;
+    `DependencyUnavailable` at once while the database's breaker is open."""
     url = database_url or get_settings().distributed.database_url
     if url is None:
         raise RuntimeError("distributed.database_url is not set (embedded mode has no shared database)")
+    health = database_health(url)
+    health.check()
     with _LOCK:
         if url not in _ENGINES:
             parsed = make_url(url)
@@ -69,9 +95,27 @@ def engine(database_url: str | None = None) -> Engine:
                 parsed = parsed.set(drivername="postgresql+psycopg")
             made = create_engine(parsed, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True,
                                  pool_timeout=POOL_WAIT_S, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
-            create_schema(made)
+            guard_engine(made, health)
+            try:
+                create_schema(made)
+            except sqlalchemy.exc.OperationalError as exc:  # no pool yet: the database refused or did not answer
+                raise health.tripped(exc) from exc
             _ENGINES[url] = made
         return _ENGINES[url]
+
+
+def guard_engine(made: Engine, health: Breaker) -> None:
+    """Tie `made` to the breaker `health`: no new connection is tried while it is open (`DependencyUnavailable` at
+    once), and a lost or refused connection trips it (the engine's own error is raised on)."""
+
+    @event.listens_for(made, "do_connect")
+    def _refuse_while_down(*_: object) -> None:
+        health.check()
+
+    @event.listens_for(made, "handle_error")
+    def _lost(context: ExceptionContext) -> None:
+        if context.is_disconnect or context.connection is None:  # dropped, or no connection could be made
+            health.tripped(context.original_exception)
 
 
 def create_schema(made: Engine) -> None:
