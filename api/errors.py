@@ -37,12 +37,18 @@ def error_response(error: NeuroNovaError, headers: dict[str, str] | None = None)
 
 
 def unreachable_dependency(exc: BaseException) -> bool:
-    """Whether `exc` says the database cannot be reached now (refused, timed out, dropped, no pooled connection)."""
-    if isinstance(exc, sqlalchemy.exc.TimeoutError):
-        return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
-    return isinstance(exc, psycopg.OperationalError)
+    """Whether `exc`, or an error it was raised from (a job queue's wrapper), says a dependency cannot be reached now:
+    the database refused, timed out, dropped or had no pooled connection, or a breaker is open
+    (`core.dependency_health`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (DependencyUnavailable, sqlalchemy.exc.TimeoutError, psycopg.OperationalError)):
+            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and (
+                seen.connection_invalidated or isinstance(seen.orig, psycopg.OperationalError)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def validation_details(exc: ValidationError) -> dict[str, Any]:
