@@ -114,6 +114,8 @@ def guard_engine(made: Engine, health: Breaker) -> None:
 
     @event.listens_for(made, "handle_error")
     def _lost(context: ExceptionContext) -> None:
+        if context.is_pre_ping:  # a pooled connection that died earlier: the pool replaces it, the database may be up
+            return
         if context.is_disconnect or context.connection is None:  # dropped, or no connection could be made
             health.tripped(context.original_exception)
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from api.limits import SharedWindows
 from api.task_queue import JOB_TABLE, TASK_NAME, prepare_database
 from core.dependency_health import DATABASE_UNREACHABLE, SHARED_VOLUME_UNAVAILABLE, Breaker, shared_volume
 from core.errors import DependencyUnavailable
 from core.pg_tasks import MAX_REQUEUES, ORPHAN_GRACE_S, QUEUEING_DEADLINE_S, TABLE, PostgresTaskStore
+from core import shared_db
 from core.shared_db import database_health
 from core.tasks import task_ref
 
@@ -196,3 +198,15 @@ def test_breakers_are_one_per_dependency_and_process(tmp_path: Path) -> None:
     url = closed_port_url()
     assert database_health(url) is database_health(url.replace("postgresql://", "postgresql+psycopg://"))
     assert shared_volume(tmp_path) is shared_volume(str(tmp_path))
+
+
+def test_a_pooled_connection_ended_by_a_restart_does_not_trip_the_breaker(postgres_server) -> None:
+    url = postgres_server.new_database()
+    made = shared_db.engine(url)
+    with made.connect() as connection:
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with psycopg.connect(url, autocommit=True) as admin:  # as a restart of PostgreSQL ends every session
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with shared_db.engine(url).connect() as connection:  # the pool's ping finds it dead and connects anew
+        assert connection.execute(text("SELECT 1")).scalar_one() == 1
+    assert database_health(url).available
