@@ -353,8 +353,8 @@ class NeuroNova:
             patient_id=patient_id,
         )
         if self.queue is not None:  # distributed: whichever replica's worker is free runs it
-            await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
-            await self.queue.submit(request.task_id, list(image), request.queued_params())
+            await self.queue.accept(request.task_id, request.request_id, self.mri.model_id, list(image),
+                                    request.queued_params())
             return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
         attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,

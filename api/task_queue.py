@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -70,6 +71,10 @@ SCHEMA_LOCK = 0x4E4E_5051
 JOB_TABLE = "procrastinate_jobs"
 SWEEP_EVERY_S = 15.0
 """How often each worker tries to sweep orphaned tasks (one sweep at a time across the replicas)."""
+ACCEPT_PATIENCE_S = 60.0
+"""How long a submission already answered keeps trying to register and queue its task while the database or shared
+volume is unreachable (every `WORKER_RESTART_S`): an outage shorter than this loses no accepted task; a longer one
+leaves it to be failed as `never_queued` (`core.pg_tasks.QUEUEING_DEADLINE_S`)."""
 WORKER_RESTART_S = 1.0
 """How long a stopped procrastinate worker waits (for the database's breaker to close) before it starts again."""
 
@@ -125,6 +130,21 @@ class MriQueue:
             await self.app.open_async()
             self._opened = True
 
+    async def accept(self, task_id: str, request_id: str, model_id: str, uploads: list[Path],
+                     params: dict[str, Any]) -> None:
+        """Register and queue a task whose submission was answered: while the database or the shared volume cannot be
+        reached, try again every `WORKER_RESTART_S` for `ACCEPT_PATIENCE_S` (its client polls meanwhile)."""
+        deadline = time.monotonic() + ACCEPT_PATIENCE_S
+        while True:
+            try:
+                await asyncio.to_thread(self.store.create, task_id, request_id, model_id)
+                await self.submit(task_id, uploads, params)
+                return
+            except Exception as exc:
+                if not unreachable_dependency(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(WORKER_RESTART_S)
+
     async def submit(self, task_id: str, uploads: list[Path], params: dict[str, Any]) -> None:
         """Write the uploads once to the task's shared folder, record the parameters, queue the job. A `defer` that
         fails leaves a task with parameters and no job: the orphan sweep queues it later."""
@@ -134,7 +154,8 @@ class MriQueue:
         def write() -> None:
             with self.store.on_volume():
                 for name, upload in zip(names, uploads):
-                    self.store.write_once(folder / name, upload.read_bytes())
+                    if not (folder / name).exists():  # written whole by an earlier try (write-once files)
+                        self.store.write_once(folder / name, upload.read_bytes())
 
         await asyncio.to_thread(write)
         await asyncio.to_thread(self.store.set_params, task_id, {**params, "uploads": names})

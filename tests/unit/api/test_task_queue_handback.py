@@ -161,3 +161,36 @@ def test_the_queue_worker_stopped_by_a_lost_database_is_started_again_once_it_an
     monkeypatch.setattr(task_queue, "WORKER_RESTART_S", 0.01)
     asyncio.run(q._supervise())
     assert runs == [True, True, True] and probes  # tripped by the worker's error; started again once probed back
+
+
+class RegisteringStore(FlakyStore):
+    """The database away for the first `down_for` registrations of a submitted task."""
+
+    def __init__(self, down_for: int) -> None:
+        super().__init__()
+        self.down_for = down_for
+
+    def create(self, task_id: str, request_id: str, model_id: str) -> None:
+        self.down_at = {"create"} if len(self.calls) < self.down_for else set()
+        self._call("create", None)
+
+
+def test_an_answered_submission_is_queued_once_the_database_is_back(monkeypatch) -> None:
+    store = RegisteringStore(down_for=3)
+    q = MriQueue(store=store, database_url="postgresql://nobody@127.0.0.1:9/none", replica="r",  # type: ignore[arg-type]
+                 shutdown_grace_s=15.0)
+    queued: list[str] = []
+
+    async def submit(task_id: str, uploads: list, params: dict) -> None:
+        queued.append(task_id)
+
+    monkeypatch.setattr(q, "submit", submit)
+    monkeypatch.setattr(task_queue, "WORKER_RESTART_S", 0.01)
+    asyncio.run(q.accept("task_1", "req", "mri_segmentation", [], {}))
+    assert store.calls == ["create"] * 4 and queued == ["task_1"]
+    store.calls.clear()
+    store.down_for = 10
+    monkeypatch.setattr(task_queue, "ACCEPT_PATIENCE_S", 0.0)  # an outage longer than the patience: the error stands
+    with pytest.raises(DependencyUnavailable):
+        asyncio.run(q.accept("task_2", "req", "mri_segmentation", [], {}))
+    assert queued == ["task_1"]
