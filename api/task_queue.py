@@ -314,8 +314,9 @@ class MriQueue:
             await asyncio.sleep(STALL_CHECK_S)
             try:
                 stalled = await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=STALLED_AFTER_S)
-            except Exception:  # noqa: BLE001 - the database may be restarting: try again later
-                log.exception("looking for stalled jobs failed")
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting: try again later
+                if not unreachable_dependency(exc):  # an outage is logged once, by the breakers
+                    log.exception("looking for stalled jobs failed")
                 continue
             for job in stalled:
                 with contextlib.suppress(Exception):  # another replica retried it first
