@@ -171,6 +171,16 @@ class NeuroNova:
 
             recover(settings)
 
+    async def __is_ready__(self) -> bool:
+        """`/readyz` (besides BentoML's runner checks): replicas are unready while the shared database or volume
+        cannot be used (probed in a thread at most every 2 s while nothing else has; `state.dependency_health`)."""
+        return self.queue is None or await asyncio.to_thread(self.tasks.ready)
+
+    def _needs_shared_state(self) -> None:
+        """Replicas: `DependencyUnavailable` (503) at once while the shared database or volume is known unreachable."""
+        if self.queue is not None:
+            self.tasks.check_available()
+
     @bentoml.on_startup
     async def start_queue(self) -> None:
         """Distributed mode: this API worker takes queued MRI tasks (one at a time) from now on."""
@@ -288,6 +298,7 @@ class NeuroNova:
         """A doctor accepts, corrects (a CT label, an MRI mask) or rejects an earlier result of the same token
         subject; stored durably for fine-tuning (in a thread: an MRI input is tens of MB to load and compress). The
         reviewer is the token's subject where auth is on."""
+        self._needs_shared_state()
         reviewer = current_subject()
         verdict = FeedbackRequest(**{**review, **({"reviewer_id": reviewer_of(reviewer)} if reviewer else {})})
         return await asyncio.to_thread(lambda: record_feedback(self.feedback_store, verdict,
@@ -304,6 +315,7 @@ class NeuroNova:
         sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$"),
     ) -> UpdateModelResponse:
         """Admin: switch a model to another store version, or an uploaded export (with sha256), or roll back."""
+        self._needs_shared_state()
         slot = {s.model_id: s for s in self._slots()}.get(model_id)
         if slot is None:
             raise InvalidRequest("unknown model_id", {"known": [s.model_id for s in self._slots()]})
@@ -344,8 +356,8 @@ class NeuroNova:
             patient_id=patient_id,
         )
         if self.queue is not None:  # distributed: whichever replica's worker is free runs it
-            await asyncio.to_thread(self.tasks.create, request.task_id, request.request_id, self.mri.model_id)
-            await self.queue.submit(request.task_id, list(image), request.queued_params(), priority)
+            await self.queue.accept(request.task_id, request.request_id, self.mri.model_id, list(image),
+                                    request.queued_params(), priority)
             return JSONResponse({"task_id": request.task_id, "status": "pending"}, status_code=202)
         attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
         return await run_tracked(self.tasks, request.task_id, request.request_id, self.mri.model_id,
@@ -354,12 +366,14 @@ class NeuroNova:
 
     @ops.get("/task/{task_id}", response_model=TaskStatusResponse)
     @ops.get("/predict/task_status/{task_id}", response_model=TaskStatusResponse)
+    @handles_errors
     async def get_task(self, task_id: str) -> JSONResponse:
         """The original design's polling route: status, progress, current step, result or error (the submitter's
         only: another subject is told the task does not exist)."""
         return await asyncio.to_thread(task_status, self.tasks, task_id, current_owner())
 
     @ops.delete("/task/{task_id}", response_model=TaskStatusResponse)
+    @handles_errors
     async def delete_task(self, task_id: str) -> JSONResponse:
         """Cancel a task (the submitter's): it is marked cancelled at once and its work stops at the next window
         batch."""
@@ -395,11 +409,15 @@ class NeuroNova:
              responses={503: {"model": HealthResponse, "description": "A model failed to load (degraded)"}})
     async def health(self) -> JSONResponse:
         """Liveness of every model: 200 healthy, or 503 degraded naming the model that failed to load (or that was
-        switched to a version this replica could not load yet)."""
+        switched to a version this replica could not load yet). Replicas: a shared dependency that cannot be used
+        (`dependencies`) makes it degraded too, answered 200: CT and biomarkers still work."""
         statuses = {slot.model_id: await slot.status() for slot in self._slots()}
         gpus = (await self.ct.describe()).get("gpu_devices", [])
+        models_ok = all(s.loaded and not s.switch_pending for s in statuses.values())
+        dependencies = {} if self.queue is None else await asyncio.to_thread(self.tasks.dependencies)
         body = HealthResponse(
-            status="healthy" if all(s.loaded and not s.switch_pending for s in statuses.values()) else "degraded",
+            status="healthy" if models_ok and set(dependencies.values()) <= {"ok"} else "degraded",
+            dependencies=dependencies,
             version=settings.version,
             models=statuses,
             gpu_available=bool(gpus),
@@ -407,9 +425,10 @@ class NeuroNova:
             memory_usage_mb=round(_server_rss_mb(), 1),
             uptime_seconds=round(time.monotonic() - self.started, 1),
         )
-        return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.status == "healthy" else 503)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if models_ok else 503)
 
     @ops.get("/model_info")
+    @handles_errors
     async def model_info(self) -> ModelInfoResponse:
         """Every loaded model's card, held-out metrics, size and inference time, and how it does live: answers, OOD
         rate and drift on this replica, clinicians' verdicts from the feedback store (in a thread: a database read)."""

@@ -8,14 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
-import psycopg
-import sqlalchemy.exc
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.buffered_responses import rewriting, with_length
 from core.errors import DependencyUnavailable, InternalServerError, InvalidRequest, NeuroNovaError, error_body
+from state.dependency_health import unreachable_dependency
 
 log = logging.getLogger("neuronova.errors")
 P = ParamSpec("P")
@@ -35,15 +34,6 @@ def error_response(error: NeuroNovaError, headers: dict[str, str] | None = None)
     if isinstance(error, DependencyUnavailable):
         headers = {"Retry-After": str(error.retry_after_seconds), **(headers or {})}
     return JSONResponse(error.to_body(), status_code=error.status, headers=headers)
-
-
-def unreachable_dependency(exc: BaseException) -> bool:
-    """Whether `exc` says the database cannot be reached now (refused, timed out, dropped, no pooled connection)."""
-    if isinstance(exc, sqlalchemy.exc.TimeoutError):
-        return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
-    return isinstance(exc, psycopg.OperationalError)
 
 
 def validation_details(exc: ValidationError) -> dict[str, Any]:

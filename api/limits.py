@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 from state import shared_db
-from core.errors import ImageTooLarge, RateLimitExceeded
+from core.errors import DependencyUnavailable, ImageTooLarge, RateLimitExceeded
 from core.settings import LimitSettings, RateLimitSettings
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,12 @@ class SharedWindows:
 
     async def admit(self, bucket: str, limit: int) -> int | None:
         """None when the request is admitted, else the seconds to the next window. Fails open (logged) while the
-        database cannot be reached: a clinician's request is not refused for want of a counter."""
+        database cannot be reached: a clinician's request is not refused for want of a counter, nor delayed (once a
+        connection failed, the database's breaker refuses at once until its probe succeeds)."""
         try:
             hits, remaining = await asyncio.to_thread(self._hit, bucket)
+        except DependencyUnavailable:  # the database's breaker is open: no wait at all (state.dependency_health)
+            return None
         except Exception as exc:  # noqa: BLE001 - any database failure
             log.warning("rate limit not applied, shared counters unavailable: %s", exc)
             return None

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import current_owner
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
-from core.errors import InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
+from core.errors import DependencyUnavailable, InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
 from core.priority import Priority
 from pipelines.priority_gate import PriorityGate
 from core.settings import Settings
@@ -195,7 +195,9 @@ class TaskRoutesMiddleware:
     Distributed (replicas sharing PostgreSQL), BentoML's own store knows only the tasks its replica accepted, so:
     - the task is registered in the shared store before the submission is answered (a poll on another replica
       finds it at once), and a submission BentoML refused after answering (validation) is failed there too;
-    - `GET <route>/status` and `<route>/get` are answered from the shared store, in BentoML's shapes.
+    - `GET <route>/status` and `<route>/get` are answered from the shared store, in BentoML's shapes;
+    - while the database or the shared volume is unreachable, every task route answers 503 with `Retry-After` at once
+      (`state.dependency_health`), a submission before BentoML sees it.
     """
 
     def __init__(self, app: ASGIApp, task_routes: tuple[str, ...], settings: Settings) -> None:
@@ -206,6 +208,7 @@ class TaskRoutesMiddleware:
         self.status_paths = frozenset(f"{route}/status" for route in task_routes)
         self.get_paths = frozenset(f"{route}/get" for route in task_routes)
         self.by_id_paths = self.status_paths | self.get_paths | frozenset(f"{route}/retry" for route in task_routes)
+        self.store_paths = self.base_paths | self.submit_paths | self.cancel_paths | self.by_id_paths
         self.tasks = open_task_store(settings)
         self.distributed = settings.distributed.enabled
         self.queue_max = settings.limits.mri_queue_max
@@ -215,6 +218,25 @@ class TaskRoutesMiddleware:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        if not (self.distributed and path in self.store_paths):
+            await self._route(scope, receive, send, path, method)
+            return
+        started = False
+
+        async def observed(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            self.tasks.check_available()  # at once while the database or volume is known down: BentoML sees nothing
+            await self._route(scope, receive, observed, path, method)
+        except DependencyUnavailable as exc:
+            if started:
+                raise
+            await error_response(exc)(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
         subject = current_owner()
         task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
         reader = None
@@ -260,6 +282,7 @@ class TaskRoutesMiddleware:
         a body refused by validation never queued the task, which is failed then."""
         accepted: list[str] = []
         held: Message | None = None
+        refused: DependencyUnavailable | None = None
 
         def register(task_id: str) -> None:
             if subject:
@@ -270,14 +293,21 @@ class TaskRoutesMiddleware:
                 self.tasks.create(task_id, None, None)
 
         async def registering(message: Message) -> None:
-            nonlocal held
+            nonlocal held, refused
+            if refused is not None:  # the 503 went out instead of BentoML's answer
+                return
             if message["type"] == "http.response.start":
                 held = message
                 return
             if held is not None:
                 start, held = held, None
                 if task_id := _submitted_task_id(start, message):
-                    await asyncio.to_thread(register, task_id)
+                    try:
+                        await asyncio.to_thread(register, task_id)
+                    except DependencyUnavailable as exc:  # its body finds the store unreachable too: never queued
+                        refused = exc
+                        await error_response(exc)(scope, receive, send)
+                        return
                     accepted.append(task_id)
                 await send(start)
             await send(message)
@@ -288,13 +318,20 @@ class TaskRoutesMiddleware:
             if reservation is not None and not accepted:  # refused, or failed before answering: the place is free
                 await asyncio.to_thread(self.tasks.settle_reservation, reservation, None)
         for task_id in accepted if self.distributed else []:
-            record = await asyncio.to_thread(self.tasks.get, task_id)
-            if record is not None and record.status == "pending" and await asyncio.to_thread(
-                    self.tasks.params, task_id) is None:
-                refused = _bentoml_task(task_id)
-                error = (refused or {}).get("error") or error_body(
-                    "INTERNAL_SERVER_ERROR", "the task could not be queued")["error"]
-                await asyncio.to_thread(self.tasks.fail, task_id, {"error": error})
+            try:
+                await self._fail_unqueued(task_id)
+            except DependencyUnavailable:  # answered already; the orphan sweep fails a task never queued
+                log.warning("task %s: whether it was queued could not be checked (dependency unreachable)", task_id)
+
+    async def _fail_unqueued(self, task_id: str) -> None:
+        """Distributed: fail a task whose body never queued it (refused by validation), with BentoML's error."""
+        record = await asyncio.to_thread(self.tasks.get, task_id)
+        if record is not None and record.status == "pending" and await asyncio.to_thread(
+                self.tasks.params, task_id) is None:
+            stored = await asyncio.to_thread(_bentoml_task, task_id)
+            error = (stored or {}).get("error") or error_body(
+                "INTERNAL_SERVER_ERROR", "the task could not be queued")["error"]
+            await asyncio.to_thread(self.tasks.fail, task_id, {"error": error})
 
 
 async def in_turn(slots: PriorityGate, priority: Priority, work: Callable[[], Awaitable[T]]) -> T:

@@ -75,7 +75,8 @@ class ModelNotLoaded(NeuroNovaError):
 
 
 class DependencyUnavailable(NeuroNovaError):
-    """A dependency of the route (the replicas' database) cannot be reached now: 503 with `Retry-After`."""
+    """A dependency of the route (the replicas' database, the shared volume) cannot be reached now: 503 with
+    `Retry-After`, `details.reason` naming it (`state.dependency_health`)."""
 
     code, status = "SERVICE_UNAVAILABLE", 503
     retry_after_seconds: ClassVar[int] = 5

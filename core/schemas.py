@@ -103,6 +103,10 @@ class HealthResponse(BaseModel):
     gpu_devices: list[str]
     memory_usage_mb: float
     uptime_seconds: float
+    dependencies: dict[str, str] = Field(default_factory=dict, description=(
+        "replicas only: the shared database and volume, `ok` or why they cannot be used now (`database_unreachable`, "
+        "`shared_volume_unavailable`); one that is not `ok` makes the status degraded, with HTTP 200 (the routes "
+        "that do not need it still answer; `/readyz` is what takes the replica out of rotation)"))
 
 
 class LiveFigures(BaseModel):

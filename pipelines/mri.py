@@ -86,6 +86,8 @@ NO_SEG_WARNING = "no tumour was found, so no DICOM SEG was written"
 NO_OOD_CALIBRATION_WARNING = "this model has no out-of-distribution calibration: unusual inputs are not flagged"
 UNCERTAINTY_DESCRIPTION = "NeuroNova tumour uncertainty (percent)"
 Report = Callable[[str], None]
+"""Enters a step in the task store (blocking: the async steps call it in a thread, so the queue's heartbeat on the
+event loop never waits for the database)."""
 
 
 @dataclass(frozen=True)
@@ -208,17 +210,17 @@ async def infer_uploads(slot: ModelSlot[SegmentationCard], report: Report, reque
     """Decode and prepare with `model`'s card, run the runner's passes; the runner's generation afterwards (the
     model's own when the runner cannot say)."""
     card = model.card
-    report("decoding")
+    await asyncio.to_thread(report, "decoding")  # a store call: off the event loop
     sequence_types = parse_sequence_types(request.sequence_type, card.input)
     if sequence_types is not None:
         check_required_sequences(sequence_types, card.input)
     budgets = limits.task_step_budget_seconds
     volume = await within_budget("decoding", asyncio.to_thread(decode_upload, uploads, card.input, limits,
                                                                sequence_types), budgets)
-    report("preprocessing")
+    await asyncio.to_thread(report, "preprocessing")
     prepared = await within_budget("preprocessing", asyncio.to_thread(prepare_volume, volume, card.input,
                                                                       limits.max_volume_voxels), budgets)
-    report("inference")
+    await asyncio.to_thread(report, "inference")
     passes, passes_ms = None, 0.0
     if request.uncertainty:  # one model pass per mirroring: the inference budget grows with them
         passes_started = time.perf_counter()
@@ -233,7 +235,7 @@ async def infer_uploads(slot: ModelSlot[SegmentationCard], report: Report, reque
     layer = model.describe.get("gradcam_layer")
     explainable = layer is not None
     if request.xai and explainable:
-        report("explaining")
+        await asyncio.to_thread(report, "explaining")
         attention = await within_budget("explaining", slot.call("explain", prepared.tensor, request.ref,
                                                                 retry_stale=False), budgets)
     generation = await slot.generation_now()
@@ -256,7 +258,7 @@ async def segment_uploads(
     model, inferred = await slot.on_served_model(
         lambda model: infer_uploads(slot, report, request, uploads, limits, model), lambda out: out.generation)
     card, volume, prepared = model.card, inferred.volume, inferred.prepared
-    report("postprocessing")
+    await asyncio.to_thread(report, "postprocessing")
     result, explanation = await within_budget("postprocessing", asyncio.to_thread(
         build_result, volume, prepared, inferred.output, card, request.post_processing, model.tag, report,
         request.patient_id,

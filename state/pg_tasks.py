@@ -14,6 +14,7 @@ and the row names the file of the attempt that committed. Nothing here is SQLite
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,13 +22,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from core.errors import NeuroNovaError, error_body
+from core.errors import DependencyUnavailable, NeuroNovaError, error_body
 from state import shared_db
+from state.dependency_health import shared_volume
+from state.shared_db import database_health
 from core.settings import Settings
 from state.tasks import (
     BACKLOG_SQL,
@@ -42,11 +45,16 @@ from state.tasks import (
     split_ref,
 )
 
+log = logging.getLogger("neuronova.tasks")
 TABLE = "neuronova_tasks"
 OWNERS = "neuronova_task_owners"
 SCHEMA_LOCK = 0x4E4E_5441  # pg_advisory_xact_lock key: replicas starting together create the table once
 QUEUEING_DEADLINE_S = 120.0
 """A task accepted but never queued this long ago (its replica stopped between answering and queuing) is failed."""
+ORPHAN_GRACE_S = 30.0
+"""An active task with no job of the queue holding it for this long is an orphan (`sweep`): its job was lost."""
+MAX_REQUEUES = 3
+"""How often an orphan is queued again before it is failed (`details.reason: job_lost`)."""
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -65,8 +73,23 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     attempt integer NOT NULL DEFAULT 0,
     owner text,
     params jsonb
-)
+);
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS requeued integer NOT NULL DEFAULT 0
 """
+SWEEP_LOCK = 0x4E4E_5357  # pg_try_advisory_xact_lock key: one orphan sweep at a time
+ORPHAN_MESSAGES = {
+    "never_queued": "the replica that accepted this task stopped before queuing it; submit it again",
+    "job_lost": f"the task's queued job was lost {MAX_REQUEUES} times; submit it again",
+}
+
+
+class Swept(NamedTuple):
+    """What one orphan sweep did: the tasks to queue again (their rows counted), the tasks it failed."""
+
+    requeue: list[str]
+    failed: list[str]
+
+
 _ACTIVE_SQL = "status IN ('pending', 'processing')"
 _FENCE = (f"task_id = %(task_id)s AND (%(attempt)s::integer IS NULL AND {_ACTIVE_SQL} "
           "OR attempt = %(attempt)s::integer AND status = 'processing')")
@@ -75,10 +98,14 @@ attempt runs it (not after a takeover, a cancel, a hand-back or its end)."""
 
 
 class PostgresTaskStore:
-    """Task rows in PostgreSQL; each call borrows a connection of the process's pool (any process, any thread)."""
+    """Task rows in PostgreSQL; each call borrows a connection of the process's pool (any process, any thread). While
+    the database or the shared volume is unreachable every call raises `DependencyUnavailable` at once
+    (`state.dependency_health`), except progress reports, which are skipped."""
 
     def __init__(self, database_url: str, shared_dir: str | Path) -> None:
         self.database_url = database_url
+        self.database = database_health(database_url)
+        self.volume = shared_volume(shared_dir)
         self.tasks_dir = Path(shared_dir) / "tasks"
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
@@ -95,9 +122,36 @@ class PostgresTaskStore:
 
     @contextmanager
     def _connect(self) -> Iterator[psycopg.Connection]:
-        """A connection of this process's pool (`state.shared_db.connection`: bounded, rows as dicts)."""
+        """A connection of this process's pool (`state.shared_db.connection`: bounded, rows as dicts);
+        `DependencyUnavailable` (the breaker tripped) when it cannot be made or is lost midway."""
         with shared_db.connection(self.database_url) as connection:
             yield connection
+
+    @contextmanager
+    def on_volume(self) -> Iterator[None]:
+        """File I/O on the shared volume: refused at once while its breaker is open; an I/O error trips it (a file
+        that is missing or already there is an answer, not an outage)."""
+        self.volume.check()
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except OSError as exc:
+            raise self.volume.tripped(exc) from exc
+
+    def check_available(self) -> None:
+        """Raise `DependencyUnavailable` at once while the database or the shared volume is known unreachable."""
+        self.database.check()
+        self.volume.check()
+
+    def ready(self) -> bool:
+        """Whether the database and the shared volume are usable now (probed when nothing has for a while)."""
+        return set(self.dependencies().values()) == {"ok"}
+
+    def dependencies(self) -> dict[str, str]:
+        """`ok`, or the reason it cannot be used now, of the database and the shared volume (probed as by `ready`)."""
+        return {name: "ok" if health.ready() else health.reason
+                for name, health in (("database", self.database), ("shared_volume", self.volume))}
 
     def task_dir(self, task_id: str) -> Path:
         """The task's folder on the shared volume (uploads, results)."""
@@ -146,13 +200,17 @@ class PostgresTaskStore:
         """Enter `step` (progress never goes back); raises TaskSuperseded or TaskCancelled when this run must stop."""
         task_id, attempt = split_ref(ref)
         value = STEP_PROGRESS.get(step, 0) if progress is None else progress
-        with self._connect() as connection:
-            connection.execute(
-                f"UPDATE {TABLE} SET status = 'processing', current_step = %(step)s, "
-                "progress = GREATEST(progress, %(progress)s), estimated_remaining_seconds = %(eta)s "
-                f"WHERE {_FENCE}",
-                {"step": step, "progress": min(int(value), 99), "eta": eta_seconds, "task_id": task_id, "attempt": attempt})
-        self.raise_if_cancelled(ref)
+        try:
+            with self._connect() as connection:
+                connection.execute(
+                    f"UPDATE {TABLE} SET status = 'processing', current_step = %(step)s, "
+                    "progress = GREATEST(progress, %(progress)s), estimated_remaining_seconds = %(eta)s "
+                    f"WHERE {_FENCE}",
+                    {"step": step, "progress": min(int(value), 99), "eta": eta_seconds, "task_id": task_id,
+                     "attempt": attempt})
+            self.raise_if_cancelled(ref)
+        except DependencyUnavailable as exc:  # progress is advisory: the run goes on; its commit is fenced anyway
+            log.warning("progress of task %s not recorded (%s): %s", ref, exc.details["reason"], step)
 
     def raise_if_cancelled(self, ref: str) -> None:
         """Raise TaskCancelled once the task's cancel flag is set; for an attempt's reference, TaskSuperseded once that
@@ -178,11 +236,17 @@ class PostgresTaskStore:
         """Commit this run's result (its own write-once file); False, and the file removed, when the run was
         superseded or the task is no longer active."""
         task_id, attempt = split_ref(ref)
-        path = self.write_once(self.task_dir(task_id) / f"result-{attempt or 0}.json", json.dumps(result).encode())
-        committed = self._finish(ref, "completed", result_file=path.name)
+        folder = self.task_dir(task_id)
+        with self.on_volume():
+            path = self.write_once(folder / f"result-{attempt or 0}.json", json.dumps(result).encode())
+        committed = self._finish(ref, "completed", result_file=path.name)  # raised: the file stays (outcome unknown)
         if not committed:
             path.unlink(missing_ok=True)
-        return committed
+            return False
+        for other in folder.glob("result-*.json"):  # an earlier attempt's, whose own commit could not be answered
+            if other != path:
+                other.unlink(missing_ok=True)
+        return True
 
     def fail(self, ref: str, error: NeuroNovaError | dict[str, Any]) -> bool:
         """Fail an active task (this run's, when a reference); its cancel flag is set, so no other run goes on."""
@@ -227,6 +291,34 @@ class PostgresTaskStore:
             return Backlog.from_rows([tuple(row.values()) for row in
                                       connection.execute(BACKLOG_SQL.format(table=TABLE)).fetchall()])
 
+    def sweep(self, job_table: str, task_name: str, now: float | None = None) -> Swept:
+        """Find the active tasks no job of the queue holds (`job_table` rows of `task_name` waiting or running for
+        them): an orphan whose job was lost (a failed `defer`, a job the queue gave up on) for `ORPHAN_GRACE_S` is
+        counted for queuing again, up to `MAX_REQUEUES` times, then failed (`job_lost`); a task never queued for
+        `QUEUEING_DEADLINE_S` is failed (`never_queued`). One sweeper at a time across replicas (an advisory lock)."""
+        now = time.time() if now is None else now
+        with self._connect() as connection, connection.transaction():
+            if not connection.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (SWEEP_LOCK,)).fetchone()["mine"]:
+                return Swept([], [])
+            orphans = connection.execute(
+                f"SELECT task_id, requeued, params IS NULL AS never_queued FROM {TABLE} t WHERE {_ACTIVE_SQL} "
+                "AND NOT cancel_requested AND (params IS NULL AND created_at < %(never_queued)s OR "
+                "params IS NOT NULL AND created_at < %(orphaned)s AND NOT EXISTS (SELECT 1 FROM "
+                f"{job_table} j WHERE j.task_name = %(task_name)s AND j.args->>'task_id' = t.task_id "
+                "AND j.status IN ('todo', 'doing'))) FOR UPDATE",
+                {"never_queued": now - QUEUEING_DEADLINE_S, "orphaned": now - ORPHAN_GRACE_S,
+                 "task_name": task_name}).fetchall()
+            requeue = [row["task_id"] for row in orphans if not row["never_queued"] and row["requeued"] < MAX_REQUEUES]
+            connection.execute(f"UPDATE {TABLE} SET requeued = requeued + 1, status = 'pending', "
+                               "current_step = 'queued', owner = NULL WHERE task_id = ANY(%s)", (requeue,))
+        failed = [row["task_id"] for row in orphans if row["task_id"] not in requeue]
+        for row in orphans:
+            if row["task_id"] in failed:
+                reason = "never_queued" if row["never_queued"] else "job_lost"
+                self.fail(row["task_id"], error_body("INTERNAL_SERVER_ERROR", ORPHAN_MESSAGES[reason],
+                                                     {"reason": reason}))
+        return Swept(requeue, failed)
+
     def set_owner(self, task_id: str, subject: str) -> None:
         """Record a task's submitter (the first record stands); purges records past retention."""
         now = time.time()
@@ -247,12 +339,13 @@ class PostgresTaskStore:
         if row is None:
             return None
         if row["status"] == "pending" and row["params"] is None and row["created_at"] < time.time() - QUEUEING_DEADLINE_S:
-            self.fail(task_id, error_body("INTERNAL_SERVER_ERROR", "the replica that accepted this task stopped "
-                                          "before queuing it; submit it again", {"reason": "never_queued"}))
+            self.fail(task_id, error_body("INTERNAL_SERVER_ERROR", ORPHAN_MESSAGES["never_queued"],
+                                          {"reason": "never_queued"}))
             return self.get(task_id)
         result = None
         if row["result_file"]:
-            result = json.loads((self.task_dir(task_id) / row["result_file"]).read_bytes())
+            with self.on_volume():
+                result = json.loads((self.task_dir(task_id) / row["result_file"]).read_bytes())
         return TaskRecord(
             task_id=row["task_id"], request_id=row["request_id"], model_id=row["model_id"], status=row["status"],
             progress=row["progress"], current_step=row["current_step"],

@@ -36,13 +36,16 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    event,
     make_url,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.schema import CreateTable
 
 from core.settings import get_settings
+from state.dependency_health import DATABASE_UNREACHABLE, Breaker, breaker
 
 # pg_advisory_xact_lock key serialising this schema's creation (distinct from state.feedback_db's).
 SCHEMA_LOCK_KEY = 0x4E4E_5201
@@ -149,9 +152,45 @@ def pooled_engine(database_url: str) -> Engine:
     key = parsed.render_as_string(hide_password=False)
     with _LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0,
-                                          pool_pre_ping=True, pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
+            made = create_engine(parsed, pool_size=POOL_SIZE[process_role()], max_overflow=0, pool_pre_ping=True,
+                                 pool_timeout=POOL_WAIT_S, connect_args=libpq_options())
+            guard_engine(made, database_health(database_url))
+            _ENGINES[key] = made
         return _ENGINES[key]
+
+
+def libpq_url(database_url: str) -> str:
+    """`database_url` as libpq takes it (a SQLAlchemy driver suffix such as `+psycopg` dropped)."""
+    parsed = make_url(database_url)
+    return parsed.set(drivername=parsed.get_backend_name()).render_as_string(hide_password=False)
+
+
+def database_health(database_url: str) -> Breaker:
+    """This process's breaker of the PostgreSQL at `database_url` (`state.dependency_health`): tripped by any
+    connection to it that fails, probed with `SELECT 1` while open."""
+    conninfo = libpq_url(database_url)
+
+    def probe() -> None:
+        with psycopg.connect(conninfo, autocommit=True, **libpq_options()) as connection:
+            connection.execute("SELECT 1")
+
+    return breaker("database", conninfo, lambda: Breaker("the database", DATABASE_UNREACHABLE, probe))
+
+
+def guard_engine(made: Engine, health: Breaker) -> None:
+    """Tie `made` to the breaker `health`: no new connection is tried while it is open (`DependencyUnavailable` at
+    once), and a lost or refused connection trips it (the engine's own error is raised on)."""
+
+    @event.listens_for(made, "do_connect")
+    def _refuse_while_down(*_: object) -> None:
+        health.check()
+
+    @event.listens_for(made, "handle_error")
+    def _lost(context: ExceptionContext) -> None:
+        if context.is_pre_ping:  # a pooled connection that died earlier: the pool replaces it, the database may be up
+            return
+        if context.is_disconnect or context.connection is None:  # dropped, or no connection could be made
+            health.tripped(context.original_exception)
 
 
 def engine(database_url: str | None = None) -> Engine:
@@ -159,10 +198,15 @@ def engine(database_url: str | None = None) -> Engine:
     url = database_url or get_settings().distributed.database_url
     if url is None:
         raise RuntimeError("distributed.database_url is not set (embedded mode has no shared database)")
+    health = database_health(url)
+    health.check()
     made = pooled_engine(url)
     with _LOCK:
         if url not in _SCHEMA_READY:
-            create_schema(made)
+            try:
+                create_schema(made)
+            except sqlalchemy.exc.OperationalError as exc:  # the database refused or did not answer
+                raise health.tripped(exc) from exc
             _SCHEMA_READY.add(url)
     return made
 
@@ -170,21 +214,28 @@ def engine(database_url: str | None = None) -> Engine:
 @contextmanager
 def connection(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     """A psycopg connection borrowed from this process's pool for `database_url` (rows as dicts), its transaction
-    committed when the block ends (rolled back on an error), then given back. Errors are psycopg's own, as with a
-    connection of one's own; a pool whose connections are all lent for `POOL_WAIT_S` raises SQLAlchemy's
-    TimeoutError."""
+    committed when the block ends (rolled back on an error), then given back. A connection that cannot be made or is
+    lost midway trips the database's breaker and raises `DependencyUnavailable` (so does any call while the breaker
+    is open); other errors are psycopg's own; a pool whose connections are all lent for `POOL_WAIT_S` raises
+    SQLAlchemy's TimeoutError."""
+    health = database_health(database_url)
+    health.check()
     try:
         pooled = pooled_engine(database_url).raw_connection()
     except sqlalchemy.exc.DBAPIError as exc:  # could not connect: the driver's error, not SQLAlchemy's wrapper
-        raise exc.orig from None
+        raise health.tripped(exc.orig) from exc.orig
+    except psycopg.OperationalError as exc:
+        raise health.tripped(exc) from exc
     driver: psycopg.Connection[Any] = pooled.driver_connection
     driver.row_factory = dict_row
     try:
         yield driver
         driver.commit()
-    except BaseException:
+    except BaseException as exc:
         if driver.broken:
             pooled.invalidate()  # lost: the pool opens a new one
+            if isinstance(exc, psycopg.OperationalError):
+                raise health.tripped(exc) from exc
         raise
     finally:
         if not driver.closed:

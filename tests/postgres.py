@@ -35,11 +35,30 @@ SERVER_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off
 
 @dataclass(frozen=True)
 class PostgresServer:
-    """A running server on 127.0.0.1 with a trusted superuser."""
+    """A running server on 127.0.0.1 with a trusted superuser; `stop` and `start` it for an outage (pg_ctl)."""
 
     port: int
+    root: Path
+    binaries: Path
     user: str = SERVER_USER
     host: str = "127.0.0.1"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def start(self) -> None:
+        """`pg_ctl start`, waiting until it accepts connections (the log is appended to `<root>/server.log`)."""
+        options = f"-c listen_addresses={self.host} -p {self.port} -c unix_socket_directories={self.root} {SERVER_OPTIONS}"
+        try:
+            _run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options,
+                 "-w", "-t", "30", "start")
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}\nserver log:\n{(self.root / 'server.log').read_text()}") from None
+
+    def stop(self, mode: str = "fast") -> None:
+        """`pg_ctl stop` (fast: sessions are ended, as an operator's restart or a failover does), waiting until down."""
+        _run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         """A SQLAlchemy URL as an operator would set `NEURONOVA_FEEDBACK__DATABASE_URL`."""
@@ -106,21 +125,15 @@ def postgres_server() -> Iterator[PostgresServer]:
     root = Path(tempfile.mkdtemp(prefix="neuronova-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, SERVER_USER, SERVER_USER)
-    data = root / "data"
-    server = PostgresServer(port=free_port())
+    server = PostgresServer(port=free_port(), root=root, binaries=binaries)
     try:
-        _run(str(binaries / "initdb"), "-D", str(data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8", "--locale=C",
-             "--no-sync")
-        options = f"-c listen_addresses={server.host} -p {server.port} -c unix_socket_directories={root} {SERVER_OPTIONS}"
-        try:
-            _run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "-t",
-                 "30", "start")
-        except RuntimeError as error:
-            raise RuntimeError(f"{error}\nserver log:\n{(root / 'server.log').read_text()}") from None
+        _run(str(binaries / "initdb"), "-D", str(server.data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8",
+             "--locale=C", "--no-sync")
+        server.start()
         yield server
     finally:
-        if (data / "postmaster.pid").exists():
-            _run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        if (server.data / "postmaster.pid").exists():
+            server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -92,3 +93,31 @@ def test_status_get_and_cancel_routes_read_the_shared_store(settings: Settings) 
     assert json.loads(sent[1]["body"])["status"] == "cancelled" and store.get("t5").cancel_requested
     assert run_middleware(settings, f"{ROUTE}/get", "GET", None, b"task_id=t5")[0]["status"] == 409
     assert run_middleware(settings, f"{ROUTE}/get", "GET", None)[0]["status"] == 400  # no task_id
+
+
+def test_every_task_route_answers_503_at_once_while_the_database_is_down(settings: Settings, monkeypatch) -> None:
+    store = PostgresTaskStore.from_settings(settings)
+    store.create("t5", None, None)
+
+    def still_down() -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    monkeypatch.setattr(api_tasks, "open_task_store", lambda _: store)  # a store opened at start, before the outage
+    monkeypatch.setattr(store.database, "probe", still_down)  # one breaker per database in the process
+    store.database.tripped(ConnectionRefusedError("the database is down"))
+    for path, method, query in [(ROUTE, "POST", b""), (f"{ROUTE}/submit", "POST", b""),
+                                (f"{ROUTE}/status", "GET", b"task_id=t5"), (f"{ROUTE}/get", "GET", b"task_id=t5"),
+                                (f"{ROUTE}/cancel", "PUT", b"task_id=t5"), (f"{ROUTE}/retry", "POST", b"task_id=t5")]:
+        sent = run_middleware(settings, path, method, {"task_id": "never-submitted", "status": "in_progress"}, query)
+        assert sent[0]["status"] == 503, (path, sent)
+        assert dict(sent[0]["headers"])[b"retry-after"] == b"5"
+        answer = json.loads(sent[1]["body"])
+        assert answer["error"]["code"] == "SERVICE_UNAVAILABLE"
+        assert answer["error"]["details"]["reason"] == "database_unreachable"
+    monkeypatch.undo()  # the database answers the breaker's probe again
+    deadline = time.monotonic() + 30.0
+    while not store.database.available:
+        assert time.monotonic() < deadline, "the breaker did not close once the database answered"
+        time.sleep(0.01)
+    assert store.get("t5").status == "pending"  # the cancel did not go through
+    assert store.get("never-submitted") is None  # no submission reached BentoML
