@@ -85,8 +85,8 @@ from core.schemas import (
     TaskStatusResponse,
 )
 from core.settings import get_settings
-from state.tasks import TaskStore, split_ref, task_store_path
-from state.stores import open_task_store
+from state.tasks import split_ref
+from state.stores import embedded_task_store, open_mri_queue, open_task_store, prepare_job_queue
 from monitoring.backlog import watch_backlog
 from monitoring.live import live_figures, replica_samples
 from state.pacs_jobs import Job, JobState, Notice, Notified
@@ -134,12 +134,8 @@ class NeuroNova:
                                    batched=batched_methods(BiomarkerModel), array_methods=BIOMARKER_ARRAY_METHODS)
         self.mri = ModelSlot("mri_segmentation", self.mri_runner, SegmentationCard, segmentation_summary)
         self.tasks = open_task_store(settings)
-        self.queue = None
-        if settings.distributed.enabled:  # MRI tasks through the shared queue; a stopping worker hands its task back
-            from state.job_queue import MriQueue, replica_name
-
-            self.queue = MriQueue(self.tasks, settings.distributed.database_url, replica_name(
-                settings.distributed.replica_id), settings.shutdown_grace_seconds)
+        self.queue = open_mri_queue(settings, self.tasks)
+        if self.queue is not None:  # MRI tasks through the shared queue; a stopping worker hands its task back
             at_signal(self.queue.stop)
             at_deadline(self.queue.hand_back_running)
         else:
@@ -160,12 +156,8 @@ class NeuroNova:
         """Once per start, before the workers: what a killed server left behind (api/shutdown.py, state/pacs_jobs.py).
         Distributed, the tasks a killed replica held are taken over by the queue, not failed; the queue's tables are
         created once."""
-        if settings.distributed.enabled:
-            from state.job_queue import prepare_database
-
-            prepare_database(settings.distributed.database_url)
-        recover_after_crash(None if settings.distributed.enabled else TaskStore(task_store_path(settings.data_dir)),
-                            bentoml_result_store_path())
+        prepare_job_queue(settings)
+        recover_after_crash(embedded_task_store(settings), bentoml_result_store_path())
         if settings.pacs.config:
             from pacs.runtime import recover
 
