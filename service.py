@@ -30,6 +30,7 @@ from pipelines.classification import (
 from pipelines.coalescing import batched_methods
 from api.errors import ErrorSchemaMiddleware, handles_errors
 from pipelines.feedback import FeedbackReceipt, FeedbackRequest, record_feedback, reviewer_of
+from state import shared_db
 from state.feedback import FeedbackStore
 from pipelines.lifecycle import UpdateModelResponse, import_export_file, resolve_target, switch_model
 from api.limits import BodyLimitMiddleware, RateLimitMiddleware
@@ -156,12 +157,13 @@ class NeuroNova:
         """Once per start, before the workers: what a killed server left behind (api/shutdown.py, state/pacs_jobs.py).
         Distributed, the tasks a killed replica held are taken over by the queue, not failed; the queue's tables are
         created once."""
-        prepare_job_queue(settings)
-        recover_after_crash(embedded_task_store(settings), bentoml_result_store_path())
-        if settings.pacs.config:
-            from pacs.runtime import recover
+        with shared_db.start_up():
+            prepare_job_queue(settings)
+            recover_after_crash(embedded_task_store(settings), bentoml_result_store_path())
+            if settings.pacs.config:
+                from pacs.runtime import recover
 
-            recover(settings)
+                recover(settings)
 
     async def __is_ready__(self) -> bool:
         """`/readyz` (besides BentoML's runner checks): replicas are unready while the shared database or volume

@@ -55,9 +55,10 @@ the service): an unreachable database is an answer within seconds, not a hang.""
 POOL_WAIT_S = 5.0
 """How long a caller waits for a pooled connection before the error (SQLAlchemy's default is 30 s)."""
 
-ProcessRole = Literal["api", "runner", "tool"]
-"""Who holds a connection: an API worker, a runner process, or anything else (a script, the fine-tuning job, a test)."""
-POOL_SIZE: dict[ProcessRole, int] = {"api": 2, "runner": 1, "tool": 1}
+ProcessRole = Literal["api", "runner", "start", "tool"]
+"""Who holds a connection: an API worker, a runner process, the arbiter's start-up work (`start_up`), or anything
+else (a script, the fine-tuning job, a test)."""
+POOL_SIZE: dict[ProcessRole, int] = {"api": 2, "runner": 1, "start": 1, "tool": 1}
 """Connections of a process's pool per database (no overflow). An API worker: rate-limit counts, task rows, feedback
 records, the registry (each a round trip of about a millisecond, from a thread). A runner: the registry poll (once a
 second, with its `replica_models` row) and, in the MRI runner, progress and cancel checks; they take turns."""
@@ -110,13 +111,30 @@ rate_limit_windows = Table(
 _ENGINES: dict[str, Engine] = {}
 _SCHEMA_READY: set[str] = set()
 _LOCK = threading.RLock()
+_STARTING = threading.Event()
 _ROLES: dict[str | None, ProcessRole] = {"entry_service": "api", "service": "runner"}
 
 
 def process_role() -> ProcessRole:
     """This process's role, from the kind of BentoML worker it is (set by BentoML before the service is built: a
-    worker of the entry service is an API worker, one of a dependency a runner); anything else is a tool."""
-    return _ROLES.get(bentoml.server_context.service_type, "tool")
+    worker of the entry service is an API worker, one of a dependency a runner), or `start` inside `start_up`;
+    anything else is a tool."""
+    return "start" if _STARTING.is_set() else _ROLES.get(bentoml.server_context.service_type, "tool")
+
+
+@contextmanager
+def start_up() -> Iterator[None]:
+    """The arbiter's work before the workers start (schemas, recovery): its connections are named `start`, and the
+    pools it opened are closed when it ends, so the arbiter holds no connection while the replica serves."""
+    _STARTING.set()
+    try:
+        yield
+    finally:
+        _STARTING.clear()
+        with _LOCK:
+            for made in _ENGINES.values():
+                made.dispose()
+            _ENGINES.clear()
 
 
 def process_budget(role: ProcessRole) -> int:

@@ -172,3 +172,14 @@ def test_connections_name_their_replica_and_role_within_postgresql_s_limit(monke
     assert name.startswith("neuronova:neuronova-7d9f8c6b5-x2k4q") and name.endswith(":runner")
     assert len(name.encode()) == shared_db.APPLICATION_NAME_BYTES
     assert options["connect_timeout"] == shared_db.PG_CONNECT_TIMEOUT_S and options["application_name"].endswith(":api")
+
+
+def test_the_arbiter_s_start_up_work_is_named_start_and_holds_no_connection_afterwards(api_worker: str,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(bentoml.server_context, "service_type", None)  # the arbiter: no BentoML worker
+    start = f"neuronova:{REPLICA}:start"
+    with shared_db.start_up():
+        PostgresTaskStore.from_settings(get_settings()).create("t-start", "r", "mri_segmentation")
+        assert connections(api_worker)[start] == shared_db.POOL_SIZE["start"]  # pooled meanwhile, named `start`
+    wait_for(lambda: connections(api_worker)[start] == 0, 30.0, "the start-up pool closed")
+    assert shared_db.process_role() == "tool"
