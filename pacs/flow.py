@@ -30,7 +30,7 @@ from pipelines.runner_slots import MODEL_SWITCHED, ModelSlot
 from pipelines.shaping import class_probabilities
 from core.errors import ModelInferenceError, ModelNotLoaded, NeuroNovaError, error_body
 from core.settings import LimitSettings
-from state.tasks import TaskStates
+from state.tasks import PACS_RUN_PREFIX, TaskStates
 from pacs.config import PacsConfig
 from pacs.dicomweb import DicomWebPacs, PacsRefused, PacsUnavailable, StudySeries
 from state.pacs_jobs import NO_RULE, Lease, PacsJobs
@@ -194,14 +194,23 @@ class PacsFlow:
             return await self._segment(lease, series)
         return await self._classify(lease, series)
 
+    def _close_earlier_runs(self, job_id: str, current: str) -> None:
+        """Fail the task records earlier runs of this job left active (a run whose replica was killed or frozen, taken
+        over): the job's MRI work is this run's now, and a resumed old run stops at its next step."""
+        for task_id in self.tasks.active_of_request(job_id):
+            if task_id != current:
+                self.tasks.fail(task_id, error_body("PACS_JOB_FAILED", "superseded by a later run of the PACS job",
+                                                    {"reason": "superseded"}))
+
     async def _segment(self, lease: Lease, series: dict[str, list[Dataset]]) -> list[Dataset]:
         job = lease.job
         mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
         slot = self.slots["mri_segmentation"]
         # A task record of its own for every attempt: a failed attempt's record is cancelled (`TaskStates.fail`), and
         # an attempt queued again after the runner shed it must not find that record (it would stop at its first step).
-        task_id = f"pacs-{job.job_id}-{uuid.uuid4().hex[:12]}"
-        self.tasks.create(task_id, job.job_id, slot.model_id)
+        task_id = f"{PACS_RUN_PREFIX}{job.job_id}-{uuid.uuid4().hex[:12]}"
+        await asyncio.to_thread(self.tasks.create, task_id, job.job_id, slot.model_id)
+        await asyncio.to_thread(self._close_earlier_runs, job.job_id, task_id)
         objects = self.config.rules_for(slot.model_id).result_objects
         request = mri.SegmentationRequest(task_id=task_id, request_id=job.job_id, images=(), sequence_type=None,
                                           xai=False, post_processing=mri.PostProcessingOptions(),
@@ -209,10 +218,10 @@ class PacsFlow:
         try:
             segmented = await mri.segment_series(slot, self.tasks, request, series, self.limits)
         except Exception as exc:
-            self.tasks.fail(task_id, exc if isinstance(exc, NeuroNovaError)
-                            else error_body("PACS_JOB_FAILED", type(exc).__name__))
+            await asyncio.to_thread(self.tasks.fail, task_id, exc if isinstance(exc, NeuroNovaError)
+                                    else error_body("PACS_JOB_FAILED", type(exc).__name__))
             raise
-        self.tasks.complete(task_id, {"pacs_job": job.job_id})
+        await asyncio.to_thread(self.tasks.complete, task_id, {"pacs_job": job.job_id})
         response, volume = segmented.response, segmented.volume
         card = (await slot.loaded()).card
         result, tag = response.result, response.model_version

@@ -35,6 +35,7 @@ from core.settings import Settings
 from state.tasks import (
     BACKLOG_SQL,
     OWNERS_SCHEMA,
+    PACS_RUN_PREFIX,
     RETENTION_SECONDS,
     Backlog,
     STEP_PROGRESS,
@@ -276,6 +277,12 @@ class PostgresTaskStore:
                 {"task_id": task_id, "attempt": attempt})
         return done.rowcount == 1
 
+    def active_of_request(self, request_id: str) -> list[str]:
+        """The ids of the active tasks recorded for `request_id`."""
+        with self._connect() as connection:
+            return [row["task_id"] for row in connection.execute(
+                f"SELECT task_id FROM {TABLE} WHERE request_id = %s AND {_ACTIVE_SQL}", (request_id,))]
+
     def cancel(self, task_id: str) -> TaskRecord | None:
         """Set the cancel flag and mark an active task cancelled at once (its run stops at its next check, on
         whichever replica it runs)."""
@@ -302,12 +309,13 @@ class PostgresTaskStore:
                 return Swept([], [])
             orphans = connection.execute(
                 f"SELECT task_id, requeued, params IS NULL AS never_queued FROM {TABLE} t WHERE {_ACTIVE_SQL} "
-                "AND NOT cancel_requested AND (params IS NULL AND created_at < %(never_queued)s OR "
+                "AND NOT cancel_requested AND task_id NOT LIKE %(pacs_runs)s AND (params IS NULL AND "
+                "created_at < %(never_queued)s OR "
                 "params IS NOT NULL AND created_at < %(orphaned)s AND NOT EXISTS (SELECT 1 FROM "
                 f"{job_table} j WHERE j.task_name = %(task_name)s AND j.args->>'task_id' = t.task_id "
                 "AND j.status IN ('todo', 'doing'))) FOR UPDATE",
                 {"never_queued": now - QUEUEING_DEADLINE_S, "orphaned": now - ORPHAN_GRACE_S,
-                 "task_name": task_name}).fetchall()
+                 "task_name": task_name, "pacs_runs": f"{PACS_RUN_PREFIX}%"}).fetchall()
             requeue = [row["task_id"] for row in orphans if not row["never_queued"] and row["requeued"] < MAX_REQUEUES]
             connection.execute(f"UPDATE {TABLE} SET requeued = requeued + 1, status = 'pending', "
                                "current_step = 'queued', owner = NULL WHERE task_id = ANY(%s)", (requeue,))
@@ -338,7 +346,8 @@ class PostgresTaskStore:
             row = connection.execute(f"SELECT * FROM {TABLE} WHERE task_id = %s", (task_id,)).fetchone()
         if row is None:
             return None
-        if row["status"] == "pending" and row["params"] is None and row["created_at"] < time.time() - QUEUEING_DEADLINE_S:
+        if (row["status"] == "pending" and row["params"] is None and not task_id.startswith(PACS_RUN_PREFIX)
+                and row["created_at"] < time.time() - QUEUEING_DEADLINE_S):
             self.fail(task_id, error_body("INTERNAL_SERVER_ERROR", ORPHAN_MESSAGES["never_queued"],
                                           {"reason": "never_queued"}))
             return self.get(task_id)

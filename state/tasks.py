@@ -33,6 +33,9 @@ ACTIVE: tuple[TaskStatus, ...] = ("pending", "processing")
 RETENTION_SECONDS = 24 * 3600
 RESERVED_PREFIX = "reserved-"
 """Id of a row held for a submission in flight (`TaskStore.reserve`)."""
+PACS_RUN_PREFIX = "pacs-"
+"""Id prefix of the record a PACS job's run keeps of its MRI work (progress, cancel flag): the PACS job owns it (its
+lease, its later runs close it), not the MRI queue, whose orphan sweep leaves it alone."""
 STEP_PROGRESS: dict[str, int] = {
     "queued": 0, "decoding": 5, "preprocessing": 15, "inference": 25, "explaining": 85, "postprocessing": 88,
     "writing_outputs": 94, "completed": 100,
@@ -78,6 +81,7 @@ class TaskStates(Protocol):
     def fail(self, task_id: str, error: NeuroNovaError | dict[str, Any]) -> bool: ...
     def cancel(self, task_id: str) -> TaskRecord | None: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
+    def active_of_request(self, request_id: str) -> list[str]: ...
     def backlog(self) -> Backlog: ...
     def set_owner(self, task_id: str, subject: str) -> None: ...
     def owner(self, task_id: str) -> str | None: ...
@@ -284,6 +288,12 @@ class TaskStore:
         for task_id in failed:
             self.fail(task_id, error)
         return failed
+
+    def active_of_request(self, request_id: str) -> list[str]:
+        """The ids of the active tasks recorded for `request_id`."""
+        with self._connect() as connection:
+            return [row[0] for row in connection.execute(
+                "SELECT task_id FROM tasks WHERE request_id = ? AND status IN ('pending', 'processing')", (request_id,))]
 
     def cancel(self, task_id: str) -> TaskRecord | None:
         """Set the cancel flag and mark an active task cancelled at once (its work stops at the next check)."""

@@ -22,7 +22,7 @@ from core.errors import DependencyUnavailable
 from state.pg_tasks import MAX_REQUEUES, ORPHAN_GRACE_S, QUEUEING_DEADLINE_S, TABLE, PostgresTaskStore
 from state import shared_db
 from state.shared_db import database_health
-from state.tasks import task_ref
+from state.tasks import PACS_RUN_PREFIX, task_ref
 
 WAIT_S = 30.0
 """The most a test waits for a probe thread to see a dependency back (it probes every `probe_every_s`)."""
@@ -181,6 +181,19 @@ def test_the_sweep_requeues_orphans_a_bounded_number_of_times_then_fails_them(st
     assert store.get("orphan").error["details"]["reason"] == "job_lost"
     assert store.get("never_queued").error["details"]["reason"] == "never_queued"
     assert {store.get(t).status for t in ("queued", "held")} == {"pending"}
+
+
+def test_the_sweep_and_reads_leave_a_pacs_run_s_record_to_its_pacs_job(store) -> None:
+    """A PACS job's run keeps a task record of its MRI work (no parameters, no queue job): however long it waits for
+    the runner, it is the PACS job's (its lease, its later runs), not an orphan of the MRI queue."""
+    waiting, running = f"{PACS_RUN_PREFIX}job1-a", f"{PACS_RUN_PREFIX}job2-b"
+    for task_id in (waiting, running):
+        store.create(task_id, task_id.split("-")[1], "mri_segmentation")
+    store.report(running, "inference")
+    swept = store.sweep(JOB_TABLE, TASK_NAME, now=time.time() + QUEUEING_DEADLINE_S + 1)
+    assert swept == ([], [])
+    assert {store.get(waiting).status, store.get(running).status} == {"pending", "processing"}
+    assert store.active_of_request("job1") == [waiting]
 
 
 def test_one_sweep_at_a_time_across_replicas(store) -> None:

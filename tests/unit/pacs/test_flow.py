@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from core.errors import InvalidImageFormat, ModelInferenceError
-from state.tasks import TaskStore
+from state.tasks import PACS_RUN_PREFIX, TaskStore
 from pacs.config import PacsConfig
 from pacs.dicomweb import PacsRefused, PacsUnavailable, StudySeries
 from pacs.flow import PacsFlow, read_results, remove_results, write_results
@@ -251,3 +251,25 @@ def test_an_mri_run_the_runner_shed_runs_again_from_its_first_step(flow, monkeyp
     assert len(attempts) == 2 and attempts[0] != attempts[1]  # the second attempt reached the runner again
     job = flows.jobs.get(job_id)
     assert job.state == "failed" and job.reason == "mri_segmentation runner failed"
+
+
+def test_a_later_run_of_a_job_closes_the_task_record_an_earlier_run_left_active(flow, monkeypatch) -> None:
+    """A run whose replica was killed leaves its MRI task record `processing`; the run that takes the job over fails
+    it (superseded), so no record stays active for ever, and its own record completes."""
+    import pipelines.mri
+
+    async def segment_series(slot, tasks, request, series, limits):
+        tasks.report(request.task_id, "decoding")
+        raise ModelInferenceError("mri_segmentation runner failed", {"reason": "ValueError"})
+
+    monkeypatch.setattr(pipelines.mri, "segment_series", segment_series)
+    slot = type("Slot", (), {"model_id": "mri_segmentation"})()
+    flows = flow(ScriptedPacs(retrieves=[[Dataset()]]), {"mri_segmentation": slot})
+    job_id, _ = flows.jobs.add(STUDY, "mri_segmentation", "m:1", {"T1": "1.2.3.4.1"})
+    killed_run = f"{PACS_RUN_PREFIX}{job_id}-killed"
+    flows.tasks.create(killed_run, job_id, "mri_segmentation")
+    flows.tasks.report(killed_run, "inference")
+    asyncio.run(flows.run(flows.jobs.claim()))
+    record = flows.tasks.get(killed_run)
+    assert record.status == "failed" and record.error["details"]["reason"] == "superseded"
+    assert flows.tasks.active_of_request(job_id) == []  # the new run's own record ended with its run
