@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,9 +23,9 @@ from state.feedback import FeedbackStore
 from state.job_queue import MriQueue, prepare_database
 from state.pg_tasks import PostgresTaskStore
 from tests.pg_activity import ConnectionSamples, connections
+from tests.unit.core.conftest import REPLICA
 
 K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
-REPLICA = "budget-unit-replica"
 API = f"neuronova:{REPLICA}:api"
 THREADS = 24
 CALLS_PER_THREAD = 15
@@ -65,20 +65,6 @@ def test_the_replicas_at_the_autoscaler_s_maximum_fit_postgresql_s_default_max_c
           f"{shared_db.process_budget('runner')} = {per_replica} per replica; x {hpa_max_replicas()} replicas = "
           f"{at_maximum} of {available}")
     assert at_maximum <= available
-
-
-@pytest.fixture()
-def api_worker(postgres_server, tmp_path, monkeypatch) -> Iterator[str]:
-    """This process as one API worker of a replica in distributed mode, on a fresh database; its URL."""
-    url = postgres_server.new_database()
-    monkeypatch.setenv("NEURONOVA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("NEURONOVA_DISTRIBUTED__DATABASE_URL", url)
-    monkeypatch.setenv("NEURONOVA_DISTRIBUTED__SHARED_DIR", str(tmp_path / "volume"))
-    monkeypatch.setenv("NEURONOVA_DISTRIBUTED__REPLICA_ID", REPLICA)
-    monkeypatch.setattr(bentoml.server_context, "service_type", "entry_service")  # as BentoML marks an API worker
-    get_settings.cache_clear()
-    yield url
-    get_settings.cache_clear()
 
 
 def test_one_pool_bounds_many_threads_of_every_store(api_worker: str) -> None:
