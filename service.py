@@ -39,7 +39,6 @@ from pipelines.runner_slots import ModelSlot, segmentation_summary, tabular_summ
 from api.mri_submit import SEQUENCE_FIELD, missing_sequences_check
 from api.openapi import OpenAPIMiddleware
 from api.phi import PatientId
-from state.request_cache import RequestCache, cache_directory
 from api.shutdown import (
     at_deadline,
     at_signal,
@@ -87,7 +86,8 @@ from core.schemas import (
 )
 from core.settings import get_settings
 from state.tasks import split_ref
-from state.stores import embedded_task_store, open_mri_queue, open_task_store, prepare_job_queue
+from state.request_cache import NOT_CACHED_WARNING
+from state.stores import embedded_task_store, open_mri_queue, open_request_cache, open_task_store, prepare_job_queue
 from monitoring.backlog import watch_backlog
 from monitoring.live import live_figures, replica_samples
 from state.pacs_jobs import Job, JobState, Notice, Notified
@@ -142,8 +142,7 @@ class NeuroNova:
         else:
             at_deadline(lambda: fail_own_tasks(self.tasks))
             self.mri_slots = PriorityGate(settings.limits.mri_running_per_worker)  # the others wait, pending
-        self.requests = RequestCache(cache_directory(settings), settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
-                                     settings.xai_cache_max_bytes)
+        self.requests = open_request_cache(settings)
         self.feedback_store = FeedbackStore.from_settings(get_settings())
         self.pacs = self.pacs_background = None
         if settings.pacs.config:  # the PACS connection (pacs/): only where configured
@@ -241,7 +240,9 @@ class NeuroNova:
             warnings=modality_warnings(out.decoded, card.input.modalities) + out.warnings,
             metadata=response_metadata(describe_slice(out.decoded, data), metadata),
         )
-        self.requests.put(cached_classification(response, out), current_owner())
+        owner = current_owner()
+        if not await asyncio.to_thread(lambda: self.requests.remember(cached_classification(response, out), owner)):
+            response.warnings.append(NOT_CACHED_WARNING)
         return response
 
     @bentoml.api(route="/predict/biomarker_prediction")

@@ -176,8 +176,8 @@ class SegmentationAttempt:
     async def remember(self) -> None:
         segmented, cache = self.segmented, self.cache
         if segmented is not None and cache is not None:
-            await asyncio.to_thread(lambda: cache.put(cached_segmentation(segmented.response, segmented.volume,
-                                                                          segmented.prepared), self.request.owner))
+            await asyncio.to_thread(lambda: cache.remember(cached_segmentation(
+                segmented.response, segmented.volume, segmented.prepared), self.request.owner))
 
 
 async def segment_series(

@@ -14,7 +14,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -133,6 +134,22 @@ def shared_volume(directory: str | Path) -> Breaker:
         path.unlink()
 
     return breaker("shared_volume", str(folder), lambda: Breaker("the shared volume", SHARED_VOLUME_UNAVAILABLE, probe))
+
+
+@contextmanager
+def file_io_on(volume: Breaker | None) -> Iterator[None]:
+    """File I/O on the shared volume `volume` (None: a local disk, nothing guarded): refused at once while its breaker
+    is open; an I/O error trips it (a file that is missing or already there is an answer, not an outage)."""
+    if volume is None:
+        yield
+        return
+    volume.check()
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as exc:
+        raise volume.tripped(exc) from exc
 
 
 def unreachable_dependency(exc: BaseException) -> bool:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from core.errors import DependencyUnavailable, NeuroNovaError, error_body
 from state import shared_db
-from state.dependency_health import shared_volume
+from state.dependency_health import file_io_on, shared_volume
 from state.shared_db import database_health
 from core.settings import Settings
 from state.tasks import (
@@ -128,17 +128,9 @@ class PostgresTaskStore:
         with shared_db.connection(self.database_url) as connection:
             yield connection
 
-    @contextmanager
-    def on_volume(self) -> Iterator[None]:
-        """File I/O on the shared volume: refused at once while its breaker is open; an I/O error trips it (a file
-        that is missing or already there is an answer, not an outage)."""
-        self.volume.check()
-        try:
-            yield
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except OSError as exc:
-            raise self.volume.tripped(exc) from exc
+    def on_volume(self) -> AbstractContextManager[None]:
+        """File I/O on the shared volume, guarded by its breaker (`state.dependency_health.file_io_on`)."""
+        return file_io_on(self.volume)
 
     def check_available(self) -> None:
         """Raise `DependencyUnavailable` at once while the database or the shared volume is known unreachable."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -33,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import NotFound
+from core.errors import DependencyUnavailable, NotFound
 from core.settings import Settings
+from state.dependency_health import Breaker, file_io_on
 
+log = logging.getLogger("neuronova.request_cache")
+NOT_CACHED_WARNING = "this answer could not be kept for /xai/explain and /feedback (the shared volume is unavailable)"
 TEMP_SUFFIX = ".tmp"
 SWEEP_FRACTION = 32
 """A worker sweeps once it has written 1/32 of either bound since its last sweep; between sweeps the cache can hold
@@ -65,8 +69,11 @@ class RequestCache:
     up to 1/SWEEP_FRACTION more of each per worker between sweeps), each kept `ttl_seconds`; the oldest are evicted
     first."""
 
-    def __init__(self, directory: Path, max_entries: int, ttl_seconds: float, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_entries: int, ttl_seconds: float, max_bytes: int,
+                 volume: Breaker | None = None) -> None:
         self.directory = directory
+        self.volume = volume
+        """The shared volume's breaker where the cache lives there (replicas): its I/O errors answer 503."""
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
         self.max_bytes = max_bytes
@@ -86,27 +93,39 @@ class RequestCache:
                 "model_version": entry.model_version, "input_sha256": entry.input_sha256, "facts": entry.facts}
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
         path = self._path(entry.request_id, owner)
-        handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=TEMP_SUFFIX)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temp, path)
+        with file_io_on(self.volume):
+            handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=TEMP_SUFFIX)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(buffer.getvalue())
+            os.replace(temp, path)
         self._unswept_entries += 1
         self._unswept_bytes += buffer.tell()
         if (self._unswept_entries * SWEEP_FRACTION >= self.max_entries
                 or self._unswept_bytes * SWEEP_FRACTION >= self.max_bytes):
             self._evict()
 
+    def remember(self, entry: CachedRequest, owner: str = "") -> bool:
+        """`put`, unless the shared volume is unavailable: then False (logged). An answer stands without its entry;
+        `/xai/explain` or `/feedback` on it later answers 404 (or 503 while the volume is still down)."""
+        try:
+            self.put(entry, owner)
+        except DependencyUnavailable:
+            log.warning("request %s not cached: the shared volume is unavailable", entry.request_id)
+            return False
+        return True
+
     def get(self, request_id: str, owner: str = "") -> CachedRequest:
         """`owner`'s cached request, or NotFound once it has expired or been evicted, or never existed for this owner
         (another owner's entry of the same id gets the same answer)."""
         path = self._path(request_id, owner)
         try:
-            if time.time() - path.stat().st_mtime > self.ttl_seconds:
-                path.unlink(missing_ok=True)
-                raise FileNotFoundError
-            with np.load(path) as stored:
-                arrays = {k: stored[k] for k in stored.files if k != "__meta__"}
-                meta = json.loads(stored["__meta__"].tobytes())
+            with file_io_on(self.volume):
+                if time.time() - path.stat().st_mtime > self.ttl_seconds:
+                    path.unlink(missing_ok=True)
+                    raise FileNotFoundError
+                with np.load(path) as stored:
+                    arrays = {k: stored[k] for k in stored.files if k != "__meta__"}
+                    meta = json.loads(stored["__meta__"].tobytes())
         except FileNotFoundError:
             raise NotFound("this request_id is not in the explanation cache (expired, evicted or unknown)",
                            {"ttl_seconds": self.ttl_seconds, "max_entries": self.max_entries}) from None

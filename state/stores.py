@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from core.settings import Settings
+from state.dependency_health import shared_volume
 from state.pacs_jobs import JobStore, PacsJobs, job_store_path
 from state.pacs_jobs_pg import PostgresJobStore
 from state.pg_tasks import PostgresTaskStore
+from state.request_cache import RequestCache, cache_directory
 from state.tasks import TaskStates, TaskStore, task_store_path
 
 if TYPE_CHECKING:
@@ -60,3 +62,13 @@ def embedded_task_store(settings: Settings) -> TaskStore | None:
     """The local task store whose active tasks a killed server left behind are to be failed at start (embedded);
     None distributed, where the shared queue hands them to another run."""
     return None if settings.distributed.enabled else TaskStore(task_store_path(settings.data_dir))
+
+
+def open_request_cache(settings: Settings) -> RequestCache:
+    """The cache of prepared inputs for `/xai/explain` and `/feedback`: on the shared volume with replicas (its I/O
+    guarded by the volume's breaker: 503 while it is unreachable), else under the data directory."""
+    directory = cache_directory(settings)
+    volume = shared_volume(settings.distributed.shared_dir) if settings.distributed.enabled and \
+        settings.distributed.shared_dir else None
+    return RequestCache(directory, settings.xai_cache_entries, settings.xai_cache_ttl_seconds,
+                        settings.xai_cache_max_bytes, volume)

@@ -5,12 +5,14 @@ result file per task however its attempts ended, orphans swept."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 from sqlalchemy import text
@@ -22,6 +24,7 @@ from core.errors import DependencyUnavailable
 from state.pg_tasks import MAX_REQUEUES, ORPHAN_GRACE_S, QUEUEING_DEADLINE_S, TABLE, PostgresTaskStore
 from state import shared_db
 from state.shared_db import database_health
+from state.request_cache import CachedRequest, RequestCache
 from state.tasks import PACS_RUN_PREFIX, task_ref
 
 WAIT_S = 30.0
@@ -223,3 +226,42 @@ def test_a_pooled_connection_ended_by_a_restart_does_not_trip_the_breaker(postgr
     with shared_db.engine(url).connect() as connection:  # the pool's ping finds it dead and connects anew
         assert connection.execute(text("SELECT 1")).scalar_one() == 1
     assert database_health(url).available
+
+
+
+def test_the_shared_request_cache_answers_503_while_the_volume_fails_and_serves_once_it_is_back(tmp_path: Path) -> None:
+    folder = tmp_path / "request_cache"
+
+    def probe() -> None:  # as `shared_volume`'s probe: a file can be written there again
+        (folder / ".probe").write_bytes(b"probe")
+
+    volume = Breaker("the shared volume", SHARED_VOLUME_UNAVAILABLE, probe, probe_every_s=0.05)
+    cache = RequestCache(folder, max_entries=4, ttl_seconds=60, max_bytes=2**20, volume=volume)
+    entry = CachedRequest("req-1", "ct_classification", "v1", "0" * 64, {"input": np.zeros(3, np.float32)}, {})
+    cache.put(entry)
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")  # the mount point turned into something no file can be written under
+    with pytest.raises(DependencyUnavailable) as refused:
+        cache.put(entry)
+    assert refused.value.details["reason"] == SHARED_VOLUME_UNAVAILABLE
+    with pytest.raises(DependencyUnavailable):  # open: refused at once (or by the failing read: the same answer)
+        cache.get("req-1")
+    folder.unlink()
+    folder.mkdir()
+    deadline = time.monotonic() + 30
+    while not volume.available:  # the prober closes the breaker at its first successful probe
+        assert time.monotonic() < deadline, "the volume's breaker did not close"
+        time.sleep(0.05)
+    cache.put(entry)
+    assert cache.get("req-1").request_id == "req-1"
+
+
+def test_an_answer_stands_when_its_cache_entry_cannot_be_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "request_cache"
+    volume = Breaker("the shared volume", SHARED_VOLUME_UNAVAILABLE, lambda: None, probe_every_s=3600)
+    cache = RequestCache(folder, max_entries=4, ttl_seconds=60, max_bytes=2**20, volume=volume)
+    entry = CachedRequest("req-2", "ct_classification", "v1", "0" * 64, {"input": np.zeros(3, np.float32)}, {})
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")
+    assert cache.remember(entry) is False  # the caller answers 200 with a warning instead of failing
+    assert not volume.available
