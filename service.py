@@ -210,7 +210,8 @@ class NeuroNova:
         """One attempt of a queued MRI task, by the same pipeline as an embedded task, its writes fenced by `ref`."""
         mri = await asyncio.to_thread(importlib.import_module, "pipelines.mri")
         request = mri.SegmentationRequest.from_queued(ref, params, self.queue.upload_paths(split_ref(ref)[0], params))
-        attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests)
+        attempt = mri.SegmentationAttempt(self.mri, self.tasks, request, settings.limits, self.requests,
+                                          read=self.queue.read_upload)
         await run_tracked(self.tasks, ref, request.request_id, self.mri.model_id,
                           self.queue.guarded(attempt.response, ref), after_commit=attempt.remember)
 

@@ -163,13 +163,16 @@ class SegmentationAttempt:
     the entry of the one whose mask the clinician sees."""
 
     def __init__(self, slot: ModelSlot[SegmentationCard], tasks: TaskStates, request: SegmentationRequest,
-                 limits: LimitSettings, cache: RequestCache | None = None) -> None:
+                 limits: LimitSettings, cache: RequestCache | None = None,
+                 read: Callable[[Path], bytes] = Path.read_bytes) -> None:
         self.slot, self.tasks, self.request, self.limits, self.cache = slot, tasks, request, limits, cache
+        self.read = read
+        """How an upload is read (a queued task's, on the shared volume: guarded by the volume's breaker)."""
         self.segmented: Segmented | None = None
 
     async def response(self) -> MRISegmentationResponse:
         request = self.request
-        uploads = await asyncio.to_thread(lambda: [(path.name, path.read_bytes()) for path in request.images])
+        uploads = await asyncio.to_thread(lambda: [(path.name, self.read(path)) for path in request.images])
         self.segmented = await segment_uploads(self.slot, self.tasks, request, uploads, self.limits)
         return self.segmented.response
 

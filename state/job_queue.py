@@ -186,6 +186,12 @@ class MriQueue:
         folder = self.store.task_dir(task_id) / "uploads"
         return [folder / name for name in params["uploads"]]
 
+    def read_upload(self, path: Path) -> bytes:
+        """An upload on the shared volume; `DependencyUnavailable` while the volume fails, so the attempt is handed
+        back rather than failed (a missing upload is still an error of the task)."""
+        with self.store.on_volume():
+            return path.read_bytes()
+
     async def start(self, run: Run) -> None:
         """Run jobs with `run` in this process until `stop` (and look for stalled ones)."""
         self._run, self._loop = run, asyncio.get_running_loop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from http import HTTPStatus
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -15,7 +16,7 @@ from procrastinate.exceptions import ConnectorException
 
 from state import job_queue as task_queue
 from state.job_queue import MAX_RUNS, HandedBack, MriQueue, runner_not_serving
-from state.dependency_health import DATABASE_UNREACHABLE, Breaker
+from state.dependency_health import DATABASE_UNREACHABLE, Breaker, file_io_on
 from core.errors import DependencyUnavailable, InvalidRequest, ModelInferenceError, ModelNotLoaded
 
 
@@ -194,3 +195,21 @@ def test_an_answered_submission_is_queued_once_the_database_is_back(monkeypatch)
     with pytest.raises(DependencyUnavailable):
         asyncio.run(q.accept("task_2", "req", "mri_segmentation", [], {}))
     assert queued == ["task_1"]
+
+
+def test_an_upload_unreadable_for_a_volume_outage_hands_the_attempt_back(tmp_path) -> None:
+    volume = Breaker("the shared volume", "shared_volume_unavailable", lambda: None, probe_every_s=3600)
+    q = queue()
+    q.store = SimpleNamespace(on_volume=lambda: file_io_on(volume))  # type: ignore[assignment]
+    upload = tmp_path / "uploads" / "0" / "case.nii.gz"  # its folder is a file: the volume's I/O error
+    upload.parent.parent.mkdir()
+    upload.parent.write_bytes(b"")
+    with pytest.raises(DependencyUnavailable):
+        q.read_upload(upload)
+    with pytest.raises(HandedBack):  # the attempt reading it is handed back, not failed
+        asyncio.run(q.guarded(lambda: asyncio.to_thread(q.read_upload, upload), "task_1@1")())
+    healthy = Breaker("the shared volume", "shared_volume_unavailable", lambda: None, probe_every_s=3600)
+    q.store = SimpleNamespace(on_volume=lambda: file_io_on(healthy))  # type: ignore[assignment]
+    with pytest.raises(FileNotFoundError):  # a missing upload (the volume answering) is the task's own error
+        q.read_upload(tmp_path / "missing.nii.gz")
+    assert healthy.available
