@@ -1,4 +1,5 @@
-"""ASGI send wrappers that hold back a whole response to rewrite it (the error schema, the completed OpenAPI document)."""
+"""ASGI send wrappers: one that holds back a whole response to rewrite it (the error schema, the completed OpenAPI
+document), one that tells whether a response has started (an error can be answered only before)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def with_length(headers: list[tuple[bytes, bytes]], body: bytes, *dropped: bytes
     """`headers` without content-length (and `dropped`), then the length of `body`."""
     kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", *dropped)]
     return [*kept, (b"content-length", str(len(body)).encode())]
+
+
+class ObservedSend:
+    """A `send` that remembers whether the response has started: until then an error can still be answered."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)

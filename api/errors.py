@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.buffered_responses import rewriting, with_length
+from api.buffered_responses import ObservedSend, rewriting, with_length
 from core.errors import DependencyUnavailable, InternalServerError, InvalidRequest, NeuroNovaError, error_body
 from state.dependency_health import unreachable_dependency
 
@@ -120,17 +120,10 @@ class ErrorSchemaMiddleware:
                         "headers": [*headers, (b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
 
-        capture = rewriting(send, lambda status: status >= 400, send_rewritten)
-        started = False
-
-        async def observed(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await capture(message)
-
+        observed = ObservedSend(rewriting(send, lambda status: status >= 400, send_rewritten))
         try:
             await self.app(scope, receive, observed)
         except Exception as exc:  # a middleware's store call, say: answered when nothing was sent yet
-            if started or not unreachable_dependency(exc):
+            if observed.started or not unreachable_dependency(exc):
                 raise
             await error_response(as_neuronova_error(exc))(scope, receive, send)

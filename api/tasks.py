@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import current_owner
+from api.buffered_responses import ObservedSend
 from api.errors import STATUS_CODES, as_neuronova_error, error_response
 from core.errors import DependencyUnavailable, InvalidRequest, NeuroNovaError, NotFound, RateLimitExceeded, error_body
 from core.priority import Priority
@@ -221,18 +222,12 @@ class TaskRoutesMiddleware:
         if not (self.distributed and path in self.store_paths):
             await self._route(scope, receive, send, path, method)
             return
-        started = False
-
-        async def observed(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        observed = ObservedSend(send)
         try:
             self.tasks.check_available()  # at once while the database or volume is known down: BentoML sees nothing
             await self._route(scope, receive, observed, path, method)
         except DependencyUnavailable as exc:
-            if started:
+            if observed.started:
                 raise
             await error_response(exc)(scope, receive, send)
 
