@@ -39,8 +39,12 @@ Probe = Callable[[], None]
 class Breaker:
     """The health of one dependency as this process sees it: closed (usable) or open (refuse at once, probe)."""
 
-    def __init__(self, name: str, reason: str, probe: Probe, probe_every_s: float = PROBE_EVERY_S) -> None:
+    def __init__(self, name: str, reason: str, probe: Probe, probe_every_s: float = PROBE_EVERY_S,
+                 ready_probe: Probe | None = None) -> None:
         self.name, self.reason, self.probe, self.probe_every_s = name, reason, probe, probe_every_s
+        self.ready_probe = ready_probe or probe
+        """How a readiness check probes while the breaker is closed (the database: a pooled connection, within the
+        process's connection budget; `probe`, used while open, connects anew)."""
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_probe = 0.0
@@ -82,7 +86,7 @@ class Breaker:
         if time.monotonic() - self._last_probe >= READY_PROBE_MAX_AGE_S:
             self._last_probe = time.monotonic()
             try:
-                self.probe()
+                self.ready_probe()
             except Exception as exc:  # noqa: BLE001 - any failure of the probe means unusable
                 self.tripped(exc)
                 return False

@@ -192,7 +192,12 @@ def database_health(database_url: str) -> Breaker:
         with psycopg.connect(conninfo, autocommit=True, **libpq_options()) as connection:
             connection.execute("SELECT 1")
 
-    return breaker("database", conninfo, lambda: Breaker("the database", DATABASE_UNREACHABLE, probe))
+    def pooled_probe() -> None:
+        with connection(database_url) as pooled:
+            pooled.execute("SELECT 1")
+
+    return breaker("database", conninfo,
+                   lambda: Breaker("the database", DATABASE_UNREACHABLE, probe, ready_probe=pooled_probe))
 
 
 def guard_engine(made: Engine, health: Breaker) -> None:

@@ -57,11 +57,11 @@ WITHOUT_DATABASE: dict[str, Call] = {
 
 
 def finished(client: httpx.Client, task_id: str) -> dict:
-    """The task's final polling body. A 503 with Retry-After is waited out as a client does: right after the outage a
-    process may still refuse until its breaker's next probe (at most a second)."""
+    """The task's final polling body. A 503 is waited out as a client does: right after the outage a process may
+    still refuse until its breaker's next probe (at most a second), and the balancer until its next readiness check."""
     def done() -> dict | None:
         response = client.get(f"/task/{task_id}")
-        if response.status_code == 503 and "retry-after" in response.headers:
+        if response.status_code == 503:  # ours with Retry-After, or the balancer's while no replica is ready yet
             return None
         polled = response.json()
         assert response.status_code == 200, polled

@@ -169,3 +169,16 @@ def test_the_arbiter_s_start_up_work_is_named_start_and_holds_no_connection_afte
         assert connections(api_worker)[start] == shared_db.POOL_SIZE["start"]  # pooled meanwhile, named `start`
     wait_for(lambda: connections(api_worker)[start] == 0, 30.0, "the start-up pool closed")
     assert shared_db.process_role() == "tool"
+
+
+def test_the_readiness_probe_of_the_database_borrows_from_the_pool(api_worker: str, monkeypatch) -> None:
+    """`/readyz` probes the database every two seconds (the balancer asks every second): on a pooled connection, not
+    a new one, so a replica stays within its budget while it is checked."""
+    health = shared_db.database_health(api_worker)
+    health.ready_probe()  # the pool's first connection
+    opened: list[str] = []
+    connect = psycopg.connect
+    monkeypatch.setattr(psycopg, "connect", lambda *args, **kwargs: opened.append("new") or connect(*args, **kwargs))
+    for _ in range(20):
+        health.ready_probe()
+    assert opened == []
