@@ -59,9 +59,16 @@ def evidence(replicas: ReplicaSet, study: Study) -> str:
 
 
 def notify(replicas: ReplicaSet, replica_name: str, study: Study) -> None:
-    answer = httpx.post(f"{replicas.replica(replica_name).url}/pacs/notify", json={"study_instance_uid": study.uid},
-                        headers=replicas.admin_headers, timeout=30)
-    assert answer.status_code == 202, answer.text
+    """Notify as a well-behaved notifier does: a 503 with Retry-After (the database briefly away, say right after the
+    outage test) is sent again."""
+    def accepted() -> bool:
+        answer = httpx.post(f"{replicas.replica(replica_name).url}/pacs/notify",
+                            json={"study_instance_uid": study.uid}, headers=replicas.admin_headers, timeout=30)
+        assert answer.status_code in (202, 503) and (answer.status_code == 202 or "retry-after" in answer.headers), \
+            answer.text
+        return answer.status_code == 202
+
+    wait_for(accepted, DEADLINE_S, "the notification accepted")
 
 
 def finished(replicas: ReplicaSet, orthanc: Orthanc, study: Study) -> tuple[dict, list[str]]:
