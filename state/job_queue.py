@@ -44,7 +44,6 @@ from typing import Any
 
 import procrastinate
 import psycopg
-import psycopg_pool
 from bentoml.exceptions import BentoMLException
 from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.schema import SchemaManager
@@ -119,10 +118,7 @@ class MriQueue:
         self.shutdown_grace_s = shutdown_grace_s
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
             conninfo=database_url, min_size=shared_db.QUEUE_POOL_SIZE, max_size=shared_db.QUEUE_POOL_SIZE,
-            timeout=shared_db.POOL_WAIT_S, kwargs=shared_db.libpq_options(),
-            # A connection a database restart closed is replaced at checkout, not met by a job query (which would
-            # read as an outage and refuse every caller for a probe's second): psycopg_pool checks none by default.
-            check=psycopg_pool.AsyncConnectionPool.check_connection))
+            timeout=shared_db.POOL_WAIT_S, kwargs=shared_db.libpq_options()))
         self.job = self.app.task(name=TASK_NAME, queue=QUEUE, retry=procrastinate.RetryStrategy(
             max_attempts=MAX_RUNS, wait=RETRY_WAIT_S, retry_exceptions={HandedBack}))(self._run_job)
         self.running: set[str] = set()
@@ -220,8 +216,9 @@ class MriQueue:
                     delete_jobs="successful")
             except Exception as exc:  # noqa: BLE001 - a worker that stopped is started again below
                 cause = type(exc).__name__
-                if unreachable_dependency(exc):
-                    self.store.database.tripped(exc)
+                if unreachable_dependency(exc):  # the database down, or only this worker's connection (a restart
+                    await asyncio.to_thread(self.store.database.ready)  # closed it): the breaker trips on the former
+
             if self.stopping:
                 return
             log.warning("replica %s: queue worker stopped (%s); starting it again once the database answers",

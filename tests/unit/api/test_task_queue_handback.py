@@ -140,9 +140,20 @@ def test_a_real_failure_of_the_run_is_not_handed_back() -> None:
     run_job(store, completes)
 
 
-def test_the_queue_worker_stopped_by_a_lost_database_is_started_again_once_it_answers(monkeypatch) -> None:
-    store, probes = FlakyStore(), []
-    store.database = Breaker("the database", DATABASE_UNREACHABLE, lambda: probes.append(1), probe_every_s=0.01)
+@pytest.mark.parametrize("database_down", [True, False])
+def test_the_queue_worker_stopped_by_a_lost_connection_is_started_again_once_the_database_answers(
+        monkeypatch, database_down: bool) -> None:
+    """A worker stopped by a connection error: the database is probed; only a database that does not answer trips
+    the breaker (every caller then gets 503 until it is back); a connection a restart closed does not."""
+    probes: list[bool] = []
+
+    def probe() -> None:
+        probes.append(database_down and len(probes) < 3)
+        if probes[-1]:
+            raise psycopg.OperationalError("connection refused")
+
+    store = FlakyStore()
+    store.database = Breaker("the database", DATABASE_UNREACHABLE, probe, probe_every_s=0.01)
     q = MriQueue(store=store, database_url="postgresql://nobody@127.0.0.1:9/none", replica="r",  # type: ignore[arg-type]
                  shutdown_grace_s=15.0)
     runs: list[bool] = []
@@ -161,7 +172,9 @@ def test_the_queue_worker_stopped_by_a_lost_database_is_started_again_once_it_an
     monkeypatch.setattr(q.app, "run_worker_async", worker)
     monkeypatch.setattr(task_queue, "WORKER_RESTART_S", 0.01)
     asyncio.run(q._supervise())
-    assert runs == [True, True, True] and probes  # tripped by the worker's error; started again once probed back
+    assert runs == [True, True, True]  # never started while the breaker was open
+    assert probes[0] is database_down  # the database itself was asked
+    assert (len(probes) > 1) is database_down  # down: tripped, probed until back; up: nothing tripped
 
 
 class RegisteringStore(FlakyStore):
