@@ -102,12 +102,13 @@ class SwitchableModel(Generic[M]):
         log.warning("%s: %s will be tried again in %.0f s", self.model_id, wanted, delay)
 
     def _watch(self) -> None:
+        shared = get_settings().distributed  # a process's mode and database are fixed at its start
         while True:
             time.sleep(WATCH_INTERVAL_S)
             try:
                 self.poll()
-                if get_settings().distributed.enabled:
-                    replica_models.report(self.model_id, self.state())
+                if shared.enabled:
+                    replica_models.report(self.model_id, self.state(), shared.database_url)
             except Exception as exc:  # noqa: BLE001 - a shared database briefly away: keep serving, poll again
                 log.warning("%s: cannot reach the model registry: %s", self.model_id, exc)
 

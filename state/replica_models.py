@@ -40,12 +40,12 @@ def replica_id() -> str:
     return get_settings().distributed.replica_id or socket.gethostname()
 
 
-def report(model_id: str, served: ReplicaModel) -> None:
-    """Write (or refresh) this replica's row for `model_id`."""
+def report(model_id: str, served: ReplicaModel, database_url: str | None = None) -> None:
+    """Write (or refresh) this replica's row for `model_id` (in the configured shared database by default)."""
     table = shared_db.replica_models
     values = {"tag": served.tag, "generation": served.generation, "pending": served.pending,
               "error": served.error, "updated_at": func.now()}
-    with shared_db.engine().begin() as connection:
+    with shared_db.engine(database_url).begin() as connection:
         connection.execute(insert(table).values(replica_id=served.replica, model_id=model_id, **values)
                            .on_conflict_do_update(index_elements=[table.c.replica_id, table.c.model_id], set_=values))
 
