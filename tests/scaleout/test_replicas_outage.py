@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydicom.data import get_testdata_file
 
+from tests.http.test_biomarker_http import SPEC_EXAMPLE as BIOMARKERS
 from tests.postgres import PostgresServer
 from tests.replicas import ReplicaSet, wait_balanced
 from tests.scaleout.test_replicas_tasks import (LARGE, ROUTE, SMALL, TASK_DEADLINE_S, result_files, row, running_on,
@@ -24,13 +25,6 @@ pytestmark = pytest.mark.replicas
 OUTAGE_S = 20.0
 """How long PostgreSQL stays down: the scenario of the issue, not a wait for an event."""
 CT_SMALL = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-BIOMARKERS = {
-    "age": 67, "gender": "male",
-    "tumor_markers": {"CEA": 2.1, "CA125": 12.0, "AFP": 3.5, "PSA": 28.0},
-    "blood_test": {"WBC": 7200, "RBC": 4.6, "hemoglobin": 14.1, "platelet": 250000},
-    "genetic_markers": {"EGFR_mutation": False, "TP53_mutation": True, "KRAS_mutation": False},
-    "imaging_features": {"tumor_size_mm": 42.0, "tumor_shape": "irregular", "necrosis_present": True},
-}
 UNKNOWN_TASK = "task_00000000000000000000000000000000"
 """Cancelling routes are probed with an id no task has: during the outage they cannot know that, so they answer 503."""
 
